@@ -1,0 +1,171 @@
+"""Small shared helpers: user errors, atomic output folders, devices, seeds, run metadata."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
+
+
+class GradcheckError(ValueError):
+    """A user error. Its message is one line naming the bad value and what is allowed.
+
+    The command line prints it as ``error: <message>`` and exits with code 2.
+    """
+
+
+def check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
+    """Raise a GradcheckError unless ``value`` is one of ``allowed``."""
+    if value not in allowed:
+        raise GradcheckError(
+            f"unknown {name} {value!r}; choose one of: {', '.join(map(str, allowed))}"
+        )
+
+
+def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
+    """Raise a GradcheckError unless ``value`` > 0 (or >= 0 with ``allow_zero``)."""
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise GradcheckError(f"{name} must be {bound}, got {value}")
+
+
+def refuse_pickle(path: str | Path) -> None:
+    """Refuse pickle-based checkpoint files: loading them can run arbitrary code."""
+    path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise GradcheckError(
+            f"refusing pickle file {path} ({path.suffix}); gradcheck loads only .safetensors"
+        )
+
+
+@contextlib.contextmanager
+def atomic_output_dir(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling folder that replaces ``final`` only when the block succeeds.
+
+    An existing ``final`` is an error unless ``overwrite``. On any exception, Ctrl-C included,
+    the temporary folder is removed and nothing at ``final`` changes.
+    """
+    final = Path(final)
+    if final.exists() and not overwrite:
+        raise GradcheckError(f"{final} already exists; pass --overwrite to replace it")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+    except OSError as e:
+        raise GradcheckError(f"cannot write to {final.parent}: {e.strerror}") from None
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else CPU; anything else must be a valid torch device."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise GradcheckError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise GradcheckError(f"device {device!r} requested but CUDA is not available; use cpu")
+    return dev
+
+
+def sample_generators(
+    seed: int, indices: Sequence[int], device: str | torch.device = "cpu"
+) -> list[torch.Generator]:
+    """One generator per sample (EDM's StackedRandomGenerator idea): sample i depends only on
+    (seed, i), never on the batch it lands in."""
+    gens = []
+    for i in indices:
+        g = torch.Generator(device=device)
+        # Mix seed and index so that (seed, i) and (seed + 1, i - 1) do not collide.
+        g.manual_seed((int(seed) * 1_000_003 + int(i)) % (2**63 - 1))
+        gens.append(g)
+    return gens
+
+
+def randn_per_sample(
+    shape: Sequence[int], generators: Sequence[torch.Generator], device: torch.device,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Stack one standard normal draw of ``shape`` per generator: (len(generators), *shape)."""
+    return torch.stack(
+        [torch.randn(tuple(shape), generator=g, device=g.device, dtype=dtype) for g in generators]
+    ).to(device)
+
+
+def git_commit() -> str | None:
+    """The commit of the gradcheck checkout, or None when not in a git checkout."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def device_name(device: torch.device) -> str:
+    """A human-readable hardware name for reports."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU x{os.cpu_count()}"
+
+
+def run_metadata(device: torch.device) -> dict[str, Any]:
+    """Versions, git commit and hardware, stored beside every output."""
+    import diffusers
+    import numpy
+
+    import gradcheck
+
+    return {
+        "gradcheck": gradcheck.__version__,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "numpy": numpy.__version__,
+        "python": platform.python_version(),
+        "git_commit": git_commit(),
+        "device": str(device),
+        "hardware": device_name(device),
+    }
+
+
+def save_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON."""
+    Path(path).write_text(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def load_json(path: str | Path) -> Any:
+    """Read JSON, turning a missing or broken file into a GradcheckError."""
+    path = Path(path)
+    if not path.is_file():
+        raise GradcheckError(f"missing file {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise GradcheckError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}") from None
