@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 
-import click
 import typer
 
 import gradcheck
@@ -38,27 +38,546 @@ def _root(
 
 # ---- commands: each section belongs to the module named in its header -----------------------
 # [make-dataset: data/sportballs.py]
+@app.command("make-dataset")
+def make_dataset(
+    root: str = typer.Option(
+        "datasets/sportballs", envvar="GRADCHECK_DATA", help="Output folder (must not exist)."
+    ),
+    n_train: int = typer.Option(40000, help="Training images (balanced over the 4 classes)."),
+    n_val: int = typer.Option(5000, help="Validation images."),
+    n_test: int = typer.Option(5000, help="Test images."),
+    seed: int = typer.Option(0, help="Fixes every byte of the data set."),
+    image_size: int = typer.Option(64, help="Image side in pixels."),
+    png: bool = typer.Option(False, "--png", help="Also write png/{split}/{class}/NNNNN.png."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing root."),
+) -> None:
+    """Generate the SportBalls data set: image arrays, labels, factors.parquet, preview.png."""
+    from gradcheck import CLASS_NAMES
+    from gradcheck.data.sportballs import generate_dataset
+
+    summary = generate_dataset(
+        root, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed, image_size=image_size,
+        png=png, overwrite=overwrite, progress=True,
+    )
+    total = sum(sum(c.values()) for c in summary["counts"].values())
+    typer.echo(
+        f"wrote {total} images to {summary['root']} in {summary['seconds']:.1f} s "
+        f"({summary['images_per_s']:.0f} images/s)"
+    )
+    typer.echo(f"{'split':<6}" + "".join(f"{c:>12}" for c in CLASS_NAMES))
+    for split, counts in summary["counts"].items():
+        typer.echo(f"{split:<6}" + "".join(f"{counts[c]:>12}" for c in CLASS_NAMES))
+
+
 # [train-ddpm, eval-ddpm: train_ddpm.py]
+@app.command("train-ddpm")
+def train_ddpm_cmd(
+    data_root: str = typer.Option("datasets/sportballs", help="Data set root (train split)."),
+    out: str = typer.Option("checkpoints", help="Root; writes OUT/NAME/ddpm and its train state."),
+    name: str = typer.Option("sportballs-v1", help="Checkpoint set name."),
+    preset: str = typer.Option("paper", help="UNet preset: paper (64x64) | tiny (32x32)."),
+    max_minutes: float | None = typer.Option(
+        None, help="Wall-clock budget of this call (data loading and compilation included); "
+        "ends with a checkpoint and export."),
+    max_steps: int | None = typer.Option(None, help="Total optimiser steps (across sittings)."),
+    batch_size: int = typer.Option(256, help="Global batch size (split over processes)."),
+    lr: float = typer.Option(5e-4, help="AdamW peak learning rate."),
+    warmup_steps: int = typer.Option(250, help="Linear learning-rate warm-up steps."),
+    adam_beta1: float = typer.Option(0.9, help="AdamW beta1."),
+    adam_beta2: float = typer.Option(0.99, help="AdamW beta2."),
+    weight_decay: float = typer.Option(0.0, help="AdamW weight decay."),
+    grad_clip: float = typer.Option(1.0, help="Max global gradient norm (0: no clipping)."),
+    min_snr_gamma: float = typer.Option(
+        5.0, help="Min-SNR-gamma loss weighting min(SNR, gamma)/SNR; 0 = the simple loss."),
+    ema_decay: float = typer.Option(0.9995, help="EMA decay (ceiling of the warm-up)."),
+    ema_warmup: bool = typer.Option(True, help="EMA decay min(ema_decay, (1+step)/(10+step))."),
+    hflip: bool = typer.Option(False, help="Random horizontal flips (the volleyball is chiral)."),
+    max_images: int | None = typer.Option(None, help="Use only the first N training images."),
+    mixed_precision: str = typer.Option("bf16", help="bf16 | no (autocast on CUDA only)."),
+    channels_last: bool = typer.Option(True, help="NHWC memory format for the UNet."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the UNet."),
+    seed: int = typer.Option(0, help="Seed of initialisation, batches, timesteps and noise."),
+    log_every: int = typer.Option(50, help="Steps between progress-bar updates."),
+    sample_every: int = typer.Option(
+        1000, help="Steps between sample grids (EMA); 0 = only at the end."),
+    sample_steps: int = typer.Option(50, help="Respaced DDPM steps for those grids."),
+    checkpoint_every: int = typer.Option(
+        2000, help="Steps between train state + export; 0 = only at the end."),
+    fp16_export: bool = typer.Option(True, help="Export the EMA UNet in fp16 (shards < 16 MiB)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue OUT/NAME's train state."),
+    init_from: str | None = typer.Option(
+        None, help="Start from an exported DDPM folder (model and EMA); fresh optimiser."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT/NAME's DDPM."),
+    progress: bool = typer.Option(True, help="Show the progress bar."),
+) -> None:
+    """Train the unconditional DDPM (several GPUs: `accelerate launch -m gradcheck train-ddpm`)."""
+    from gradcheck.config import TrainDDPMConfig
+    from gradcheck.train_ddpm import train_ddpm
+
+    s = train_ddpm(TrainDDPMConfig(
+        data_root=data_root, out=out, name=name, preset=preset, max_minutes=max_minutes,
+        max_steps=max_steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
+        adam_beta1=adam_beta1, adam_beta2=adam_beta2, weight_decay=weight_decay,
+        grad_clip=grad_clip, min_snr_gamma=min_snr_gamma, ema_decay=ema_decay,
+        ema_warmup=ema_warmup, hflip=hflip, max_images=max_images,
+        mixed_precision=mixed_precision, channels_last=channels_last, compile=compile, seed=seed,
+        log_every=log_every, sample_every=sample_every, sample_steps=sample_steps,
+        checkpoint_every=checkpoint_every, fp16_export=fp16_export, resume=resume,
+        init_from=init_from, device=device, overwrite=overwrite, progress=progress,
+    ))
+    if not s["main_process"]:
+        return
+    typer.echo(f"step {s['step']} ({s['steps_this_call']} this call, {s['images_seen']} images "
+               f"seen) in {s['minutes']:.1f} min, {s['images_per_s']:.0f} images/s on "
+               f"{s['device']} x{s['num_processes']}; loss {s['loss']:.4f}")
+    typer.echo(f"export: {s['export']}  train state: {s['train_state']}")
+
+
+@app.command("eval-ddpm")
+def eval_ddpm_cmd(
+    folder: str = typer.Argument(
+        "checkpoints/sportballs-v1/ddpm", help="DDPM pipeline folder (default: shipped)."),
+    num_samples: int = typer.Option(1000, help="Samples; sample i depends only on (seed, i)."),
+    steps: int = typer.Option(1000, help="DDPM steps (fewer are respaced)."),
+    batch_size: int = typer.Option(250, help="Batch size (memory only)."),
+    judge: str | None = typer.Option(
+        None, help="Judge classifier folder: class histogram, confidence, FID/KID features."),
+    data_root: str = typer.Option("datasets/sportballs", help="Data set root (test split)."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    mixed_precision: str = typer.Option("bf16", help="bf16 | no (autocast on CUDA only)."),
+    out: str | None = typer.Option(None, help="Output folder (default: FOLDER/eval)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+    progress: bool = typer.Option(True, help="Show the progress bar."),
+) -> None:
+    """Unconditional sample quality: white borders, judge classes, FID/KID -> eval.json."""
+    from gradcheck.config import EvalDDPMConfig
+    from gradcheck.eval_ddpm import evaluate_ddpm
+
+    s = evaluate_ddpm(EvalDDPMConfig(
+        folder=folder, num_samples=num_samples, steps=steps, batch_size=batch_size, judge=judge,
+        data_root=data_root, seed=seed, device=device, mixed_precision=mixed_precision, out=out,
+        overwrite=overwrite, progress=progress,
+    ))
+    typer.echo(f"{s['num_samples']} samples, {s['steps']} steps: white border "
+               f"{s['white_border_share']:.1%}, mean-colour slope at t=T-1 "
+               f"{s['mean_colour_slope']:.2f} (ideal 1)")
+    if "class_share" in s:
+        shares = ", ".join(f"{k} {v:.1%}" for k, v in s["class_share"].items())
+        typer.echo(f"judge: {shares}; confident {s['confident_share']:.1%}")
+    if "fid" in s:
+        typer.echo(f"FID {s['fid']:.2f}, KID {s['kid_mean']:.4f} ± {s['kid_std']:.4f} "
+                   f"({s['extractor']}, N={s['num_samples']} vs {s['n_reference']})")
+    else:
+        typer.echo(f"FID/KID skipped: {s['fid_skipped']}")
+    typer.echo(f"wrote {s['out']}")
+
+
 # [train-classifier: train_classifier.py]
+
+
+@app.command("train-classifier")
+def train_classifier_cmd(
+    kind: str = typer.Option(..., help="nonrobust | robust | adversarial | judge."),
+    time_conditioned: bool = typer.Option(
+        False, help="Robust/adversarial only: the network also gets t (a constant 4th input "
+        "channel t/1000)."),
+    ddpm: str | None = typer.Option(
+        None, help="DDPM folder. Its scheduler config gives the noise schedule (required for "
+        "robust and adversarial); its UNet, when present, adds x0-estimate (D2) evaluation."),
+    data_root: str = typer.Option("datasets/sportballs", help="Data set root."),
+    out: str = typer.Option("checkpoints", help="Root; writes OUT/NAME/classifiers/KIND."),
+    name: str = typer.Option("sportballs-v1", help="Checkpoint set name."),
+    epochs: int = typer.Option(30, help="Maximum epochs (early stopping usually ends sooner)."),
+    batch_size: int = typer.Option(256, help="Batch size."),
+    lr: float = typer.Option(2e-3, help="AdamW peak learning rate (warm-up, cosine to lr/10)."),
+    weight_decay: float = typer.Option(0.05, help="AdamW weight decay."),
+    patience: int = typer.Option(5, help="Epochs without better validation accuracy to stop."),
+    max_minutes: float | None = typer.Option(None, help="Wall-clock cap; keeps the best weights."),
+    seed: int = typer.Option(0, help="Seed of initialisation, batches, noise and evaluation."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    amp: bool = typer.Option(True, help="bf16 autocast on CUDA."),
+    fp16: bool = typer.Option(False, help="Store the weights in float16 (for shipping)."),
+    attack_eps: float = typer.Option(0.5, help="Adversarial: L2 PGD radius (Kawar et al.)."),
+    attack_step_size: float = typer.Option(0.083, help="Adversarial: PGD step size."),
+    attack_steps: int = typer.Option(7, help="Adversarial: maximum PGD steps (early stop)."),
+    eval_samples: int = typer.Option(1000, help="Validation images in accuracy_by_t.parquet."),
+    eval_pgd_steps: int = typer.Option(20, help="Evaluation PGD steps (step 2.5 eps / steps)."),
+    eval_pgd_eps: list[float] = typer.Option(
+        [0.0, 0.25, 0.5, 1.0, 2.0, 4.0], help="Evaluation L2 PGD radii (repeat the option)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing classifier folder."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """Train a guiding classifier or the judge, then write its accuracy_by_t.parquet."""
+    from gradcheck.config import TrainClassifierConfig
+    from gradcheck.train_classifier import train_classifier
+
+    folder = train_classifier(TrainClassifierConfig(
+        kind=kind, time_conditioned=time_conditioned, ddpm=ddpm, data_root=data_root, out=out,
+        name=name, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+        patience=patience, max_minutes=max_minutes, seed=seed, device=device, amp=amp, fp16=fp16,
+        attack_eps=attack_eps, attack_step_size=attack_step_size, attack_steps=attack_steps,
+        eval_samples=eval_samples, eval_pgd_steps=eval_pgd_steps,
+        eval_pgd_eps=tuple(eval_pgd_eps), overwrite=overwrite, progress=progress,
+    ))
+    typer.echo(str(folder))
+
+
+@app.command("eval-classifier")
+def eval_classifier_cmd(
+    folder: str = typer.Argument(..., help="Classifier folder (config.json + model.safetensors)."),
+    data_root: str = typer.Option("datasets/sportballs", help="Data set root."),
+    ddpm: str | None = typer.Option(None, help="DDPM folder: its UNet adds x0-estimate (D2) rows."),
+    eval_samples: int = typer.Option(1000, help="Validation images in the table."),
+    eval_pgd_eps: list[float] = typer.Option(
+        [0.0, 0.25, 0.5, 1.0, 2.0, 4.0], help="L2 PGD radii (repeat the option)."),
+    eval_pgd_steps: int = typer.Option(20, help="PGD steps (step 2.5 eps / steps)."),
+    batch_size: int = typer.Option(256, help="Batch size."),
+    seed: int = typer.Option(0, help="Seed of the fixed evaluation noise."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    amp: bool = typer.Option(True, help="bf16 autocast on CUDA."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """Re-evaluate a classifier: rewrite accuracy_by_t.parquet and config.json's summary."""
+    from gradcheck.train_classifier import evaluate_classifier
+
+    table = evaluate_classifier(
+        folder, data_root=data_root, ddpm=ddpm, eval_samples=eval_samples,
+        eval_pgd_eps=tuple(eval_pgd_eps), eval_pgd_steps=eval_pgd_steps, batch_size=batch_size,
+        seed=seed, device=device, amp=amp, progress=progress,
+    )
+    typer.echo(table.to_string(index=False))
 # [run: sampler.py]
+
+
+@app.command("run")
+def run_cmd(
+    ctx: typer.Context,
+    classifier: str = typer.Option(
+        "nonrobust", help="nonrobust | robust | adversarial (the shipped classifiers) | oracle "
+        "(exact empirical posterior, D8) | a classifier folder."),
+    x0_estimate: bool = typer.Option(
+        False, "--x0-estimate/--no-x0-estimate",
+        help="Guide with the classifier on the one-step x0-estimate (D2, GradCheck Eq. 3)."),
+    adam: bool | None = typer.Option(
+        None, "--adam/--no-adam", help="Shorthand for --stabilizer adam (D4) / none."),
+    stabilizer: str | None = typer.Option(
+        None, help="Gradient stabiliser (D4): none | adam | ema | rmsprop | adam-nobias "
+        "[default: none]."),
+    normalize: bool = typer.Option(
+        True, "--normalize/--no-normalize",
+        help="Scale the guidance to the score's norm (D5, GradCheck Eq. 2)."),
+    scale: float = typer.Option(1.0, help="Guidance scale s (D6); 0 = unguided, same noise."),
+    target: str = typer.Option(
+        "baseball", help="Target class: baseball | basketball | soccer | volleyball | 0-3."),
+    num_samples: int = typer.Option(64, help="Samples (paper: 64)."),
+    batch_size: int = typer.Option(64, help="Batch size (memory only; results do not change)."),
+    steps: int = typer.Option(1000, help="Sampling steps; fewer than T = 1000 respace the chain."),
+    seed: int = typer.Option(0, help="Seed; sample i depends only on (seed, i)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    ddpm: str | None = typer.Option(
+        None, help="DDPM pipeline folder [default: the shipped checkpoints/sportballs-v1/ddpm]."),
+    judge: str | None = typer.Option(
+        None, help="Judge classifier folder for the metrics [default: the shipped judge]."),
+    data_root: str = typer.Option(
+        "datasets/sportballs", help="Data set root (oracle and FID reference images)."),
+    oracle: bool | None = typer.Option(
+        None, "--oracle/--no-oracle", help="Log cos_oracle against the exact gradient (D8) "
+        "[default: on a GPU when the data set exists]."),
+    record_vectors: str = typer.Option(
+        "subset", help="none | subset (8 samples, every 10th step, fp16) | all (float32)."),
+    protocol: str = typer.Option(
+        "auto", help="auto (reduced 8 x 50 without a GPU unless sizes are given) | paper "
+        "(64 x 1000) | reduced (8 x 50)."),
+    metrics: bool = typer.Option(True, "--metrics/--no-metrics", help="Compute metrics.json."),
+    out: str = typer.Option("runs", help="Parent folder of the run folder."),
+    name: str | None = typer.Option(None, help="Run folder name [default: derived from config]."),
+    overwrite: bool = typer.Option(False, help="Replace an existing run folder."),
+    progress: bool = typer.Option(True, help="Show the progress bar."),
+) -> None:
+    """Guided sampling with every step logged: samples, steps.parquet, vectors, metrics."""
+    import logging
+    from pathlib import Path
+
+    from gradcheck.config import RunConfig
+    from gradcheck.runner import parse_target, run, summary_table
+    from gradcheck.utils import load_json
+
+    if adam is True and stabilizer not in (None, "adam"):
+        raise GradcheckError(f"--adam conflicts with --stabilizer {stabilizer}; give one")
+    if adam is False and stabilizer == "adam":
+        raise GradcheckError("--no-adam conflicts with --stabilizer adam; give one")
+    stabilizer = "adam" if adam else stabilizer or "none"
+    # By name: typer may bring its own copy of click's ParameterSource enum.
+    sized = any(getattr(ctx.get_parameter_source(p), "name", None) == "COMMANDLINE"
+                for p in ("num_samples", "steps"))
+    if protocol == "auto" and sized and (num_samples, steps) == (64, 1000):
+        protocol = "paper"  # explicit paper sizes: do not reduce them on a CPU
+    extra = {k: v for k, v in (("ddpm", ddpm), ("judge", judge)) if v is not None}
+    cfg = RunConfig(
+        classifier=classifier, x0_estimate=x0_estimate, stabilizer=stabilizer,
+        normalize=normalize, scale=scale, target=parse_target(target), num_samples=num_samples,
+        batch_size=batch_size, steps=steps, seed=seed, device=device, data_root=data_root,
+        oracle=oracle, record_vectors=record_vectors, protocol=protocol, metrics=metrics, **extra,
+    )
+    logger = logging.getLogger("gradcheck")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    folder = run(cfg, out=Path(out), name=name, overwrite=overwrite, progress=progress)
+    typer.echo(summary_table(load_json(folder / "metrics.json")))
+    typer.echo(f"run folder        {folder}")
 # [metrics: metrics.py]
+
+
+@app.command("metrics")
+def metrics_cmd(
+    run_folder: str = typer.Argument(..., help="Run folder (config.json + samples.npy)."),
+    inception_weights: str | None = typer.Option(
+        None, envvar="GRADCHECK_INCEPTION_WEIGHTS",
+        help="The standard FID Inception-v3 file pt_inception-2015-12-05-6726825d.pth (SHA-256 "
+        "checked; nothing is downloaded)."),
+    extractor: str = typer.Option(
+        "auto", help="auto | judge | inception. auto: Inception when weights are given, else the "
+        "judge's penultimate features."),
+    n_reference: int | None = typer.Option(
+        None, help="Training images of the target class to compare with (default: as recorded, "
+        "else 64)."),
+    reference_seed: int | None = typer.Option(
+        None, help="Seed drawing the reference images (default: as recorded, else 0)."),
+    judge: str | None = typer.Option(None, help="Judge folder (default: the run's)."),
+    data_root: str | None = typer.Option(None, help="Data set root (default: the run's)."),
+    kid_subset_size: int | None = typer.Option(
+        None, help="KID subset size, at most N (default: min(N, n_reference))."),
+    n_bootstrap: int = typer.Option(1000, help="Bootstrap resamples for accuracy and KID."),
+    bootstrap_seed: int = typer.Option(0, help="Seed of the bootstrap."),
+    batch_size: int = typer.Option(64, help="Feature batch size (results do not depend on it)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+) -> None:
+    """Recompute a run's FID/KID/precision/recall and accuracies; rewrite its metrics files."""
+    from gradcheck.metrics import recompute_run_metrics
+
+    row = recompute_run_metrics(
+        run_folder, inception_weights=inception_weights, extractor=extractor,
+        n_reference=n_reference, reference_seed=reference_seed, judge=judge,
+        data_root=data_root, kid_subset_size=kid_subset_size, n_bootstrap=n_bootstrap,
+        bootstrap_seed=bootstrap_seed, batch_size=batch_size, device=device,
+    )
+    ci = "{:.4g}  [{:.4g}, {:.4g}]".format
+    typer.echo(f"extractor         {row['extractor']} (dim {row['feature_dim']})")
+    typer.echo(f"N                 {row['n_samples']} samples vs {row['n_reference']} references "
+               f"(seed {row['reference_seed']})")
+    typer.echo(f"FID               {row['fid']:.4g}")
+    typer.echo(f"KID               {ci(row['kid_mean'], row['kid_ci_low'], row['kid_ci_high'])}")
+    typer.echo(f"precision/recall  {row['precision']:.3f} / {row['recall']:.3f}")
+    typer.echo("accuracy guiding  " + ci(row["accuracy_guiding"], row["accuracy_guiding_ci_low"],
+                                         row["accuracy_guiding_ci_high"]))
+    typer.echo("accuracy judge    " + ci(row["accuracy_judge"], row["accuracy_judge_ci_low"],
+                                         row["accuracy_judge_ci_high"]))
+    typer.echo(f"notes             {row['notes']}")
 # [pag: pag.py]
+
+
+def _pag_list(value: str) -> tuple[str, ...]:
+    """'a,b,c' -> ('a', 'b', 'c'), empty items dropped."""
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+@app.command("pag")
+def pag_cmd(
+    classifiers: str = typer.Option(
+        "nonrobust,robust,adversarial", help="Comma-separated classifier kinds (the shipped "
+        "folders) or classifier folders."),
+    oracle: bool | None = typer.Option(
+        None, "--oracle/--no-oracle", help="Add the exact oracle gradient (D8) as a source; "
+        "default: when the data set's train split exists."),
+    data_root: str = typer.Option("datasets/sportballs", help="Data set root (val images; "
+                                  "train split for the oracle)."),
+    ddpm: str | None = typer.Option(
+        None, help="DDPM folder whose scheduler gives abar_t (default: DESIGN.md §3 schedule)."),
+    num_images: int = typer.Option(16, help="Validation images per class for the PAG scores."),
+    timesteps: str = typer.Option("0,100,250,500,750", help="Comma-separated timesteps t."),
+    pgd_eps: float | None = typer.Option(
+        None, help="Targeted PGD L2 radius (default: Kawar's 100 at 3x128x128 by per-pixel RMS; "
+        "50.0 at 3x64x64)."),
+    pgd_steps: int = typer.Option(7, help="Targeted PGD steps (Kawar et al.: 7)."),
+    pgd_step_size: float | None = typer.Option(None, help="PGD step (default 2.5 eps / steps)."),
+    seed: int = typer.Option(0, help="Seed of the image choice and the noise draws."),
+    batch_size: int = typer.Option(64, help="Gradient batch size (results do not depend on it)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    out: str = typer.Option("reports/pag", help="Output folder."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """PAG: gradient maps, large-eps targeted PGD and PAG scores (D9) per classifier."""
+    from gradcheck.config import PagConfig
+    from gradcheck.oracle import oracle_available
+    from gradcheck.pag import run_pag
+
+    try:
+        steps = tuple(int(t) for t in _pag_list(timesteps))
+    except ValueError:
+        raise GradcheckError(
+            f"--timesteps must be comma-separated integers, got {timesteps!r}") from None
+    if oracle is None and not oracle_available(data_root):
+        typer.echo(f"note: no train split at {data_root}; the oracle is skipped", err=True)
+    folder = run_pag(PagConfig(
+        classifiers=_pag_list(classifiers), oracle=oracle, data_root=data_root,
+        ddpm=ddpm, num_images=num_images, timesteps=steps, pgd_eps=pgd_eps, pgd_steps=pgd_steps,
+        pgd_step_size=pgd_step_size, seed=seed, batch_size=batch_size, device=device, out=out,
+        overwrite=overwrite,
+    ), progress=progress)
+    typer.echo(str(folder))
 # [sweep, report: sweep.py, report/]
+
+
+@app.command("sweep")
+def sweep_cmd(
+    grid: str = typer.Option("table1", help="table1 | scales | stabilizers | classifiers."),
+    seeds: int = typer.Option(3, help="Seeds 0..SEEDS-1 of every configuration."),
+    shard: str | None = typer.Option(
+        None, help="Run only shard i/n (0-based, round-robin). Default: the launcher's "
+        "(accelerate/torchrun RANK/WORLD_SIZE, SLURM array task), else all runs."),
+    out: str = typer.Option("runs", help="Folder of the run folders."),
+    scale: float | None = typer.Option(
+        None, help="Guidance scale s for grids that do not vary it (default: run's)."),
+    target: int | None = typer.Option(None, help="Target class index (default: run's, 0)."),
+    normalize: bool | None = typer.Option(
+        None, "--normalize/--no-normalize", help="D5 normalisation (default: on)."),
+    num_samples: int | None = typer.Option(None, help="Samples per run (default: run's)."),
+    batch_size: int | None = typer.Option(None, help="Sampling batch size (memory only)."),
+    steps: int | None = typer.Option(None, help="Sampling steps (default: run's)."),
+    protocol: str | None = typer.Option(None, help="auto | paper | reduced (see `run`)."),
+    device: str | None = typer.Option(None, help="auto | cpu | cuda | cuda:N."),
+    ddpm: str | None = typer.Option(None, help="DDPM folder (default: shipped)."),
+    judge: str | None = typer.Option(None, help="Judge folder (default: shipped)."),
+    data_root: str | None = typer.Option(None, help="Data set root."),
+    oracle: bool | None = typer.Option(
+        None, "--oracle/--no-oracle", help="Log cos_oracle (D8); default as in `run`."),
+    record_vectors: str | None = typer.Option(None, help="none | subset | all."),
+    metrics: bool | None = typer.Option(
+        None, "--metrics/--no-metrics", help="Compute metrics.json per run (default: on)."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Run a grid of configurations over seeds; finished runs are skipped, so re-running resumes.
+
+    Grids: table1 = classifier {robust, nonrobust} x x0-estimate x ADAM; scales = s in
+    {0.25 .. 8} x {nonrobust, robust, adversarial}; stabilizers = every stabiliser (non-robust,
+    x0-estimate); classifiers = {nonrobust, robust, adversarial, oracle}.
+    """
+    from gradcheck.config import RunConfig, SweepConfig
+    from gradcheck.sweep import run_sweep
+
+    if grid == "scales" and scale is not None:
+        raise GradcheckError("the scales grid sets the scale itself; drop --scale")
+    given = dict(scale=scale, target=target, normalize=normalize, num_samples=num_samples,
+                 batch_size=batch_size, steps=steps, protocol=protocol, device=device, ddpm=ddpm,
+                 judge=judge, data_root=data_root, oracle=oracle, record_vectors=record_vectors,
+                 metrics=metrics)
+    base = RunConfig(**{k: v for k, v in given.items() if v is not None})
+    result = run_sweep(SweepConfig(grid=grid, seeds=seeds, shard=shard), base, out=out,
+                       progress=progress)
+    i, n = result.shard
+    typer.echo(f"sweep {grid}, shard {i}/{n}: {len(result.planned)} runs, {len(result.ran)} run "
+               f"now, {len(result.skipped)} already finished, in {out}/")
+    typer.echo(f"next: gradcheck report {out}")
+
+
+@app.command("report")
+def report_cmd(
+    runs: list[str] = typer.Argument(
+        None, help="Run folders or folders holding them (default: runs). PAG outputs, survey "
+        "analyses and accuracy_by_t.parquet files found there are used too."),
+    out: str = typer.Option("reports", help="Output folder."),
+    overwrite: bool = typer.Option(
+        False, help="Replace an existing report (other files in the folder are kept)."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Table 1 beside the paper, the findings' verdicts and figures: report.md, report.html
+    (self-contained), figures/ (PNG, PDF), tables/ (CSV)."""
+    from gradcheck.report import render_report
+
+    folder = render_report(runs or ["runs"], out=out, overwrite=overwrite, progress=progress)
+    typer.echo(f"{folder / 'report.md'}\n{folder / 'report.html'}")
 # [survey: survey.py]
+survey_app = typer.Typer(
+    help="Pairwise human preference survey of two runs (Kawar et al. 2023, Table 2).",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+
+
+@survey_app.command("build")
+def survey_build(
+    run_a: str = typer.Argument(..., help="Run folder A (config.json, samples.npy)."),
+    run_b: str = typer.Argument(..., help="Run folder B: same seed, target and num_samples."),
+    pairs: int | None = typer.Option(None, help="Number of pairs to show (default: all)."),
+    seed: int = typer.Option(0, help="Seed choosing which sample indices become pairs."),
+    out: str = typer.Option("survey", help="Folder for survey.html and survey.json."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+) -> None:
+    """Write a self-contained survey page (images embedded, no network) for two paired runs.
+
+    Raters open survey.html, enter an id, answer Left / Right / Same (keys: arrow left or L,
+    arrow right or R, arrow down or S) and get their votes as a JSON download.
+    """
+    from gradcheck.survey import build_survey
+
+    manifest = build_survey(run_a, run_b, out=out, pairs=pairs, seed=seed, overwrite=overwrite)
+    typer.echo(f"survey {manifest['survey_id']}: {len(manifest['pairs'])} pairs of "
+               f"{manifest['class_name']} -> {out}/survey.html; collect the raters' vote files "
+               f"(e.g. in {out}/votes/) and run: gradcheck survey analyze {out}/votes "
+               f"--survey {out}/survey.json")
+
+
+@survey_app.command("analyze")
+def survey_analyze(
+    votes: list[str] = typer.Argument(..., help="Vote JSON files or folders of them."),
+    survey: str = typer.Option("survey/survey.json", help="The survey's survey.json."),
+    out: str | None = typer.Option(None, help="Output folder (default: analysis/ beside "
+                                    "survey.json)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+) -> None:
+    """Tabulate votes: Table 2 layout at 50-80% agreement, vote split, exact binomial tests.
+
+    Malformed vote files are reported and skipped; no (rater, pair) vote is counted twice.
+    """
+    from gradcheck.survey import analyze_survey, survey_table_markdown
+
+    results = analyze_survey(votes, survey=survey, out=out, overwrite=overwrite)
+    for r in results["files"].itertuples():
+        if r.status == "skipped":
+            typer.echo(f"skipped {r.file}: {r.reason}", err=True)
+    typer.echo(survey_table_markdown(results))
+
+
+app.add_typer(survey_app, name="survey")
 # [bench: bench.py]
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors print one line and exit 2; Ctrl-C exits 130."""
+    # SIGTERM (kill, SLURM time limits) unwinds like Ctrl-C, so temporary outputs are removed.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         rv = app(args=argv, standalone_mode=False)
     except GradcheckError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, typer.Abort):
         typer.echo("error: interrupted; partial outputs were removed", err=True)
         sys.exit(130)
-    except click.ClickException as e:
+    except Exception as e:
+        # Usage errors of whichever click typer uses (recent typer vendors its own copy).
+        if not (hasattr(e, "show") and hasattr(e, "exit_code")):
+            raise
         e.show()
         sys.exit(e.exit_code)
     sys.exit(rv if isinstance(rv, int) else 0)

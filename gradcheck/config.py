@@ -39,8 +39,196 @@ def save_config(cfg: Any, path: str | Path, **extra: Any) -> None:
 
 # ---- stage configs: each section belongs to the module named in its header -----------------
 # [dataset: data/sportballs.py]
+@dataclasses.dataclass(frozen=True)
+class DatasetConfig:
+    """make-dataset: where and how the SportBalls generator writes (DESIGN.md §4)."""
+
+    root: str = "datasets/sportballs"  # paths.DEFAULT_DATA_ROOT
+    n_train: int = 40000  # GradCheck Appendix A scale; exactly balanced (10,000 per class)
+    n_val: int = 5000  # early stopping and classifier selection
+    n_test: int = 5000  # held out: accuracy and FID reference statistics
+    seed: int = 0  # fixes every byte of the data set
+    image_size: int = 64  # paper: 3x64x64
+    png: bool = False  # also write an ImageFolder tree of PNG files
+
+
 # [train-ddpm: train_ddpm.py]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainDDPMConfig:
+    """`gradcheck train-ddpm`: the unconditional DDPM (train_ddpm.py; DESIGN.md §3 and §7)."""
+
+    data_root: str = "datasets/sportballs"  # paths.DEFAULT_DATA_ROOT; the train split is used
+    out: str = "checkpoints"  # writes out/name/ddpm/ and out/name/train_state/ddpm/
+    name: str = "sportballs-v1"  # the shipped reference set (paths.DEFAULT_CHECKPOINTS)
+    preset: str = "paper"  # models.UNET_PRESETS; its sample_size must equal the image size
+    max_minutes: float | None = None  # wall-clock budget of this call: the usual stop on a GPU
+    max_steps: int | None = None  # total optimiser steps (counted across --resume / --init-from)
+    batch_size: int = 256  # global; 2x §7's 128 fills an H100 better and halves gradient noise
+    lr: float = 5e-4  # AdamW peak; §7's 2e-4 at batch 128, scaled a bit above linear for 2x batch
+    warmup_steps: int = 250  # linear warm-up from 0 (restarts with a fresh optimiser)
+    adam_beta1: float = 0.9  # Kingma & Ba default
+    adam_beta2: float = 0.99  # EDM2: faster second-moment tracking suits short, high-lr runs
+    weight_decay: float = 0.0  # DDPM/EDM use none; decay only slows a short run
+    grad_clip: float = 1.0  # max global grad norm (diffusers scripts); guards the high lr
+    min_snr_gamma: float = 5.0  # Min-SNR-gamma weighting min(SNR, g)/SNR (Hang et al. 2023); 0=off
+    multiscale_weight: float = 0.0  # + w * low-frequency error (Hoogeboom et al. 2023); 0 = off
+    ema_decay: float = 0.9995  # §7; the ceiling of the warmed-up decay below
+    ema_warmup: bool = True  # decay = min(ema_decay, (1+step)/(10+step)): early exports usable
+    hflip: bool = False  # off: the volleyball is chiral, a flip draws one the data never has
+    max_images: int | None = None  # use only the first N training images (overfitting checks)
+    mixed_precision: str = "bf16"  # bf16 | no; autocast on CUDA only (CPU runs in float32)
+    channels_last: bool = True  # NHWC: faster bf16 convs; eager GroupNorm may copy (benchmark)
+    compile: bool = False  # torch.compile the UNet: ~1.6x it/s after ~2 min of compilation (§7)
+    seed: int = 0  # model init, batch indices, flips, timesteps and noise
+    log_every: int = 50  # steps between progress updates (the log keeps every step)
+    sample_every: int = 1000  # steps between sample grids of the EMA model; 0 = only at the end
+    sample_steps: int = 50  # respaced DDPM steps for those grids (cheap, not the eval protocol)
+    checkpoint_every: int = 2000  # steps between train state + export; 0 = only at the end
+    fp16_export: bool = True  # export the EMA UNet in fp16, shards < 16 MiB (shipping format)
+    resume: bool = False  # continue from out/name/train_state/ddpm/ (bitwise on CPU)
+    init_from: str | None = None  # start from exported weights (model and EMA); fresh optimiser
+    device: str = "auto"  # auto | cpu | cuda (accelerate launch sets the device per process)
+    overwrite: bool = False  # replace an existing out/name/ddpm/ and its train state
+    progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalDDPMConfig:
+    """`gradcheck eval-ddpm`: unconditional sample quality of a DDPM folder (eval_ddpm.py)."""
+
+    folder: str = "checkpoints/sportballs-v1/ddpm"  # paths.default_ddpm()
+    num_samples: int = 1000  # samples drawn; sample i depends only on (seed, i)
+    steps: int = 1000  # DDPM steps; fewer are respaced by DDPMScheduler.set_timesteps
+    batch_size: int = 250  # memory only: results do not depend on it
+    judge: str | None = None  # classifier folder for the class histogram and confidence
+    data_root: str = "datasets/sportballs"  # test split: the FID/KID reference
+    seed: int = 0
+    device: str = "auto"
+    mixed_precision: str = "bf16"  # bf16 | no; autocast on CUDA only
+    out: str | None = None  # default: FOLDER/eval/
+    overwrite: bool = False
+    progress: bool = True
 # [train-classifier: train_classifier.py]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainClassifierConfig:
+    """`gradcheck train-classifier`: one guiding classifier or the judge (train_classifier.py)."""
+
+    kind: str = "nonrobust"  # nonrobust | robust | adversarial | judge (issue 4)
+    time_conditioned: bool = False  # t as a 4th input channel t/1000 (models.TIME_CONVENTION)
+    ddpm: str | None = None  # DDPM folder: its scheduler config gives abar_t; its UNet the D2 eval
+    data_root: str = "datasets/sportballs"  # paths.DEFAULT_DATA_ROOT
+    out: str = "checkpoints"  # writes out/name/classifiers/kind/
+    name: str = "sportballs-v1"  # the shipped reference set (paths.DEFAULT_CHECKPOINTS)
+    epochs: int = 30  # upper bound; early stopping usually ends sooner
+    batch_size: int = 256  # small 64x64 inputs: large batches keep a GPU busy
+    lr: float = 2e-3  # AdamW peak, cosine-annealed to lr/10 after a short warm-up
+    weight_decay: float = 0.05  # Kawar et al. §5.1
+    patience: int = 5  # epochs without a better validation accuracy before stopping
+    max_minutes: float | None = None  # wall-clock cap; the best weights so far are saved
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    fp16: bool = False  # store weights in float16 (shipping); float32 otherwise
+    attack_eps: float = 0.5  # adversarial: L2 threat model, Kawar et al. §5.1
+    attack_step_size: float = 0.083  # Kawar et al. §5.1 (about eps / 6)
+    attack_steps: int = 7  # Kawar et al. §5.1; per-sample early stopping
+    eval_samples: int = 1000  # validation images for accuracy_by_t.parquet
+    eval_pgd_steps: int = 20  # evaluation attack: step 2.5 * eps / steps (Madry et al.)
+    # L2 radii of the evaluation attack; noise-trained classifiers stay accurate beyond 1.
+    eval_pgd_eps: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+    overwrite: bool = False
+    progress: bool = True
 # [run: sampler.py]
+
+
+def _default_ddpm() -> str:
+    from gradcheck.paths import default_ddpm
+
+    return str(default_ddpm())
+
+
+def _default_judge() -> str:
+    from gradcheck.paths import default_classifier
+
+    return str(default_classifier("judge"))
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """`gradcheck run`: one guided sampling run (runner.py, sampler.py; DESIGN.md D1-D7, §4)."""
+
+    classifier: str = "nonrobust"  # nonrobust | robust | adversarial | oracle | classifier folder
+    x0_estimate: bool = False  # D2 (GradCheck Eq. 3): the classifier sees x0_hat
+    stabilizer: str = "none"  # D4 registry (none, adam, ema, rmsprop, adam-nobias); --adam = adam
+    normalize: bool = True  # D5 (GradCheck Eq. 2), the paper's setting for every experiment
+    # s of D6. The paper's value is lost from our copy (App. C.1). Under D5, gtilde has the norm
+    # of the score, so s * sigma_t^2 * gtilde moves the mean as far as the DDPM's own score term
+    # (beta_t / sqrt(alpha_t)) * score does when s = 1: the guidance pulls as hard as the
+    # denoiser. s = 1 is that scale-free balance point; re-tune with `gradcheck sweep`.
+    scale: float = 1.0
+    target: int = 0  # baseball: GradCheck App. C, the class of every paper experiment
+    num_samples: int = 64  # paper protocol: 64 samples (GradCheck §3.4)
+    batch_size: int = 64  # memory only: results do not depend on it (one generator per sample)
+    steps: int = 1000  # sampling steps; T = 1000 = the paper; fewer respace the chain
+    seed: int = 0  # sample i depends only on (seed, i)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    ddpm: str = dataclasses.field(default_factory=_default_ddpm)  # shipped DDPM pipeline folder
+    judge: str = dataclasses.field(default_factory=_default_judge)  # DESIGN.md §5 judge folder
+    data_root: str = "datasets/sportballs"  # paths.DEFAULT_DATA_ROOT: oracle and FID reference
+    oracle: bool | None = None  # cos_oracle (D8); None = when the data set exists (GPU) or asked
+    record_vectors: str = "subset"  # none | subset (8 samples, every 10th step, fp16) | all
+    protocol: str = "auto"  # auto | paper (64 x 1000) | reduced (8 x 50; CPU default, see runner)
+    metrics: bool = True  # metrics.json via gradcheck.metrics at the end of the run
 # [metrics: metrics.py]
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricsConfig:
+    """`gradcheck metrics` and the metrics step of `gradcheck run` (metrics.py, DESIGN.md §5)."""
+
+    n_reference: int = 64  # paper: 64 samples vs 64 training images of the target class
+    reference_seed: int = 0  # draws the reference images; recorded beside every number
+    extractor: str = "auto"  # auto | judge | inception; auto = Inception when weights are given
+    inception_weights: str | None = None  # standard FID file (SHA-256 checked); or the env var
+    device: str = "auto"  # metrics on GPU when present
+    batch_size: int = 64  # feature batches only; results do not depend on it
+    kid_subset_size: int | None = None  # None = min(N, n_reference); never above N
+    n_bootstrap: int = 1000  # resamples for one run's accuracy and KID intervals
+    bootstrap_seed: int = 0  # bootstrap intervals are reproducible
 # [sweep: sweep.py]
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    """`gradcheck sweep`: a grid of runs over seeds (sweep.py); run sizes come from RunConfig."""
+
+    grid: str = "table1"  # table1 | scales | stabilizers | classifiers (sweep.GRIDS)
+    seeds: int = 3  # seeds 0..seeds-1: the fewest that give a 95% t-interval worth reading
+    shard: str | None = None  # "i/n", 0-based; None = the launcher's (RANK/WORLD_SIZE, SLURM)
+
+
+# ---- pag: pag.py --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PagConfig:
+    """`gradcheck pag`: gradient maps, targeted PGD and PAG scores (pag.py; DESIGN.md D8, D9)."""
+
+    classifiers: tuple[str, ...] = ("nonrobust", "robust", "adversarial")  # kinds or folders
+    oracle: bool | None = None  # add the exact D8 gradient; None = when the train split exists
+    data_root: str = "datasets/sportballs"  # paths.DEFAULT_DATA_ROOT; val images, train (oracle)
+    ddpm: str | None = None  # DDPM folder whose scheduler gives abar_t; None = DESIGN.md §3
+    num_images: int = 16  # per class: 64 images, one batch (the figures show the first of each)
+    timesteps: tuple[int, ...] = (0, 100, 250, 500, 750)  # Kawar et al. Figure 3
+    pgd_eps: float | None = None  # None = Kawar's 100 at 3x128x128 by per-pixel RMS: 50 at 64x64
+    pgd_steps: int = 7  # Kawar et al. §5.1
+    pgd_step_size: float | None = None  # None = 2.5 * eps / steps (Madry et al.)
+    seed: int = 0  # image choice and noise draws
+    batch_size: int = 64  # gradient batches only; results do not depend on it
+    device: str = "auto"
+    out: str = "reports/pag"
+    overwrite: bool = False

@@ -201,7 +201,9 @@ def save_classifier(
     save_json(folder / "config.json", config)
 
 
-def load_classifier(folder: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+def load_classifier(
+    folder: str | Path, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict]:
     """Load (model in eval mode, float32; config) from a classifier folder, safetensors only."""
     folder = Path(folder)
     refuse_pickle(folder)

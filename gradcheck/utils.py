@@ -59,6 +59,8 @@ def atomic_output_dir(final: str | Path, overwrite: bool = False) -> Iterator[Pa
     final = Path(final)
     if final.exists() and not overwrite:
         raise GradcheckError(f"{final} already exists; pass --overwrite to replace it")
+    if final.parent.exists() and not final.parent.is_dir():
+        raise GradcheckError(f"cannot write {final}: {final.parent} is a file, not a folder")
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"

@@ -1,0 +1,250 @@
+"""Unconditional sample quality of a DDPM folder: white borders, judge classes, FID/KID, and the
+mean-colour slope that diagnoses tinted backgrounds (see :func:`mean_colour_slope`).
+
+``evaluate_ddpm`` writes into ``--out`` (default ``FOLDER/eval/``, so an export replaces its stale
+evaluation): ``eval.json`` (summary, config, versions), ``eval.parquet`` (one row per sample) and
+``samples.png`` (the first 64 samples). Sample i depends only on ``(seed, i)``, never on the batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+from PIL import Image
+from torchvision.utils import make_grid
+from tqdm.auto import tqdm
+
+from gradcheck import CLASS_NAMES
+from gradcheck.config import EvalDDPMConfig, config_to_dict
+from gradcheck.models import classifier_logits, load_classifier, load_ddpm
+from gradcheck.utils import (
+    GradcheckError,
+    atomic_output_dir,
+    check_choice,
+    check_positive,
+    randn_per_sample,
+    resolve_device,
+    run_metadata,
+    sample_generators,
+    save_json,
+)
+
+WHITE_BORDER = 0.95  # mean of the 1-pixel outer border in [0, 1] at or above this: white
+CONFIDENT = 0.9  # the judge's max probability at or above this: a confident sample
+GRID_SAMPLES = 64
+MIXED_PRECISION = ("bf16", "no")
+
+
+@torch.no_grad()
+def sample_images(
+    unet: UNet2DModel,
+    scheduler: DDPMScheduler,
+    num_samples: int,
+    steps: int = 1000,
+    seed: int = 0,
+    batch_size: int = 250,
+    mixed_precision: str = "bf16",
+    progress: bool = False,
+) -> torch.Tensor:
+    """Unconditional DDPM samples as uint8 (N, 3, H, W) on the CPU; sample i uses only (seed, i).
+
+    ``steps`` < T respaces the chain through ``DDPMScheduler.set_timesteps`` (DESIGN.md §3).
+    """
+    check_positive("num_samples", num_samples)
+    check_positive("batch_size", batch_size)
+    check_choice("mixed_precision", mixed_precision, MIXED_PRECISION)
+    T = scheduler.config.num_train_timesteps
+    if not 1 <= steps <= T:
+        raise GradcheckError(f"steps must lie in 1..{T}, got {steps}")
+    device = next(unet.parameters()).device
+    sched = DDPMScheduler.from_config(scheduler.config)  # set_timesteps mutates: keep ours private
+    sched.set_timesteps(steps, device=device)
+    bf16 = mixed_precision == "bf16" and device.type == "cuda"
+    size = unet.config.sample_size
+    was_training = unet.training
+    unet.eval()
+    out = []
+    bar = tqdm(total=math.ceil(num_samples / batch_size) * steps, desc="sampling",
+               disable=not progress, unit="step")
+    for start in range(0, num_samples, batch_size):
+        gens = sample_generators(seed, range(start, min(start + batch_size, num_samples)), device)
+        x = randn_per_sample((3, size, size), gens, device)
+        for t in sched.timesteps:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                eps = unet(x, t).sample
+            # One generator per sample again, so the step noise is batch-independent too.
+            x = sched.step(eps.float(), t, x, generator=gens).prev_sample
+            bar.update()
+        out.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
+    bar.close()
+    unet.train(was_training)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def mean_colour_slope(
+    unet: UNet2DModel, scheduler: DDPMScheduler, num_samples: int = 256, seed: int = 0,
+    mixed_precision: str = "bf16",
+) -> float:
+    """Least-squares slope of eps_theta's per-channel image mean on that of pure-noise inputs at
+    t = T - 1, where E[eps | x_t] is about x_t / sqrt(1 - abar_t): 1 when the model removes the
+    noise's mean colour, 0 when it ignores it (its samples keep random background tints)."""
+    device = next(unet.parameters()).device
+    size = unet.config.sample_size
+    x = randn_per_sample((3, size, size), sample_generators(seed, range(num_samples), device),
+                         device)
+    t = torch.full((num_samples,), scheduler.config.num_train_timesteps - 1, device=device)
+    bf16 = mixed_precision == "bf16" and device.type == "cuda"
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        eps = unet(x, t).sample.float()
+    m_in, m_out = x.mean(dim=(2, 3)).flatten(), eps.mean(dim=(2, 3)).flatten()
+    m_in, m_out = m_in - m_in.mean(), m_out - m_out.mean()
+    return float((m_in * m_out).sum() / m_in.square().sum())
+
+
+def border_means(images: torch.Tensor) -> torch.Tensor:
+    """Mean of the 1-pixel outer border in [0, 1], over pixels and channels: uint8 (N, 3, H, W) ->
+    (N,)."""
+    x = images.float() / 255
+    mask = torch.ones(x.shape[-2:], dtype=torch.bool)
+    mask[1:-1, 1:-1] = False
+    return x[..., mask].mean(dim=(1, 2))
+
+
+def image_grid(images: torch.Tensor, nrow: int | None = None) -> np.ndarray:
+    """uint8 (N, 3, H, W) -> one uint8 grid image (H', W', 3) with 2-pixel gray gutters."""
+    nrow = nrow or max(1, math.isqrt(len(images) - 1) + 1)
+    grid = make_grid(images, nrow=nrow, padding=2, pad_value=128)
+    return grid.permute(1, 2, 0).numpy()
+
+
+def save_grid(images: torch.Tensor, path: str | Path) -> None:
+    """Write uint8 (N, 3, H, W) images as one PNG grid."""
+    Image.fromarray(image_grid(images)).save(path)
+
+
+@torch.no_grad()
+def judge_predictions(
+    judge: torch.nn.Module, images: torch.Tensor, batch_size: int = 250
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predicted class (N,), max probability (N,)) of a classifier on uint8 (N, 3, H, W)."""
+    device = next(judge.parameters()).device
+    preds, maxp = [], []
+    for i in range(0, len(images), batch_size):
+        x = images[i : i + batch_size].to(device).float() / 127.5 - 1
+        probs = classifier_logits(judge, x, 0).float().softmax(dim=1)
+        p, c = probs.max(dim=1)
+        preds.append(c.cpu())
+        maxp.append(p.cpu())
+    return torch.cat(preds), torch.cat(maxp)
+
+
+def _fid_kid(
+    samples: torch.Tensor, judge: torch.nn.Module | None, cfg: EvalDDPMConfig,
+    device: torch.device,
+) -> dict[str, Any]:
+    """FID/KID of the samples against the whole test split via gradcheck.metrics, or the reason
+    they were not computed (under ``fid_skipped``)."""
+    try:
+        from gradcheck import metrics
+    except ImportError as e:
+        return {"fid_skipped": f"gradcheck.metrics not importable: {e}"}
+    if judge is None and metrics.resolve_inception_weights(None) is None:
+        return {"fid_skipped": "no feature extractor: pass --judge (judge features) or set "
+                               f"{metrics.INCEPTION_ENV}"}
+    root = Path(cfg.data_root)
+    try:
+        from gradcheck.data.sportballs import load_split
+
+        reference, _ = load_split(root, "test")
+    except (GradcheckError, OSError, ImportError) as e:
+        return {"fid_skipped": f"no test split in {root}: {e}"}
+    reference = np.asarray(reference)
+    gen = samples.permute(0, 2, 3, 1).numpy()
+    if reference.shape[1:] != gen.shape[1:]:
+        return {"fid_skipped": f"test images are {reference.shape[1:3]}, samples "
+                               f"{gen.shape[1:3]}"}
+    fe, fe_name, sha = metrics.make_extractor("auto", judge, None, device)
+    f_gen = metrics.extract_features(gen, fe, cfg.batch_size, device)
+    f_ref = metrics.extract_features(reference, fe, cfg.batch_size, device)
+    n, m = len(f_gen), len(f_ref)
+    subset = min(1000, n, m)  # torch-fidelity's default subset size, capped by the set sizes
+    kid_mean, kid_std = metrics.features_to_kid(f_gen, f_ref, subset, seed=cfg.seed)
+    return {
+        "fid": metrics.features_to_fid(f_gen, f_ref),
+        "kid_mean": kid_mean,
+        "kid_std": kid_std,
+        "kid_subset_size": subset,
+        "extractor": fe_name,
+        "feature_dim": int(f_gen.shape[1]),
+        "inception_weights_sha256": sha,
+        "n_reference": m,
+        "reference": f"{root} test split (all {m} images)",
+    }
+
+
+def evaluate_ddpm(config: EvalDDPMConfig | None = None, **overrides: Any) -> dict[str, Any]:
+    """Sample a DDPM folder and measure white borders, judge classes and FID/KID -> summary."""
+    cfg = dataclasses.replace(config or EvalDDPMConfig(), **overrides)
+    check_positive("num_samples", cfg.num_samples)
+    check_positive("batch_size", cfg.batch_size)
+    check_choice("mixed_precision", cfg.mixed_precision, MIXED_PRECISION)
+    device = resolve_device(cfg.device)
+    unet, scheduler = load_ddpm(cfg.folder)
+    T = scheduler.config.num_train_timesteps
+    if not 1 <= cfg.steps <= T:
+        raise GradcheckError(f"steps must lie in 1..{T}, got {cfg.steps}")
+    judge = load_classifier(cfg.judge, device)[0] if cfg.judge is not None else None
+    out = Path(cfg.out) if cfg.out is not None else Path(cfg.folder) / "eval"
+
+    with atomic_output_dir(out, cfg.overwrite) as tmp:
+        start = time.perf_counter()
+        samples = sample_images(unet.to(device), scheduler, cfg.num_samples, cfg.steps, cfg.seed,
+                                cfg.batch_size, cfg.mixed_precision, cfg.progress)
+        sampling_s = time.perf_counter() - start
+
+        border = border_means(samples)
+        rows = pd.DataFrame({
+            "sample": np.arange(cfg.num_samples, dtype=np.int64),
+            "border_mean": border.numpy().astype(np.float64),
+            "white_border": (border >= WHITE_BORDER).numpy(),
+        })
+        summary: dict[str, Any] = {
+            "num_samples": cfg.num_samples,
+            "steps": cfg.steps,
+            "white_border_share": float(rows["white_border"].mean()),
+            "border_mean": float(rows["border_mean"].mean()),
+            "mean_colour_slope": mean_colour_slope(unet, scheduler, seed=cfg.seed,
+                                                   mixed_precision=cfg.mixed_precision),
+            "sampling_s": sampling_s,
+        }
+        if judge is not None:
+            pred, maxp = judge_predictions(judge, samples, cfg.batch_size)
+            rows["pred_class"] = pred.numpy().astype(np.int64)
+            rows["class_name"] = [CLASS_NAMES[i] for i in pred.tolist()]
+            rows["max_prob"] = maxp.numpy().astype(np.float64)
+            rows["confident"] = rows["max_prob"] >= CONFIDENT
+            share = np.bincount(rows["pred_class"], minlength=len(CLASS_NAMES)) / len(rows)
+            nonzero = share[share > 0]
+            summary.update({
+                "class_share": dict(zip(CLASS_NAMES, map(float, share), strict=True)),
+                # 1 = every class equally often, 0 = one class only (§7: one class dominated).
+                "class_entropy": float(-(nonzero * np.log(nonzero)).sum() / np.log(len(share))),
+                "confident_share": float(rows["confident"].mean()),
+                "mean_max_prob": float(rows["max_prob"].mean()),
+            })
+        summary.update(_fid_kid(samples, judge, cfg, device))
+
+        rows.to_parquet(tmp / "eval.parquet", index=False)
+        save_grid(samples[:GRID_SAMPLES], tmp / "samples.png")
+        save_json(tmp / "eval.json", {**summary, "config": config_to_dict(cfg),
+                                      "metadata": run_metadata(device)})
+    return {**summary, "out": str(out)}

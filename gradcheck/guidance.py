@@ -1,0 +1,165 @@
+"""Guidance maths as small functions (DESIGN.md D1, D2, D3, D5, D7) and gradient sources.
+
+A *gradient source* answers one question per sampling step: given x_t and t, what are
+eps_theta(x_t, t) and the raw guidance gradient g_t = grad_{x_t} log p(y | x_in) (D3)? Whether
+the classifier sees x_t or the x0-estimate (D2) is a property of the source, not a flag of the
+sampler (k-diffusion style: guidance wraps the model function). The source also runs the UNet,
+because with the x0-estimate the gradient flows through it; the same eps then drives the DDPM
+step, so no UNet call is spent twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gradcheck.models import TimeConditionedClassifier
+from gradcheck.oracle import EmpiricalOracle
+from gradcheck.utils import GradcheckError
+
+VANISHED_NORM = 1e-12
+"""D5: an ||h_t|| below this means the gradient vanished; gtilde_t = 0 and the step is flagged."""
+
+EpsFn = Callable[[torch.Tensor], torch.Tensor]
+"""x_t (B, 3, H, W) -> eps_theta(x_t, t) (B, 3, H, W) at the current step's t."""
+
+
+# ---- D1, D2, D5, D7 -------------------------------------------------------------------------
+
+
+def _per_sample(v: torch.Tensor) -> torch.Tensor:
+    """(B,) -> (B, 1, ..., 1) for broadcasting against images."""
+    return v.view(-1, 1, 1, 1)
+
+
+def score_from_eps(eps: torch.Tensor, abar: torch.Tensor | float) -> torch.Tensor:
+    """D1: score_theta(x_t) = -eps_theta(x_t, t) / sqrt(1 - abar_t); (B, 3, H, W)."""
+    return -eps / (1 - torch.as_tensor(abar, dtype=eps.dtype, device=eps.device)).sqrt()
+
+
+def x0_from_eps(x_t: torch.Tensor, eps: torch.Tensor, abar: torch.Tensor | float) -> torch.Tensor:
+    """D2 (GradCheck Eq. 3): x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t); unclipped."""
+    a = torch.as_tensor(abar, dtype=x_t.dtype, device=x_t.device)
+    return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+
+
+def flat_norm(v: torch.Tensor) -> torch.Tensor:
+    """Per-sample L2 norm: (B, ...) -> (B,)."""
+    return v.flatten(1).norm(dim=1)
+
+
+def normalize_guidance(
+    h: torch.Tensor, score: torch.Tensor, normalize: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """D5 (GradCheck Eq. 2): gtilde = ||score|| h / ||h|| per sample, or gtilde = h.
+
+    h, score (B, 3, H, W) -> (gtilde (B, 3, H, W), vanished (B,) bool). Where ||h|| < 1e-12 or
+    is not finite, gtilde = 0 and the sample is flagged: no NaN ever reaches a sample.
+    """
+    h_norm = flat_norm(h)
+    vanished = ~(torch.isfinite(h_norm) & (h_norm >= VANISHED_NORM))
+    if normalize:
+        factor = flat_norm(score) / torch.where(vanished, torch.ones_like(h_norm), h_norm)
+    else:
+        factor = torch.ones_like(h_norm)
+    factor = torch.where(vanished, torch.zeros_like(factor), factor)
+    # where(), not a product: 0 * inf would be NaN for a non-finite h.
+    gtilde = torch.where(_per_sample(vanished), torch.zeros_like(h), h * _per_sample(factor))
+    return gtilde, vanished
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample cosine similarity (D7) of (B, ...) tensors -> (B,) float64.
+
+    NaN where either vector is zero (the angle is undefined), never a made-up 0 or 1.
+    """
+    a64, b64 = a.flatten(1).double(), b.flatten(1).double()
+    denom = a64.norm(dim=1) * b64.norm(dim=1)
+    dot = (a64 * b64).sum(dim=1)
+    return torch.where(denom > 0, dot / torch.where(denom > 0, denom, 1.0), float("nan"))
+
+
+# ---- D3: gradient sources ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GradientOutput:
+    """What a gradient source returns for one step (all tensors detached)."""
+
+    eps: torch.Tensor  # (B, 3, H, W) eps_theta(x_t, t)
+    grad: torch.Tensor  # (B, 3, H, W) g_t = grad_{x_t} log p(y | x_in)  (D3)
+    log_probs: torch.Tensor  # (B, C) log p(. | x_in), the input the gradient came from
+    log_probs_x0: torch.Tensor  # (B, C) log p(. | x0_hat) (t = 0 for time-aware models)
+
+
+class GuidanceSource:
+    """Base class: ``source(eps_fn, x_t, t, abar, y) -> GradientOutput`` (D3)."""
+
+    x0_estimate: bool = False
+
+    def __call__(
+        self, eps_fn: EpsFn, x_t: torch.Tensor, t: int, abar: torch.Tensor, y: torch.Tensor
+    ) -> GradientOutput:
+        """x_t (B, 3, H, W), t, abar_t, y (B,) -> eps, g_t and log-probabilities."""
+        raise NotImplementedError
+
+
+def classifier_log_probs(model: nn.Module, x: torch.Tensor, t: int) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, C) log-probabilities; ``t`` reaches only time-aware models.
+
+    Time-aware: a :class:`TimeConditionedClassifier` or the empirical oracle (D8), whose output
+    is already normalised, so log_softmax leaves it unchanged.
+    """
+    if isinstance(model, (TimeConditionedClassifier, EmpiricalOracle)):
+        logits = model(x, t)
+    else:
+        logits = model(x)
+    return F.log_softmax(logits.float(), dim=1)
+
+
+class ClassifierGuidance(GuidanceSource):
+    """D3 with a differentiable classifier (or the empirical oracle, D8).
+
+    ``x0_estimate=False``: x_in = x_t, time-aware classifiers get t.
+    ``x0_estimate=True``: x_in = x0_hat (D2), time-aware classifiers get t = 0, and the gradient
+    w.r.t. x_t flows through the UNet (GradCheck §2.1).
+    """
+
+    def __init__(self, classifier: nn.Module, x0_estimate: bool = False) -> None:
+        if classifier.training:
+            raise GradcheckError("the guiding classifier must be in eval() mode (D3)")
+        if x0_estimate and isinstance(classifier, EmpiricalOracle):
+            raise GradcheckError(
+                "the oracle is exact on x_t itself (D8); --x0-estimate does not apply to it"
+            )
+        self.classifier = classifier
+        self.x0_estimate = x0_estimate
+
+    def __call__(
+        self, eps_fn: EpsFn, x_t: torch.Tensor, t: int, abar: torch.Tensor, y: torch.Tensor
+    ) -> GradientOutput:
+        """x_t (B, 3, H, W), t, abar_t, y (B,) -> eps, g_t and log-probabilities."""
+        rows = torch.arange(x_t.shape[0], device=x_t.device)
+        x = x_t.detach().requires_grad_(True)
+        with torch.enable_grad():
+            if self.x0_estimate:
+                eps = eps_fn(x)
+                log_probs = classifier_log_probs(self.classifier, x0_from_eps(x, eps, abar), 0)
+            else:
+                with torch.no_grad():
+                    eps = eps_fn(x_t)
+                log_probs = classifier_log_probs(self.classifier, x, t)
+            # Samples are independent in eval mode, so the gradient of the sum is per sample.
+            (grad,) = torch.autograd.grad(log_probs[rows, y].sum(), x)
+        eps, log_probs = eps.detach(), log_probs.detach()
+        if self.x0_estimate:
+            log_probs_x0 = log_probs
+        else:
+            with torch.no_grad():
+                log_probs_x0 = classifier_log_probs(self.classifier, x0_from_eps(x_t, eps, abar), 0)
+        return GradientOutput(eps=eps, grad=grad.detach(), log_probs=log_probs,
+                              log_probs_x0=log_probs_x0)

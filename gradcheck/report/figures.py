@@ -1,0 +1,213 @@
+"""Report figures: pure functions from DataFrames (and sample arrays) to matplotlib Figures.
+
+Figures are built on ``matplotlib.figure.Figure`` directly (no pyplot state, rendered by Agg when
+saved); nothing here writes a file. Every figure carries a footer naming N, seeds, extractor,
+hardware and wall time (:func:`gradcheck.report.tables.provenance`).
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+QUANTITY_TITLES = {
+    "cos_prev_applied": "cos_prev of the applied vector (D7, paper Eq. 5)",
+    "cos_prev_raw": "cos_prev of the raw gradient g (D3)",
+    "grad_norm_raw": "||g|| raw gradient (D3)",
+    "grad_norm_applied": "||g~|| applied vector (D5)",
+    "score_norm": "||score|| (D1)",
+    "cos_score": "cos(g~, score)",
+    "cos_oracle": "cos(g~, oracle gradient) (D8)",
+}
+
+
+def _figure(n_panels: int, title: str, footer: str, width: float = 5.2,
+            height: float = 3.6, max_cols: int = 2) -> tuple[Figure, list[Axes]]:
+    cols = min(n_panels, max_cols)
+    rows = math.ceil(n_panels / cols)
+    fig = Figure(figsize=(width * cols, height * rows + 0.6), layout="constrained")
+    axes = [fig.add_subplot(rows, cols, i + 1) for i in range(n_panels)]
+    fig.suptitle(title, fontsize=11)
+    # supxlabel is placed by the constrained layout, so the provenance never overlaps a panel.
+    fig.supxlabel("\n".join(textwrap.wrap(footer, 130)), fontsize=7, color="0.3")
+    return fig, axes
+
+
+def _colors(labels: Sequence[str]) -> dict[str, tuple]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if len(labels) <= 10 else "tab20"]
+    return {lab: cmap(i % cmap.N) for i, lab in enumerate(labels)}
+
+
+def _over_t(ax: Axes, pooled: pd.DataFrame, quantity: str, band: bool = True,
+            log: bool = False) -> None:
+    """Mean (and +-std band) of one step quantity over t, one line per ``label``."""
+    data = pooled[pooled["quantity"] == quantity]
+    labels = sorted(data["label"].unique())
+    colors = _colors(labels)
+    for lab in labels:
+        d = data[data["label"] == lab].sort_values("t", ascending=False)
+        ax.plot(d["t"], d["mean"], color=colors[lab], label=lab, lw=1.3)
+        if band:
+            lo, hi = d["mean"] - d["std"], d["mean"] + d["std"]
+            if log:
+                lo = lo.where(lo > 0, d["mean"] / 10)
+            ax.fill_between(d["t"], lo, hi, color=colors[lab], alpha=0.18, lw=0)
+    ax.set_xlim(max(data["t"].max(), 1) if len(data) else 1, 0)  # sampling runs from T to 0
+    ax.set_xlabel("t (sampling proceeds to the right)")
+    ax.set_title(QUANTITY_TITLES.get(quantity, quantity), fontsize=9)
+    if log:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+
+
+def cos_prev_figure(pooled: pd.DataFrame, title: str, footer: str) -> Figure:
+    """cos_prev over t per configuration, mean +- std over samples (paper Figures 1-3 and 6).
+
+    ``pooled``: columns label, t, quantity, mean, std (pooled over seeds).
+    """
+    fig, (left, right) = _figure(2, title, footer)
+    _over_t(left, pooled, "cos_prev_applied")
+    _over_t(right, pooled, "cos_prev_raw")
+    for ax in (left, right):
+        ax.set_ylim(-1.05, 1.05)
+        ax.axhline(0, color="0.5", lw=0.6)
+        ax.set_ylabel("cosine to the previous step")
+    left.legend(fontsize=7, loc="lower left")
+    return fig
+
+
+def norms_figure(pooled: pd.DataFrame, title: str, footer: str) -> Figure:
+    """Guidance norms (raw, applied, score) and cos(g~, score) over t per configuration."""
+    fig, axes = _figure(4, title, footer)
+    for ax, q in zip(axes, ("grad_norm_raw", "grad_norm_applied", "score_norm", "cos_score"),
+                     strict=True):
+        _over_t(ax, pooled, q, log=q != "cos_score")
+    axes[3].axhline(0, color="0.5", lw=0.6)
+    axes[0].legend(fontsize=7)
+    return fig
+
+
+def oracle_figure(pooled: pd.DataFrame, title: str, footer: str) -> Figure:
+    """cos(g~, oracle) over t per configuration (D8)."""
+    fig, (ax,) = _figure(1, title, footer, width=7.5)
+    _over_t(ax, pooled, "cos_oracle")
+    ax.axhline(0, color="0.5", lw=0.6)
+    ax.set_ylabel("cosine to the exact guidance gradient")
+    ax.legend(fontsize=7)
+    ax.text(0.99, 0.02, "at small t the empirical posterior collapses onto the nearest "
+            "training image", transform=ax.transAxes, ha="right", fontsize=7, color="0.3")
+    return fig
+
+
+def tile(images: np.ndarray, max_images: int = 16) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> one (rows*H, cols*W, 3) mosaic of the first ``max_images``."""
+    x = images[:max_images]
+    n, h, w, c = x.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    canvas = np.full((rows * h, cols * w, c), 255, dtype=np.uint8)
+    for i in range(n):
+        r, k = divmod(i, cols)
+        canvas[r * h:(r + 1) * h, k * w:(k + 1) * w] = x[i]
+    return canvas
+
+
+def samples_figure(images: Mapping[str, np.ndarray], title: str, footer: str,
+                   max_images: int = 16) -> Figure:
+    """Sample grids per configuration (paper Figures 7-8): ``images`` maps a title to (N,H,W,3)."""
+    fig, axes = _figure(len(images), title, footer, width=3.0, height=3.2, max_cols=4)
+    for ax, (name, x) in zip(axes, images.items(), strict=True):
+        ax.imshow(tile(x, max_images), interpolation="nearest")
+        ax.set_title(name, fontsize=8)
+        ax.set_axis_off()
+    return fig
+
+
+def _errorbars(ax: Axes, d: pd.DataFrame, metric: str, color: tuple, label: str,
+               fmt: str = "o-", scale: float = 1.0) -> None:
+    m = d[metric] * scale
+    lo = (d[metric] - d[f"{metric}_ci_low"]).fillna(0) * scale
+    hi = (d[f"{metric}_ci_high"] - d[metric]).fillna(0) * scale
+    ax.errorbar(d["scale"], m, yerr=[lo, hi], fmt=fmt, color=color, label=label, capsize=3,
+                ms=4, lw=1.2)
+
+
+def scale_figure(curves: pd.DataFrame, title: str, footer: str) -> Figure:
+    """FID and accuracy vs guidance scale s per configuration (GradCheck App. C.1, Kawar Table 5).
+
+    ``curves``: :func:`gradcheck.report.tables.scale_curves`; bars are 95% intervals over seeds.
+    """
+    fig, (left, right) = _figure(2, title, footer)
+    names = sorted(curves["curve"].unique())
+    colors = _colors(names)
+    for name in names:
+        d = curves[curves["curve"] == name].sort_values("scale")
+        _errorbars(left, d, "fid", colors[name], name)
+        _errorbars(right, d, "accuracy_guiding", colors[name], f"{name} (guiding)", "o-", 100)
+        if d["accuracy_judge"].notna().any():
+            _errorbars(right, d, "accuracy_judge", colors[name], f"{name} (judge)", "s--", 100)
+    for ax, ylabel in ((left, "FID"), (right, "accuracy (%)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("guidance scale s")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    left.set_title("FID vs s (lower is better)", fontsize=9)
+    right.set_title("accuracy on the target class vs s", fontsize=9)
+    return fig
+
+
+def accuracy_by_t_figure(acc: pd.DataFrame, title: str, footer: str) -> Figure:
+    """Classifier accuracy vs t: columns classifier, t, accuracy and optionally input."""
+    fig, (ax,) = _figure(1, title, footer, width=7.5)
+    acc = acc.copy()
+    if "input" not in acc.columns:
+        acc["input"] = "x_t"
+    acc["curve"] = acc["classifier"].astype(str) + " (" + acc["input"].astype(str) + ")"
+    names = sorted(acc["curve"].unique())
+    colors = _colors(names)
+    for name in names:
+        d = acc[acc["curve"] == name].groupby("t", as_index=False)["accuracy"].mean()
+        ax.plot(d["t"], 100 * d["accuracy"], "o-", ms=3, color=colors[name], label=name)
+    ax.axhline(25, color="0.5", lw=0.6, ls=":")
+    ax.set_xlabel("t (noise level of the input)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 102)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return fig
+
+
+def pag_figure(pag: pd.DataFrame, title: str, footer: str) -> Figure:
+    """PAG score (D9) vs t per classifier: pag.parquet rows (classifier, class_name, t,
+    pag_score_mean, n_images), averaged over classes weighted by their images."""
+    fig, (ax,) = _figure(1, title, footer, width=7.5)
+    d = pag_by_t(pag)
+    names = sorted(d["classifier"].astype(str).unique())
+    colors = _colors(names)
+    for name in names:
+        e = d[d["classifier"] == name].sort_values("t")
+        ax.plot(e["t"], e["pag_score"], "o-", ms=3, color=colors[name], label=name)
+    ax.axhline(1, color="0.5", lw=0.6, ls=":")
+    ax.set_xlabel("t")
+    ax.set_ylabel("PAG score (inside / outside the ball)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return fig
+
+
+def pag_by_t(pag: pd.DataFrame) -> pd.DataFrame:
+    """Per (classifier, t): PAG score averaged over classes, weighted by images; n_images."""
+    w = pag["n_images"].astype(float)
+    d = pag.assign(_w=w, _ws=w * pag["pag_score_mean"]).groupby(
+        ["classifier", "t"], as_index=False)[["_w", "_ws"]].sum()
+    d["pag_score"] = d["_ws"] / d["_w"].where(d["_w"] > 0)
+    return d.rename(columns={"_w": "n_images"}).drop(columns="_ws")

@@ -1,0 +1,583 @@
+"""Report tables: pure functions from run DataFrames to table DataFrames (nothing here writes).
+
+Inputs are the run table (one row per run: config fields, metrics, provenance; see
+``RUN_COLUMNS``) and step statistics (one row per run, step and logged quantity; see
+:func:`step_stats`). Intervals are over seeds (DESIGN.md §5).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from gradcheck.metrics import seed_interval
+from gradcheck.report.paper import FINDINGS, PAPER_TABLE1, TABLE1_KEYS
+
+CONFIG_KEYS = (
+    "classifier", "x0_estimate", "stabilizer", "normalize", "scale", "target", "steps",
+    "num_samples",
+)
+"""Run-config fields that make a configuration: runs equal in these differ only by seed."""
+
+PROTOCOL_KEYS = ("scale", "normalize", "target", "steps", "num_samples")
+"""Fields shared by all rows of one Table 1 (the measurement protocol)."""
+
+METRIC_COLUMNS = (
+    "fid", "kid_mean", "kid_std", "precision", "recall", "accuracy_guiding", "accuracy_judge",
+    "mean_cos_prev_raw", "mean_cos_prev_applied",
+)
+"""Per-run numbers from metrics.json (NaN when a run has no metrics)."""
+
+RUN_COLUMNS = (
+    "run_id", "path", "seed", *CONFIG_KEYS, *METRIC_COLUMNS, "extractor", "n_samples",
+    "n_reference", "hardware", "wall_time_s",
+)
+
+STEP_QUANTITIES = (
+    "cos_prev_raw", "cos_prev_applied", "cos_raw_applied", "cos_score", "cos_oracle",
+    "grad_norm_raw", "grad_norm_applied", "score_norm", "log_prob_target", "prob_target_x0",
+)
+"""steps.parquet columns summarised over samples at every step (DESIGN.md §4)."""
+
+TABLE1_METRICS = (
+    "fid", "kid_mean", "accuracy_guiding", "accuracy_judge", "mean_cos_prev_applied",
+    "mean_cos_prev_raw",
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------------------------
+
+
+def interval(values: Iterable[float]) -> tuple[float, float, float]:
+    """(mean, low, high): the 95% t-interval over seeds of the finite values (a run without a
+    metric, e.g. --no-metrics, does not void the others); all NaN when none is finite."""
+    x = [float(v) for v in values if v is not None and np.isfinite(v)]
+    return seed_interval(x) if x else (math.nan, math.nan, math.nan)
+
+
+def step_stats(steps: pd.DataFrame) -> pd.DataFrame:
+    """steps.parquet rows (sample x step) -> per (step, t, quantity): n, mean, std over samples.
+
+    Standard deviations are population ones (ddof 0) so that :func:`pool_step_stats` can merge
+    runs exactly.
+    """
+    present = [q for q in STEP_QUANTITIES if q in steps.columns]
+    long = steps.melt(id_vars=["step", "t"], value_vars=present, var_name="quantity").dropna(
+        subset=["value"]
+    )
+    g = long.groupby(["step", "t", "quantity"])["value"]
+    out = pd.DataFrame({"n": g.count(), "mean": g.mean(), "std": g.std(ddof=0)}).reset_index()
+    return out
+
+
+def pool_step_stats(stats: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
+    """Merge per-run step statistics of several runs (e.g. seeds) into one mean and std per step.
+
+    ``stats`` has the columns of :func:`step_stats` plus ``by``; the pooled std is that of all
+    samples of all merged runs together.
+    """
+    keys = [*by, "step", "t", "quantity"]
+    s = stats.assign(_sum=stats["n"] * stats["mean"],
+                     _sq=stats["n"] * (stats["std"] ** 2 + stats["mean"] ** 2))
+    g = s.groupby(keys, dropna=False)[["n", "_sum", "_sq"]].sum().reset_index()
+    g["mean"] = g["_sum"] / g["n"]
+    g["std"] = np.sqrt(np.maximum(g["_sq"] / g["n"] - g["mean"] ** 2, 0.0))
+    return g.drop(columns=["_sum", "_sq"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs and configurations
+# ---------------------------------------------------------------------------------------------
+
+
+def lookup(d: dict[str, Any], key: str) -> Any:
+    """A value at the top level of ``d`` or one level down (metadata blocks); None if absent."""
+    if key in d:
+        return d[key]
+    for v in d.values():
+        if isinstance(v, dict) and key in v:
+            return v[key]
+    return None
+
+
+def run_row(
+    run_id: str, path: str | Path, config: dict[str, Any], metrics: dict[str, Any],
+    steps_stats: pd.DataFrame,
+) -> dict[str, Any]:
+    """One row of the run table from a run's config.json, metrics.json (may be empty) and the
+    :func:`step_stats` of its steps.parquet (fallback for the mean cosines)."""
+    row: dict[str, Any] = {"run_id": run_id, "path": str(path)}
+    for k in ("seed", *CONFIG_KEYS):
+        v = metrics.get(k, lookup(config, k))
+        row[k] = v
+    for k in METRIC_COLUMNS:
+        v = metrics.get(k)
+        row[k] = float(v) if v is not None else math.nan
+    for q in ("cos_prev_raw", "cos_prev_applied"):
+        if math.isnan(row[f"mean_{q}"]):
+            s = steps_stats[steps_stats["quantity"] == q]
+            row[f"mean_{q}"] = (
+                float((s["mean"] * s["n"]).sum() / s["n"].sum()) if len(s) else math.nan
+            )
+    row["extractor"] = metrics.get("extractor")
+    for k in ("n_samples", "n_reference"):
+        row[k] = metrics.get(k)
+    row["hardware"] = metrics.get("hardware") or lookup(config, "hardware")
+    wall = metrics.get("wall_time_s", lookup(config, "wall_time_s"))
+    row["wall_time_s"] = float(wall) if wall is not None else math.nan
+    return row
+
+
+def runs_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """The run table: typed columns, a ``config`` key and a readable ``label`` per run."""
+    df = pd.DataFrame(list(rows), columns=list(RUN_COLUMNS))
+    df["x0_estimate"] = df["x0_estimate"].astype(bool)
+    df["normalize"] = df["normalize"].astype(bool)
+    for k in ("scale", *METRIC_COLUMNS, "wall_time_s"):
+        df[k] = pd.to_numeric(df[k], errors="coerce").astype(float)
+    for k in ("seed", "target", "steps", "num_samples"):
+        df[k] = pd.to_numeric(df[k], errors="coerce").astype("Int64")
+    df["classifier"] = df["classifier"].astype(str)
+    df["stabilizer"] = df["stabilizer"].astype(str)
+    df["config"] = df[list(CONFIG_KEYS)].astype(str).agg("|".join, axis=1)
+    df["label"] = config_labels(df)
+    return df.sort_values(["label", "seed", "run_id"]).reset_index(drop=True)
+
+
+def classifier_name(classifier: str) -> str:
+    """Display name of a classifier (a path shows as its last folder name)."""
+    names = {"nonrobust": "non-robust"}
+    if "/" in classifier or "\\" in classifier:
+        return Path(classifier).name
+    return names.get(classifier, classifier)
+
+
+def method_name(classifier: str, x0_estimate: bool, stabilizer: str,
+                normalize: bool = True) -> str:
+    """A guidance method without scale or sizes, e.g. 'non-robust + x0 + adam'."""
+    parts = [classifier_name(classifier)]
+    if x0_estimate:
+        parts.append("x0")
+    if stabilizer != "none":
+        parts.append(stabilizer)
+    if not normalize:
+        parts.append("unnormalized")
+    return " + ".join(parts)
+
+
+def method_names(runs: pd.DataFrame) -> list[str]:
+    """:func:`method_name` of every row of a run (or curve) table."""
+    keys = ["classifier", "x0_estimate", "stabilizer", "normalize"]
+    return [method_name(*k) for k in runs[keys].itertuples(index=False, name=None)]
+
+
+def config_labels(runs: pd.DataFrame) -> pd.Series:
+    """A short label per run naming its configuration; fields appear only where runs differ."""
+    varying = {k: runs[k].nunique(dropna=False) > 1 for k in ("scale", "target", "steps",
+                                                               "num_samples")}
+
+    def label(r: pd.Series) -> str:
+        text = method_name(r["classifier"], r["x0_estimate"], r["stabilizer"], r["normalize"])
+        extra = [f"{short}={r[k]:g}" if k == "scale" else f"{short}={r[k]}"
+                 for k, short in (("scale", "s"), ("target", "target"), ("steps", "T"),
+                                  ("num_samples", "N")) if varying[k]]
+        return f"{text} ({', '.join(extra)})" if extra else text
+
+    return runs.apply(label, axis=1) if len(runs) else pd.Series([], dtype=str)
+
+
+def provenance(runs: pd.DataFrame) -> str:
+    """One line naming N, seeds, extractor, hardware and wall time of the runs behind a result."""
+    if len(runs) == 0:
+        return "no runs"
+    n = sorted(set(runs["num_samples"].dropna().astype(int)))
+    seeds = sorted(set(runs["seed"].dropna().astype(int)))
+    extractors = sorted(set(runs["extractor"].dropna().astype(str))) or ["no metrics"]
+    hardware = sorted(set(runs["hardware"].dropna().astype(str))) or ["hardware not recorded"]
+    wall = runs["wall_time_s"].dropna()
+    wall_text = (f"wall time {wall.sum():.0f} s in {len(wall)} runs ({wall.mean():.1f} s/run)"
+                 if len(wall) else "wall time not recorded")
+    seed_text = _ranges(seeds)
+    return (f"N = {', '.join(map(str, n))} samples per run; seeds {seed_text} ({len(seeds)}); "
+            f"extractor {', '.join(extractors)}; {'; '.join(hardware)}; {wall_text}")
+
+
+def _ranges(values: Sequence[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    out: list[str] = []
+    for v in values:
+        if out and isinstance(out[-1], list) and v == out[-1][1] + 1:
+            out[-1][1] = v
+        else:
+            out.append([v, v])  # type: ignore[arg-type]
+    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in out)  # type: ignore[misc]
+
+
+# ---------------------------------------------------------------------------------------------
+# Table 1
+# ---------------------------------------------------------------------------------------------
+
+
+def table1_protocol(runs: pd.DataFrame) -> dict[str, Any]:
+    """The protocol (scale, normalize, target, steps, N) whose runs cover most Table 1 configs.
+
+    Ties go to normalised guidance, target 0 (the paper's), larger N, more steps, more runs.
+    """
+    if len(runs) == 0:
+        return {}
+    paper = set(PAPER_TABLE1[list(TABLE1_KEYS)].itertuples(index=False, name=None))
+    best_key, best_rank = None, None
+    for key, g in runs.groupby(list(PROTOCOL_KEYS), dropna=False):
+        proto = dict(zip(PROTOCOL_KEYS, key, strict=True))
+        covered = set(g[list(TABLE1_KEYS)].itertuples(index=False, name=None)) & paper
+        rank = (len(covered), bool(proto["normalize"]), proto["target"] == 0,
+                _num(proto["num_samples"]), _num(proto["steps"]), len(g))
+        if best_rank is None or rank > best_rank:
+            best_key, best_rank = proto, rank
+    return best_key or {}
+
+
+def _num(v: Any) -> float:
+    return -math.inf if v is None or pd.isna(v) else float(v)
+
+
+def at_protocol(runs: pd.DataFrame, protocol: dict[str, Any]) -> pd.DataFrame:
+    """The runs measured under ``protocol``."""
+    mask = np.ones(len(runs), dtype=bool)
+    for k, v in protocol.items():
+        mask &= (runs[k] == v).fillna(False).to_numpy(dtype=bool)
+    return runs[mask]
+
+
+def table1(runs: pd.DataFrame, protocol: dict[str, Any] | None = None) -> pd.DataFrame:
+    """GradCheck Table 1 from our runs beside the paper's values (DESIGN.md §6).
+
+    One row per (classifier, x0_estimate, stabilizer) at ``protocol`` (default
+    :func:`table1_protocol`): the paper's eight rows first, then other configurations; for each
+    metric the mean and 95% t-interval over seeds; ``*_diff`` = ours - paper.
+    """
+    protocol = table1_protocol(runs) if protocol is None else protocol
+    sel = at_protocol(runs, protocol)
+    rows = []
+    for key, g in sel.groupby(list(TABLE1_KEYS)):
+        row: dict[str, Any] = dict(zip(TABLE1_KEYS, key, strict=True))
+        row["label"] = method_name(*key)
+        row["n_seeds"] = int(g["seed"].nunique())
+        row["seeds"] = _ranges(sorted(set(g["seed"].dropna().astype(int))))
+        for m in TABLE1_METRICS:
+            row[m], row[f"{m}_ci_low"], row[f"{m}_ci_high"] = interval(g[m])
+        rows.append(row)
+    ours = pd.DataFrame(rows, columns=[*TABLE1_KEYS, "label", "n_seeds", "seeds",
+                                       *[f"{m}{s}" for m in TABLE1_METRICS
+                                         for s in ("", "_ci_low", "_ci_high")]])
+    out = PAPER_TABLE1.merge(ours, on=list(TABLE1_KEYS), how="outer")
+    out["in_paper"] = out["paper_fid"].notna()
+    out["n_seeds"] = out["n_seeds"].fillna(0).astype(int)
+    out["seeds"] = out["seeds"].fillna("")
+    missing = out["label"].isna()
+    out.loc[missing, "label"] = [
+        method_name(*k) for k in out.loc[missing, list(TABLE1_KEYS)].itertuples(
+            index=False, name=None)
+    ]
+    out["fid_diff"] = out["fid"] - out["paper_fid"]
+    out["accuracy_guiding_diff"] = out["accuracy_guiding"] - out["paper_accuracy"]
+    order = {k: i for i, k in enumerate(PAPER_TABLE1[list(TABLE1_KEYS)].itertuples(
+        index=False, name=None))}
+    out["_order"] = [order.get(k, len(order)) for k in out[list(TABLE1_KEYS)].itertuples(
+        index=False, name=None)]
+    out = out.sort_values(["_order", "classifier", "x0_estimate", "stabilizer"])
+    for k, v in protocol.items():
+        out[k] = v
+    return out.drop(columns="_order").reset_index(drop=True)
+
+
+def fmt_interval(mean: float, low: float, high: float, percent: bool = False,
+                 digits: int = 2) -> str:
+    """'26.64 [24.10, 29.18]', '96.9% [93.0, 100.8]', '26.64' without an interval, '-' if NaN."""
+    if mean is None or pd.isna(mean):
+        return "-"
+    f = 100.0 if percent else 1.0
+    d = 1 if percent else digits
+    unit = "%" if percent else ""
+    text = f"{mean * f:.{d}f}{unit}"
+    if low is not None and not pd.isna(low):
+        text += f" [{low * f:.{d}f}, {high * f:.{d}f}]"
+    return text
+
+
+def _fmt(v: float, percent: bool = False, signed: bool = False) -> str:
+    if v is None or pd.isna(v):
+        return "-"
+    f, d, unit = (100.0, 1, "%") if percent else (1.0, 2, "")
+    return f"{v * f:+.{d}f}{unit}" if signed else f"{v * f:.{d}f}{unit}"
+
+
+def format_table1(t1: pd.DataFrame) -> pd.DataFrame:
+    """Table 1 as display strings: ours (mean [95% CI]) beside the paper and the difference."""
+    def ci(r: pd.Series, m: str, percent: bool = False, digits: int = 2) -> str:
+        return fmt_interval(r[m], r[f"{m}_ci_low"], r[f"{m}_ci_high"], percent, digits)
+
+    rows = []
+    for _, r in t1.iterrows():
+        rows.append({
+            "configuration": r["label"],
+            "seeds": r["n_seeds"],
+            "FID": ci(r, "fid"),
+            "FID (paper)": _fmt(r["paper_fid"]),
+            "FID diff": _fmt(r["fid_diff"], signed=True),
+            "KID": ci(r, "kid_mean", digits=4),
+            "acc. guiding": ci(r, "accuracy_guiding", percent=True),
+            "acc. (paper)": _fmt(r["paper_accuracy"], percent=True),
+            "acc. diff": _fmt(r["accuracy_guiding_diff"], percent=True, signed=True),
+            "acc. judge": ci(r, "accuracy_judge", percent=True),
+            "mean cos_prev": ci(r, "mean_cos_prev_applied", digits=3),
+        })
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Findings
+# ---------------------------------------------------------------------------------------------
+
+
+def _select(runs: pd.DataFrame, classifier: str, x0: bool, stabilizer: str) -> pd.DataFrame:
+    return runs[(runs["classifier"] == classifier) & (runs["x0_estimate"] == x0)
+                & (runs["stabilizer"] == stabilizer)]
+
+
+def paired_difference(a: pd.DataFrame, b: pd.DataFrame, metric: str) -> dict[str, float]:
+    """b - a of ``metric`` over seeds both ran (runs sharing a seed share their noise, D6).
+
+    Returns mean_a, mean_b, diff (mean of paired differences), diff_low, diff_high, n.
+    """
+    va = a.dropna(subset=[metric]).groupby("seed")[metric].mean()
+    vb = b.dropna(subset=[metric]).groupby("seed")[metric].mean()
+    seeds = va.index.intersection(vb.index)
+    d = (vb[seeds] - va[seeds]).to_numpy()
+    diff, low, high = interval(d)
+    return {"mean_a": float(va[seeds].mean()) if len(seeds) else math.nan,
+            "mean_b": float(vb[seeds].mean()) if len(seeds) else math.nan,
+            "diff": diff, "diff_low": low, "diff_high": high, "n": int(len(seeds))}
+
+
+def _holds(p: dict[str, float], sign: int) -> bool:
+    """Has b - a the sign ``sign`` (its 95% interval excluding 0 when there are >= 2 seeds)?"""
+    if p["n"] == 0 or pd.isna(p["diff"]):
+        return False
+    if p["n"] >= 2:
+        return bool(p["diff_high"] < 0) if sign < 0 else bool(p["diff_low"] > 0)
+    return bool(p["diff"] < 0) if sign < 0 else bool(p["diff"] > 0)
+
+
+def _accuracy_metric(*groups: pd.DataFrame) -> str:
+    """The judge's accuracy when every run has it (the honest number), else the guiding one."""
+    if all(len(g) and g["accuracy_judge"].notna().all() for g in groups):
+        return "accuracy_judge"
+    return "accuracy_guiding"
+
+
+def _describe(name: str, p: dict[str, float], percent: bool = False) -> str:
+    f, d, unit = (100.0, 1, " pts") if percent else (1.0, 2, "")
+    text = (f"{name} {p['mean_a'] * f:.{d}f} -> {p['mean_b'] * f:.{d}f} "
+            f"(paired diff {p['diff'] * f:+.{d}f}{unit}")
+    if p["n"] >= 2:
+        text += f", 95% CI [{p['diff_low'] * f:+.{d}f}, {p['diff_high'] * f:+.{d}f}]"
+    return text + f", {p['n']} seed{'s' if p['n'] != 1 else ''})"
+
+
+def _comparison(
+    a: pd.DataFrame, b: pd.DataFrame, fid_sign: int, acc_sign: int
+) -> tuple[bool | None, list[str]]:
+    """Does b differ from a in FID and accuracy in the expected directions? None if untestable."""
+    acc = _accuracy_metric(a, b)
+    pf, pa = paired_difference(a, b, "fid"), paired_difference(a, b, acc)
+    if pf["n"] == 0 or pa["n"] == 0:
+        return None, []
+    evidence = [_describe("FID", pf), _describe(acc.replace("_", " "), pa, percent=True)]
+    if acc == "accuracy_judge":
+        pg = paired_difference(a, b, "accuracy_guiding")
+        if pg["n"]:
+            evidence.append(_describe("accuracy guiding", pg, percent=True))
+    return _holds(pf, fid_sign) and _holds(pa, acc_sign), evidence
+
+
+def findings(runs: pd.DataFrame, pooled: pd.DataFrame | None = None,
+             protocol: dict[str, Any] | None = None) -> pd.DataFrame:
+    """Verdict on each finding of :data:`~gradcheck.report.paper.FINDINGS` with its numbers.
+
+    ``pooled`` is :func:`pool_step_stats` by ``config`` (for the steadiness of cos_prev over t).
+    """
+    protocol = table1_protocol(runs) if protocol is None else protocol
+    sel = at_protocol(runs, protocol)
+    verdicts: dict[str, tuple[str, str]] = {}
+    untestable = "not testable with these runs"
+
+    def need(*groups: tuple[str, bool, str]) -> str | None:
+        missing = [method_name(*g) for g in groups if len(_select(sel, *g)) == 0]
+        return f"no runs of: {', '.join(missing)}" if missing else None
+
+    def metric_missing(*frames: pd.DataFrame) -> bool:
+        return any(f["fid"].isna().all() for f in frames)
+
+    # (1) cos_prev: robust high and steady, non-robust near orthogonal.
+    gap = need(("robust", False, "none"), ("nonrobust", False, "none"))
+    if gap:
+        verdicts["1"] = (untestable, gap)
+    else:
+        r, n = _select(sel, "robust", False, "none"), _select(sel, "nonrobust", False, "none")
+        mr = interval(r["mean_cos_prev_applied"])
+        mn = interval(n["mean_cos_prev_applied"])
+        steady = math.nan
+        if pooled is not None and len(pooled):
+            s = pooled[(pooled["config"] == r["config"].iloc[0])
+                       & (pooled["quantity"] == "cos_prev_applied")]
+            steady = float(s["mean"].std(ddof=0)) if len(s) else math.nan
+        ok = mr[0] >= 0.5 and abs(mn[0]) <= 0.2 and (pd.isna(steady) or steady <= 0.25)
+        verdicts["1"] = ("supported" if ok else "not supported",
+                         f"mean cos_prev robust {fmt_interval(*mr, digits=3)}, non-robust "
+                         f"{fmt_interval(*mn, digits=3)}; std over t of robust's per-step mean "
+                         f"{steady:.3f}")
+
+    # (2) x0-estimate helps non-robust guidance.
+    base, x0 = ("nonrobust", False, "none"), ("nonrobust", True, "none")
+    gap = need(base, x0)
+    if not gap and metric_missing(_select(sel, *base), _select(sel, *x0)):
+        gap = "runs have no metrics (FID/accuracy)"
+    if gap:
+        verdicts["2"] = (untestable, gap)
+    else:
+        ok, ev = _comparison(_select(sel, *base), _select(sel, *x0), -1, +1)
+        verdicts["2"] = (untestable, "no seed in common") if ok is None else (
+            "supported" if ok else "not supported", "non-robust -> + x0: " + "; ".join(ev))
+
+    # (3) x0 + ADAM best for non-robust; ADAM alone changes little.
+    configs = [("nonrobust", x, s) for x in (False, True) for s in ("none", "adam")]
+    gap = need(*configs)
+    if not gap and metric_missing(*[_select(sel, *c) for c in configs]):
+        gap = "runs have no metrics (FID/accuracy)"
+    if gap:
+        verdicts["3"] = (untestable, gap)
+    else:
+        best = _select(sel, "nonrobust", True, "adam")
+        parts, ok = [], True
+        for c in configs[:-1]:
+            res, ev = _comparison(_select(sel, *c), best, -1, +1)
+            ok = ok and bool(res)
+            parts.append(f"{method_name(*c)} -> + x0 + adam: " + "; ".join(ev))
+        plain, adam = _select(sel, *configs[0]), _select(sel, *configs[1])
+        acc = _accuracy_metric(plain, adam)
+        pf, pa = paired_difference(plain, adam, "fid"), paired_difference(plain, adam, acc)
+        little = (pf["n"] > 0 and abs(pf["diff"]) <= 0.1 * abs(pf["mean_a"])
+                  and abs(pa["diff"]) <= 0.05)
+        parts.append("ADAM alone: " + _describe("FID", pf) + "; "
+                     + _describe(acc.replace("_", " "), pa, percent=True)
+                     + f" -> {'little' if little else 'a clear'} change")
+        verdicts["3"] = ("supported" if ok and little else "not supported", " | ".join(parts))
+
+    # (4) x0 + ADAM over-regularises robust guidance.
+    base, both = ("robust", False, "none"), ("robust", True, "adam")
+    gap = need(base, both)
+    if not gap and metric_missing(_select(sel, *base), _select(sel, *both)):
+        gap = "runs have no metrics (FID/accuracy)"
+    if gap:
+        verdicts["4"] = (untestable, gap)
+    else:
+        a, b = _select(sel, *base), _select(sel, *both)
+        ok, ev = _comparison(a, b, +1, -1)
+        pc = paired_difference(a, b, "mean_cos_prev_applied")
+        ev.append("mean cos_prev " + _describe("", pc).strip())
+        verdicts["4"] = (untestable, "no seed in common") if ok is None else (
+            "supported" if ok else "not supported", "robust -> + x0 + adam: " + "; ".join(ev))
+
+    verdicts["K"] = _kawar_scales(runs, protocol)
+
+    return pd.DataFrame([
+        {"finding": f.key, "source": f.source, "claim": f.claim, "test": f.test,
+         "verdict": verdicts[f.key][0], "evidence": verdicts[f.key][1]}
+        for f in FINDINGS
+    ])
+
+
+def _kawar_scales(runs: pd.DataFrame, protocol: dict[str, Any]) -> tuple[str, str]:
+    """Kawar Table 5: adversarial vs non-robust FID at every scale both were run with."""
+    curves = scale_curves(runs)
+    if len(curves) == 0:
+        return ("not testable with these runs",
+                "no scale sweep (run `gradcheck sweep --grid scales`)")
+    keep = (~curves["x0_estimate"]) & (curves["stabilizer"] == "none") & curves["normalize"]
+    c = curves[keep]
+    adv = c[c["classifier"] == "adversarial"].set_index("scale")["fid"]
+    van = c[c["classifier"] == "nonrobust"].set_index("scale")["fid"]
+    common = sorted(set(adv.dropna().index) & set(van.dropna().index))
+    if len(common) < 2:
+        return ("not testable with these runs",
+                "needs adversarial and non-robust runs with metrics at >= 2 common scales")
+    wins = [s for s in common if adv[s] < van[s]]
+    text = "; ".join(f"s={s:g}: adversarial {adv[s]:.2f} vs non-robust {van[s]:.2f}"
+                     for s in common)
+    verdict = "supported" if len(wins) == len(common) else "not supported"
+    return verdict, f"FID lower at {len(wins)}/{len(common)} scales: {text}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Scale sweep
+# ---------------------------------------------------------------------------------------------
+
+
+def scale_curves(runs: pd.DataFrame) -> pd.DataFrame:
+    """FID, KID and accuracies vs guidance scale, mean and 95% interval over seeds.
+
+    Only configurations run at two or more scales (otherwise equal) are kept.
+    """
+    keys = [k for k in CONFIG_KEYS if k != "scale"]
+    rows = []
+    for key, g in runs.groupby(keys, dropna=False):
+        if g["scale"].nunique() < 2:
+            continue
+        for s, gs in g.groupby("scale"):
+            row = dict(zip(keys, key, strict=True))
+            row["scale"] = float(s)
+            row["n_seeds"] = int(gs["seed"].nunique())
+            for m in ("fid", "kid_mean", "accuracy_guiding", "accuracy_judge",
+                      "mean_cos_prev_applied"):
+                row[m], row[f"{m}_ci_low"], row[f"{m}_ci_high"] = interval(gs[m])
+            rows.append(row)
+    out = pd.DataFrame(rows)
+    if len(out):
+        out["curve"] = method_names(out)
+        out = out.sort_values(["curve", "scale"]).reset_index(drop=True)
+    return out
+
+
+def accuracy_pivot(acc: pd.DataFrame) -> pd.DataFrame:
+    """accuracy_by_t rows (classifier, input, t, accuracy) -> one row per t, one column per
+    classifier and input."""
+    wide = acc.pivot_table(index="t", columns=["classifier", "input"], values="accuracy")
+    wide.columns = [f"{c} ({i})" for c, i in wide.columns]
+    return wide.reset_index()
+
+
+# ---------------------------------------------------------------------------------------------
+# Text output
+# ---------------------------------------------------------------------------------------------
+
+
+def to_markdown(df: pd.DataFrame, floatfmt: str = ".4g") -> str:
+    """A GitHub-flavoured markdown table (pandas' own needs the optional ``tabulate``)."""
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return "-" if math.isnan(v) else format(v, floatfmt)
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    head = "| " + " | ".join(map(str, df.columns)) + " |"
+    rule = "|" + "|".join("---" for _ in df.columns) + "|"
+    body = ["| " + " | ".join(cell(v) for v in row) + " |"
+            for row in df.itertuples(index=False, name=None)]
+    return "\n".join([head, rule, *body])

@@ -1,0 +1,403 @@
+"""`gradcheck run`: resolve a RunConfig, load the models, sample, and write the run folder.
+
+The run folder (DESIGN.md §4) is written into a temporary sibling and renamed when complete, so an
+error or Ctrl-C leaves nothing behind: config.json, samples.png, samples.npy, steps.parquet,
+vectors.safetensors, metrics.json and metrics.parquet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+from torch import nn
+from tqdm.auto import tqdm
+
+from gradcheck import CLASS_NAMES
+from gradcheck import columns as col
+from gradcheck.config import RunConfig, config_to_dict
+from gradcheck.guidance import ClassifierGuidance
+from gradcheck.models import load_classifier, load_ddpm
+from gradcheck.paths import default_classifier, default_ddpm
+from gradcheck.recorder import RECORD_VECTORS, StepRecorder, expected_vector_bytes
+from gradcheck.sampler import Observer, check_sampling_args, sample_guided, to_uint8
+from gradcheck.stabilizers import check_stabilizer
+from gradcheck.utils import (
+    GradcheckError,
+    atomic_output_dir,
+    check_choice,
+    resolve_device,
+    run_metadata,
+    sample_generators,
+    save_json,
+)
+
+log = logging.getLogger(__name__)
+
+CLASSIFIER_KINDS = ("nonrobust", "robust", "adversarial")
+"""Guiding classifiers shipped in the reference checkpoints (paths.default_classifier)."""
+CLASSIFIER_CHOICES = (*CLASSIFIER_KINDS, "oracle")
+PROTOCOLS = ("auto", "paper", "reduced")
+PAPER_SIZE = (64, 1000)  # GradCheck §3.4: 64 samples, T = 1000 steps
+REDUCED_SIZE = (8, 50)  # ~4 min on 2 CPU cores with the paper UNet and the x0-estimate
+
+
+# ---- config resolution ------------------------------------------------------------------------
+
+
+def parse_target(value: str | int) -> int:
+    """A class name (baseball, ...) or index 0-3 -> the class index."""
+    text = str(value).strip().lower()
+    if text in CLASS_NAMES:
+        return CLASS_NAMES.index(text)
+    if text.isdigit() and int(text) < len(CLASS_NAMES):
+        return int(text)
+    raise GradcheckError(
+        f"unknown target {value!r}; choose one of: {', '.join(CLASS_NAMES)} "
+        f"or 0-{len(CLASS_NAMES) - 1}"
+    )
+
+
+def validate_config(cfg: RunConfig) -> None:
+    """Raise a GradcheckError for any field the run cannot honour (before loading anything)."""
+    _classifier_folder(cfg.classifier)
+    check_stabilizer(cfg.stabilizer)
+    if isinstance(cfg.target, bool) or not isinstance(cfg.target, int):
+        raise GradcheckError(f"target must be a class index, got {cfg.target!r}")
+    if not 0 <= cfg.target < len(CLASS_NAMES):
+        raise GradcheckError(f"unknown target {cfg.target}; choose 0-{len(CLASS_NAMES) - 1} "
+                             f"({', '.join(CLASS_NAMES)})")
+    if not math.isfinite(cfg.scale) or cfg.scale < 0:
+        raise GradcheckError(f"scale must be a finite number >= 0, got {cfg.scale}")
+    for name in ("num_samples", "batch_size", "steps"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise GradcheckError(f"{name} must be an integer >= 1, got {value!r}")
+    check_choice("record_vectors", cfg.record_vectors, RECORD_VECTORS)
+    check_choice("protocol", cfg.protocol, PROTOCOLS)
+    if cfg.classifier == "oracle" and cfg.x0_estimate:
+        raise GradcheckError(
+            "--x0-estimate does not apply to --classifier oracle: the oracle's gradient is exact "
+            "on x_t itself (D8)"
+        )
+
+
+def resolve_config(cfg: RunConfig) -> RunConfig:
+    """The config a run actually uses: the protocol's sample count and steps filled in.
+
+    ``paper`` forces 64 samples x 1000 steps and ``reduced`` 8 x 50. ``auto`` keeps the fields,
+    except without a GPU when they are still the paper defaults: then it uses the reduced sizes,
+    so the design card's command finishes in minutes on a laptop.
+    """
+    validate_config(cfg)
+    sizes = (cfg.num_samples, cfg.steps)
+    if cfg.protocol == "paper":
+        sizes = PAPER_SIZE
+    elif cfg.protocol == "reduced":
+        sizes = REDUCED_SIZE
+    elif resolve_device(cfg.device).type == "cpu" and sizes == PAPER_SIZE:
+        sizes = REDUCED_SIZE
+    return dataclasses.replace(cfg, num_samples=sizes[0], steps=sizes[1])
+
+
+def _hash_view(cfg: RunConfig) -> dict[str, Any]:
+    """The config as hashed into run ids: shipped checkpoint paths by role, not by location."""
+    d = config_to_dict(cfg)
+    if d["ddpm"] == str(default_ddpm()):
+        d["ddpm"] = "<shipped ddpm>"
+    if d["judge"] == str(default_classifier("judge")):
+        d["judge"] = "<shipped judge>"
+    return d
+
+
+def default_run_id(cfg: RunConfig) -> str:
+    """A readable, deterministic run id of the resolved config, e.g.
+    ``nonrobust-x0-adam-s1-t0-n64-k1000-seed0-1a2b3c4d`` (8 hex digits of the config's hash)."""
+    cfg = resolve_config(cfg)
+    if cfg.classifier in CLASSIFIER_CHOICES:
+        clf = cfg.classifier
+    else:
+        clf = re.sub(r"[^A-Za-z0-9_.]+", "_", Path(cfg.classifier).name or "classifier")
+    parts = [clf, "x0" if cfg.x0_estimate else "xt", cfg.stabilizer]
+    if not cfg.normalize:
+        parts.append("nonorm")
+    parts += [f"s{cfg.scale:g}", f"t{cfg.target}", f"n{cfg.num_samples}", f"k{cfg.steps}",
+              f"seed{cfg.seed}"]
+    digest = hashlib.sha256(json.dumps(_hash_view(cfg), sort_keys=True).encode()).hexdigest()
+    return "-".join([*parts, digest[:8]])
+
+
+def _check_run_name(name: str) -> None:
+    if not name or name.startswith(".") or "/" in name or "\\" in name:
+        raise GradcheckError(f"run name {name!r} must be a plain folder name (no '/', not '.x')")
+
+
+# ---- models ------------------------------------------------------------------------------------
+
+
+def _classifier_folder(classifier: str) -> Path | None:
+    """The folder of a guiding classifier name or path; None for the oracle."""
+    if classifier == "oracle":
+        return None
+    if classifier in CLASSIFIER_KINDS:
+        return default_classifier(classifier)
+    folder = Path(classifier)
+    if folder.is_dir():
+        return folder
+    raise GradcheckError(
+        f"unknown classifier {classifier!r}; choose one of: {', '.join(CLASSIFIER_CHOICES)}, "
+        "or pass a classifier folder (config.json + model.safetensors)"
+    )
+
+
+def _load_ddpm(folder: str) -> tuple[UNet2DModel, DDPMScheduler]:
+    if folder == str(default_ddpm()) and not Path(folder).is_dir():
+        raise GradcheckError(
+            f"the shipped reference DDPM is missing at {folder}; it comes with the repository's "
+            "checkpoints (set GRADCHECK_CHECKPOINTS if they live elsewhere), or train one with "
+            "`gradcheck train-ddpm` and pass --ddpm FOLDER"
+        )
+    return load_ddpm(folder)
+
+
+def _load_classifier(cfg: RunConfig, device: torch.device) -> tuple[nn.Module, dict]:
+    folder = _classifier_folder(cfg.classifier)
+    if cfg.classifier in CLASSIFIER_KINDS and not folder.is_dir():
+        raise GradcheckError(
+            f"the shipped {cfg.classifier} classifier is missing at {folder}; it comes with the "
+            "repository's checkpoints (set GRADCHECK_CHECKPOINTS if they live elsewhere), or train "
+            f"one with `gradcheck train-classifier --kind {cfg.classifier}` and pass its folder "
+            "as --classifier"
+        )
+    return load_classifier(folder, device)
+
+
+def _dataset_exists(data_root: str) -> bool:
+    from gradcheck.oracle import oracle_available
+
+    return oracle_available(data_root)
+
+
+def _load_oracle(cfg: RunConfig, scheduler: DDPMScheduler, device: torch.device) -> nn.Module:
+    from gradcheck.oracle import EmpiricalOracle
+
+    oracle = EmpiricalOracle.from_data_root(cfg.data_root, scheduler.alphas_cumprod, device)
+    return oracle.eval()
+
+
+def _frozen(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _check_metrics(cfg: RunConfig) -> bool:
+    """Whether metrics will be computed; fails now, not after sampling, if their inputs are
+    missing (the judge, the data set)."""
+    if not cfg.metrics:
+        return False
+    if importlib.util.find_spec("gradcheck.metrics") is None:
+        log.warning("gradcheck.metrics is not available: metrics.json gets only the run's own "
+                    "summaries (no FID/KID/accuracy)")
+        return False
+    from gradcheck.metrics import load_judge, reference_images
+
+    try:
+        load_judge(cfg.judge, torch.device("cpu"))
+        reference_images(cfg.data_root, cfg.target)
+    except GradcheckError as e:
+        raise GradcheckError(f"{e} (or pass --no-metrics to skip metrics)") from None
+    return True
+
+
+# ---- the run -----------------------------------------------------------------------------------
+
+
+def run(
+    cfg: RunConfig,
+    out: Path = Path("runs"),
+    name: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    observers: Sequence[Observer] = (),
+) -> Path:
+    """Sample with guidance as ``cfg`` says and write the run folder ``out/<run id>``; return it.
+
+    ``observers`` see every :class:`~gradcheck.sampler.GuidanceStep` besides the recorder.
+    """
+    requested = cfg
+    cfg = resolve_config(cfg)
+    device = resolve_device(cfg.device)
+    if (cfg.num_samples, cfg.steps) != (requested.num_samples, requested.steps):
+        log.warning(
+            "%s protocol: %d samples x %d sampling steps (--protocol paper gives 64 x 1000; "
+            "--num-samples / --steps choose)",
+            "no GPU, reduced" if requested.protocol == "auto" else requested.protocol,
+            cfg.num_samples, cfg.steps,
+        )
+    run_id = name if name is not None else default_run_id(cfg)
+    _check_run_name(run_id)
+    final = Path(out) / run_id
+    if final.exists() and not overwrite:
+        raise GradcheckError(f"{final} already exists; pass --overwrite to replace it")
+
+    unet, scheduler = _load_ddpm(cfg.ddpm)
+    check_sampling_args(scheduler, cfg.steps, cfg.scale, cfg.target)
+    unet = _frozen(unet.to(device))
+    oracle = None
+    if cfg.classifier == "oracle":
+        oracle = _load_oracle(cfg, scheduler, device)
+        guiding, guiding_config = oracle, {"kind": "oracle"}
+    else:
+        guiding, guiding_config = _load_classifier(cfg, device)
+        _frozen(guiding)
+    guidance = ClassifierGuidance(guiding, x0_estimate=cfg.x0_estimate)
+    with_oracle = cfg.oracle
+    if with_oracle is None:
+        # The oracle reads the whole training set at every step: cheap on a GPU, minutes on a CPU.
+        with_oracle = device.type == "cuda" and _dataset_exists(cfg.data_root)
+        if not with_oracle:
+            log.info("cos_oracle is off (on by default on a GPU with the data set; --oracle "
+                     "forces it)")
+    if with_oracle and oracle is None:
+        oracle = _load_oracle(cfg, scheduler, device)
+    with_metrics = _check_metrics(cfg)
+
+    image_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    if cfg.record_vectors != "none":
+        size = expected_vector_bytes(cfg.record_vectors, cfg.num_samples, cfg.steps, image_shape)
+        # The recorder holds the selected vectors in RAM until the run ends.
+        (log.warning if size > 1e9 else log.info)(
+            "vectors.safetensors (%s): %.1f MB expected (held in memory until written)",
+            cfg.record_vectors, size / 1e6)
+    config = {**config_to_dict(cfg), "run_id": run_id}
+    meta = run_metadata(device)
+    recorder = StepRecorder(run_id, cfg.num_samples, cfg.steps, cfg.record_vectors,
+                            oracle=oracle if with_oracle else None)
+    n_batches = math.ceil(cfg.num_samples / cfg.batch_size)
+
+    with atomic_output_dir(final, overwrite=overwrite) as tmp:
+        bar = tqdm(total=n_batches * cfg.steps, unit="step", desc=run_id, disable=not progress,
+                   dynamic_ncols=True)
+        start = time.perf_counter()
+        images = []
+        try:
+            for first in range(0, cfg.num_samples, cfg.batch_size):
+                indices = list(range(first, min(first + cfg.batch_size, cfg.num_samples)))
+                x = sample_guided(
+                    unet, scheduler, guidance, sample_generators(cfg.seed, indices),
+                    target=cfg.target, scale=cfg.scale, normalize=cfg.normalize,
+                    stabilizer=cfg.stabilizer, steps=cfg.steps, sample_indices=indices,
+                    observers=(recorder, lambda _: bar.update(1), *observers),
+                )
+                images.append(to_uint8(x))
+        finally:
+            bar.close()
+        wall_time = time.perf_counter() - start
+        samples = torch.cat(images).numpy()
+
+        save_json(tmp / "config.json", {**config, "run_metadata": meta})
+        np.save(tmp / "samples.npy", samples)
+        save_grid(samples, tmp / "samples.png")
+        recorder.write_steps(tmp / "steps.parquet", config)
+        recorder.write_vectors(tmp / "vectors.safetensors", {"config": json.dumps(config)})
+
+        steps = recorder.frame()
+        vanished = int(steps[col.GRAD_VANISHED].sum())
+        if vanished:
+            log.warning("%d of %d (sample, step) gradients vanished (grad_vanished; no guidance "
+                        "applied there)", vanished, len(steps))
+        row = {
+            "run_id": run_id,
+            **{k: config[k] for k in ("classifier", "x0_estimate", "stabilizer", "normalize",
+                                      "scale", "target", "seed", "steps", "num_samples")},
+            "wall_time_s": wall_time,
+            "hardware": meta["hardware"],
+            "mean_cos_prev_raw": _nanmean(steps[col.COS_PREV_RAW]),
+            "mean_cos_prev_applied": _nanmean(steps[col.COS_PREV_APPLIED]),
+            "grad_vanished_frac": vanished / max(len(steps), 1),
+        }
+        if with_metrics:
+            from gradcheck.metrics import evaluate_samples
+
+            guiding_pair = None if cfg.classifier == "oracle" else (guiding, guiding_config)
+            row.update(evaluate_samples(samples, cfg.target, guiding=guiding_pair,
+                                        judge=cfg.judge, data_root=cfg.data_root,
+                                        device=str(device)))
+        save_json(tmp / "metrics.json", row)
+        pd.DataFrame([row]).to_parquet(tmp / "metrics.parquet", index=False)
+    return final
+
+
+def _nanmean(values: pd.Series) -> float:
+    v = values.to_numpy(dtype=float)
+    return float(np.nanmean(v)) if np.isfinite(v).any() else math.nan
+
+
+def save_grid(samples: np.ndarray, path: Path, nrow: int = 8) -> None:
+    """Write uint8 images (N, H, W, 3) as one PNG grid, ``nrow`` per row, white gaps."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    grid = make_grid(torch.from_numpy(samples).permute(0, 3, 1, 2), nrow=nrow, padding=2,
+                     pad_value=255)
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+
+
+# ---- the closing summary -------------------------------------------------------------------------
+
+
+def _fmt(row: dict[str, Any], key: str, spec: str = ".3g", pct: bool = False) -> str:
+    v = row.get(key)
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    if pct:
+        lo, hi = row.get(f"{key}_ci_low"), row.get(f"{key}_ci_high")
+        ci = f" [{lo:.1%}, {hi:.1%}]" if isinstance(lo, float) and isinstance(hi, float) and \
+            math.isfinite(lo) and math.isfinite(hi) else ""
+        return f"{v:.1%}{ci}"
+    return format(v, spec)
+
+
+def summary_table(row: dict[str, Any]) -> str:
+    """The closing summary of a run from its metrics.json row, one quantity per line."""
+    target = row.get("target")
+    lines = [
+        ("run", str(row.get("run_id"))),
+        ("guidance", f"{row.get('classifier')}, x0-estimate {row.get('x0_estimate')}, "
+                     f"stabilizer {row.get('stabilizer')}, normalize {row.get('normalize')}, "
+                     f"scale {row.get('scale')}"),
+        ("target", f"{target} ({CLASS_NAMES[target]})" if isinstance(target, int) else "n/a"),
+        ("samples", f"{row.get('num_samples')} x {row.get('steps')} steps, seed {row.get('seed')}, "
+                    f"{_fmt(row, 'wall_time_s', '.1f')} s on {row.get('hardware')}"),
+    ]
+    if "accuracy_judge" in row:
+        lines += [
+            ("accuracy guiding", _fmt(row, "accuracy_guiding", pct=True)),
+            ("accuracy judge", _fmt(row, "accuracy_judge", pct=True)),
+            ("FID", f"{_fmt(row, 'fid')}  ({row.get('extractor')} features, "
+                    f"N={row.get('n_samples')} vs {row.get('n_reference')})"),
+            ("KID", f"{_fmt(row, 'kid_mean')} ± {_fmt(row, 'kid_std')}  (same features and N)"),
+        ]
+    else:
+        lines.append(("metrics", "not computed (--no-metrics or gradcheck.metrics missing)"))
+    lines += [
+        ("mean cos_prev raw", _fmt(row, "mean_cos_prev_raw", ".3f")),
+        ("mean cos_prev applied", _fmt(row, "mean_cos_prev_applied", ".3f")),
+    ]
+    width = max(len(k) for k, _ in lines)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in lines)

@@ -1,0 +1,187 @@
+"""``gradcheck sweep``: the paper's grids over seeds as many ``gradcheck run``s, resumable and
+shardable.
+
+A sweep is an ordered list of run configs (:func:`grid_configs`): seeds outermost, so a partial
+sweep already holds every configuration of the first seeds. Each run's folder name is
+``runner.default_run_id(cfg)``, a function of the config alone; the runner writes a run folder
+atomically, so a folder that exists is a finished run and is skipped. A killed sweep therefore
+resumes by running the same command again, and never sees half a run.
+
+Shards split the ordered list round-robin: shard i of n (0-based, ``--shard i/n``) takes runs
+i, i + n, i + 2n, ... Without ``--shard``, a process started by ``accelerate launch`` / torchrun
+(``RANK``, ``WORLD_SIZE``) or as a SLURM array task (``SLURM_ARRAY_TASK_ID``,
+``SLURM_ARRAY_TASK_COUNT``) takes its own shard; both together give array task x process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from tqdm.auto import tqdm
+
+from gradcheck.config import RunConfig, SweepConfig
+from gradcheck.utils import GradcheckError, check_choice
+
+T = TypeVar("T")
+
+SCALES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+"""GradCheck App. C.1 and Kawar et al. Table 5 (0.25-2) extended to 8."""
+
+SCALE_CLASSIFIERS = ("nonrobust", "robust", "adversarial")
+"""Vanilla vs robust (GradCheck's noisy-trained and Kawar's adversarially trained)."""
+
+GRIDS: dict[str, str] = {
+    "table1": "GradCheck Table 1: classifier {robust, nonrobust} x x0_estimate {no, yes} x "
+              "stabilizer {none, adam}",
+    "scales": f"scale {{{', '.join(f'{s:g}' for s in SCALES)}}} x classifier "
+              f"{{{', '.join(SCALE_CLASSIFIERS)}}}, plain guidance (no x0-estimate, no stabiliser)",
+    "stabilizers": "every registered stabiliser, non-robust classifier with the x0-estimate",
+    "classifiers": "classifier {nonrobust, robust, adversarial, oracle}, plain guidance",
+}
+"""Grid name -> what it varies; fields a grid does not name come from the base config."""
+
+
+def _grid_points(grid: str) -> list[dict[str, Any]]:
+    """The config fields each run of one seed of ``grid`` sets, in run order."""
+    from gradcheck.stabilizers import STABILIZERS
+
+    check_choice("grid", grid, list(GRIDS))
+    if grid == "table1":
+        return [dict(classifier=c, x0_estimate=x, stabilizer=s)
+                for c in ("robust", "nonrobust") for x in (False, True) for s in ("none", "adam")]
+    if grid == "scales":
+        return [dict(classifier=c, x0_estimate=False, stabilizer="none", scale=s)
+                for c in SCALE_CLASSIFIERS for s in SCALES]
+    if grid == "stabilizers":
+        return [dict(classifier="nonrobust", x0_estimate=True, stabilizer=s) for s in STABILIZERS]
+    return [dict(classifier=c, x0_estimate=False, stabilizer="none")
+            for c in ("nonrobust", "robust", "adversarial", "oracle")]
+
+
+def grid_configs(grid: str, seeds: int | Sequence[int], base: RunConfig) -> list[RunConfig]:
+    """The ordered run configs of ``grid``: seeds ``0..seeds-1`` (or the given seeds), outermost.
+
+    Fields the grid does not vary (sizes, scale where fixed, device, checkpoints) come from
+    ``base``.
+    """
+    seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
+    if not seed_list:
+        raise GradcheckError(f"seeds must be >= 1, got {seeds}")
+    if len(set(seed_list)) != len(seed_list):
+        raise GradcheckError(f"seeds repeat: {seed_list}")
+    points = _grid_points(grid)
+    return [dataclasses.replace(base, seed=s, **p) for s in seed_list for p in points]
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'i/n' -> (i, n) with 0 <= i < n (shards are 0-based, like RANK)."""
+    try:
+        i_text, n_text = text.split("/")
+        i, n = int(i_text), int(n_text)
+    except ValueError:
+        raise GradcheckError(f"shard {text!r} must look like i/n, e.g. 0/4") from None
+    if n < 1 or not 0 <= i < n:
+        raise GradcheckError(f"shard {text!r} needs 0 <= i < n (shards are 0-based: 0/{max(n, 1)}"
+                             f" .. {max(n, 1) - 1}/{max(n, 1)})")
+    return i, n
+
+
+def _env_int(env: Mapping[str, str], name: str) -> int | None:
+    v = env.get(name)
+    if v is None or v == "":
+        return None
+    try:
+        return int(v)
+    except ValueError:
+        raise GradcheckError(f"environment variable {name}={v!r} is not an integer") from None
+
+
+def shard_from_env(env: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """This process's (i, n) from the launcher: torchrun/accelerate ``RANK`` and ``WORLD_SIZE``
+    (or ``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE``), a SLURM array's ``SLURM_ARRAY_TASK_ID`` minus
+    ``SLURM_ARRAY_TASK_MIN`` over ``SLURM_ARRAY_TASK_COUNT``, both combined; (0, 1) otherwise."""
+    env = os.environ if env is None else env
+    rank, world = _env_int(env, "RANK"), _env_int(env, "WORLD_SIZE")
+    if rank is None or world is None:
+        rank, world = _env_int(env, "LOCAL_RANK"), _env_int(env, "LOCAL_WORLD_SIZE")
+    if rank is None or world is None:
+        rank, world = 0, 1
+    task, count = _env_int(env, "SLURM_ARRAY_TASK_ID"), _env_int(env, "SLURM_ARRAY_TASK_COUNT")
+    if task is None or count is None:
+        task_index, count = 0, 1
+    else:
+        step = _env_int(env, "SLURM_ARRAY_TASK_STEP") or 1
+        task_index = (task - (_env_int(env, "SLURM_ARRAY_TASK_MIN") or 0)) // step
+    if not (0 <= rank < world and 0 <= task_index < count):
+        raise GradcheckError(f"launcher environment gives process {rank} of {world} and array "
+                             f"task {task_index} of {count}; pass --shard i/n explicitly")
+    return task_index * world + rank, count * world
+
+
+def shard(configs: Sequence[T], i: int, n: int) -> list[T]:
+    """Shard i of n (0-based) of an ordered list: items i, i + n, i + 2n, ..."""
+    if n < 1 or not 0 <= i < n:
+        raise GradcheckError(f"shard {i}/{n} needs 0 <= i < n")
+    return list(configs[i::n])
+
+
+def is_finished(run_dir: Path) -> bool:
+    """A run folder exists only once complete (the runner renames it into place at the end)."""
+    return (run_dir / "config.json").is_file()
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """Run ids of a sweep (this shard's): every one planned, those run now, those found done."""
+
+    planned: tuple[str, ...]
+    ran: tuple[str, ...]
+    skipped: tuple[str, ...]
+    shard: tuple[int, int]
+
+
+def _use_local_gpu(env: Mapping[str, str]) -> None:
+    """Under a multi-process launcher, put each process on its own GPU (``device="auto"`` and
+    ``"cuda"`` mean the current device), so the run configs, and their ids, stay the same."""
+    import torch
+
+    local = _env_int(env, "LOCAL_RANK")
+    if local is not None and torch.cuda.is_available():
+        torch.cuda.set_device(local % torch.cuda.device_count())
+
+
+def run_sweep(
+    cfg: SweepConfig, base: RunConfig, out: str | Path = "runs", progress: bool = True,
+) -> SweepResult:
+    """Run this process's shard of a sweep into ``out``, skipping finished runs.
+
+    The shard is ``cfg.shard`` ('i/n'), else the launcher's (:func:`shard_from_env`). A failing
+    run stops the sweep; finished runs stay, and the same command resumes after the fix.
+    """
+    from gradcheck import runner
+
+    i, n = parse_shard(cfg.shard) if cfg.shard else shard_from_env()
+    configs = shard(grid_configs(cfg.grid, cfg.seeds, base), i, n)
+    out = Path(out)
+    ids = [runner.default_run_id(c) for c in configs]
+    if len(set(ids)) != len(ids):
+        raise GradcheckError("two runs of the sweep share a run id; this is a bug in "
+                             "runner.default_run_id")
+    if n > 1:
+        _use_local_gpu(os.environ)
+    ran, skipped = [], []
+    bar = tqdm(list(zip(configs, ids, strict=True)), desc=f"sweep {cfg.grid} {i}/{n}",
+               unit="run", disable=not progress)
+    for run_cfg, run_id in bar:
+        if is_finished(out / run_id):
+            skipped.append(run_id)
+            continue
+        bar.set_postfix_str(run_id)
+        runner.run(run_cfg, out=out, name=run_id, overwrite=False, progress=False)
+        ran.append(run_id)
+    return SweepResult(tuple(ids), tuple(ran), tuple(skipped), (i, n))

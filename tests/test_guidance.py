@@ -1,0 +1,165 @@
+"""Guidance maths (DESIGN.md D1, D2, D3, D5, D7) and the classifier gradient source."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+from torch import nn
+
+from gradcheck.guidance import (
+    ClassifierGuidance,
+    classifier_log_probs,
+    cosine,
+    normalize_guidance,
+    score_from_eps,
+    x0_from_eps,
+)
+from gradcheck.models import make_classifier, make_unet
+from gradcheck.oracle import EmpiricalOracle
+from gradcheck.utils import GradcheckError
+
+
+def small_classifier(seed: int = 0) -> nn.Module:
+    """A tiny conv net with well-conditioned gradients, in eval mode."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, 2, 1), nn.Tanh(), nn.Conv2d(8, 8, 3, 2, 1), nn.Tanh(), nn.Flatten(),
+        nn.Linear(8 * 8 * 8, 4),
+    ).eval()
+
+
+def test_score_and_x0_estimate_match_ddpm_definitions():
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
+                          clip_sample=False)
+    gen = torch.Generator().manual_seed(0)
+    x, eps = torch.randn(2, 3, 8, 8, generator=gen), torch.randn(2, 3, 8, 8, generator=gen)
+    t = 400
+    abar = sched.alphas_cumprod[t]
+    torch.testing.assert_close(score_from_eps(eps, abar), -eps / (1 - abar).sqrt())
+    # D2 is the scheduler's own predicted x0 (formula 15 of Ho et al.) before any clipping.
+    ref = sched.step(eps, t, x, return_dict=True).pred_original_sample
+    torch.testing.assert_close(x0_from_eps(x, eps, abar), ref)
+    # and inverts the forward process exactly for the true noise
+    x0 = torch.rand(2, 3, 8, 8, generator=gen) * 2 - 1
+    xt = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+    torch.testing.assert_close(x0_from_eps(xt, eps, abar), x0, rtol=1e-5, atol=1e-5)
+
+
+def test_normalization_gives_score_norm_and_keeps_direction():
+    gen = torch.Generator().manual_seed(1)
+    scales = torch.tensor([1e-6, 1.0, 1e3, 5.0]).view(-1, 1, 1, 1)
+    h = torch.randn(4, 3, 8, 8, generator=gen) * scales
+    score = torch.randn(4, 3, 8, 8, generator=gen) * 7
+    gtilde, vanished = normalize_guidance(h, score)
+    assert not vanished.any()
+    torch.testing.assert_close(gtilde.flatten(1).norm(dim=1), score.flatten(1).norm(dim=1))
+    torch.testing.assert_close(cosine(gtilde, h), torch.ones(4, dtype=torch.float64))
+    plain, vanished = normalize_guidance(h, score, normalize=False)
+    assert torch.equal(plain, h) and not vanished.any()
+
+
+def test_vanished_gradient_is_flagged_and_zeroed_without_nan():
+    score = torch.randn(3, 3, 4, 4)
+    h = torch.randn(3, 3, 4, 4)
+    h[0] = 0.0
+    h[1] = 1e-14  # ||h|| = 4.9e-13 < 1e-12
+    h[2, 0, 0, 0] = float("inf")
+    for normalize in (True, False):
+        gtilde, vanished = normalize_guidance(h, score, normalize)
+        assert vanished.tolist() == [True, True, True]
+        assert torch.equal(gtilde, torch.zeros_like(h))
+    h[2] = 1.0
+    gtilde, vanished = normalize_guidance(h, score)
+    assert vanished.tolist() == [True, True, False] and torch.isfinite(gtilde).all()
+
+
+def test_cosine_values_and_undefined_angles():
+    a = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0], [2.0, 0.0]])
+    b = torch.tensor([[0.0, 3.0], [2.0, 2.0], [1.0, 0.0], [-1.0, 0.0]])
+    c = cosine(a, b)
+    assert c.dtype == torch.float64
+    assert c[0] == 0 and c[3] == -1
+    assert c[1].item() == pytest.approx(1.0, abs=1e-15)
+    assert torch.isnan(c[2])  # the zero vector has no direction
+
+
+def test_classifier_gradient_on_xt_is_grad_log_softmax():
+    clf = small_classifier()
+    unet_calls = []
+
+    def eps_fn(x: torch.Tensor) -> torch.Tensor:
+        unet_calls.append(x.requires_grad)
+        return 0.5 * x
+
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 3, 32, 32, generator=gen)
+    y = torch.tensor([0, 2, 3])
+    out = ClassifierGuidance(clf)(eps_fn, x, 500, torch.tensor(0.3), y)
+    xr = x.clone().requires_grad_(True)
+    lp = torch.log_softmax(clf(xr), dim=1)
+    (ref,) = torch.autograd.grad(lp[torch.arange(3), y].sum(), xr)
+    torch.testing.assert_close(out.grad, ref)
+    torch.testing.assert_close(out.log_probs, lp.detach())
+    torch.testing.assert_close(out.eps, 0.5 * x)
+    x0 = x0_from_eps(x, 0.5 * x, torch.tensor(0.3))
+    torch.testing.assert_close(out.log_probs_x0, torch.log_softmax(clf(x0), dim=1).detach())
+    assert unet_calls == [False]  # without D2 no graph through the UNet
+    assert not out.grad.requires_grad and not out.eps.requires_grad
+
+
+def test_x0_estimate_gradient_flows_through_the_unet():
+    clf = small_classifier()
+    torch.manual_seed(0)
+    unet = make_unet("tiny").eval()
+    t, abar = 700, torch.tensor(0.05)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 32, 32, generator=gen)
+    y = torch.tensor([1, 1])
+    out = ClassifierGuidance(clf, x0_estimate=True)(lambda v: unet(v, t).sample, x, t, abar, y)
+    xr = x.clone().requires_grad_(True)
+    eps = unet(xr, t).sample
+    x0 = (xr - (1 - abar).sqrt() * eps) / abar.sqrt()
+    lp = torch.log_softmax(clf(x0), dim=1)
+    (ref,) = torch.autograd.grad(lp[:, 1].sum(), xr)
+    torch.testing.assert_close(out.grad, ref)
+    # The Jacobian of the UNet matters: ignoring it (d x0 / d x_t = 1 / sqrt(abar)) differs.
+    x0d = x0.detach().requires_grad_(True)
+    (g0,) = torch.autograd.grad(torch.log_softmax(clf(x0d), 1)[:, 1].sum(), x0d)
+    assert not torch.allclose(out.grad, g0 / abar.sqrt(), rtol=1e-2)
+    assert torch.equal(out.log_probs, out.log_probs_x0)
+
+
+def test_time_conditioned_classifier_gets_t_or_zero():
+    torch.manual_seed(0)
+    clf = make_classifier(time_conditioned=True).eval()
+    seen: list[int] = []
+    clf.register_forward_pre_hook(lambda m, args: seen.append(int(torch.as_tensor(args[1]))))
+    x = torch.randn(2, 3, 32, 32)
+    y = torch.zeros(2, dtype=torch.long)
+    ClassifierGuidance(clf)(lambda v: 0 * v, x, 640, torch.tensor(0.2), y)
+    assert seen == [640, 0]  # x_t with its t; the x0-estimate diagnostic with t = 0
+    seen.clear()
+    ClassifierGuidance(clf, x0_estimate=True)(lambda v: 0 * v, x, 640, torch.tensor(0.2), y)
+    assert seen == [0]
+
+
+def test_guiding_classifier_must_be_in_eval_mode():
+    with pytest.raises(GradcheckError, match="eval"):
+        ClassifierGuidance(small_classifier().train())
+
+
+def test_oracle_is_a_time_aware_classifier_and_refuses_x0_estimate():
+    gen = torch.Generator().manual_seed(4)
+    images = torch.rand(12, 3, 8, 8, generator=gen) * 2 - 1
+    labels = torch.arange(12) % 4
+    abar = torch.linspace(0.999, 0.01, 1000)
+    oracle = EmpiricalOracle(images, labels, abar).eval()
+    x = torch.randn(2, 3, 8, 8, generator=gen)
+    y = torch.tensor([0, 3])
+    lp = classifier_log_probs(oracle, x, 300)
+    torch.testing.assert_close(lp, oracle.log_prob(x, 300))
+    out = ClassifierGuidance(oracle)(lambda v: 0 * v, x, 300, abar[300], y)
+    torch.testing.assert_close(out.grad, oracle.grad_log_prob(x, 300, y), rtol=1e-4, atol=1e-6)
+    with pytest.raises(GradcheckError, match="x0-estimate"):
+        ClassifierGuidance(oracle, x0_estimate=True)

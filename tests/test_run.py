@@ -1,0 +1,331 @@
+"""`gradcheck run`: the run folder (DESIGN.md §4), reproducibility, errors, the command line."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+from diffusers import DDPMPipeline
+from PIL import Image
+from safetensors.torch import load_file
+
+import gradcheck.paths
+import gradcheck.runner
+from gradcheck import columns as col
+from gradcheck.cli import main
+from gradcheck.config import RunConfig
+from gradcheck.guidance import cosine
+from gradcheck.models import (
+    classifier_config,
+    make_classifier,
+    make_scheduler,
+    make_unet,
+    save_classifier,
+)
+from gradcheck.recorder import expected_vector_bytes, read_steps_config
+from gradcheck.runner import default_run_id, parse_target, resolve_config, run, summary_table
+from gradcheck.utils import GradcheckError, load_json
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny DDPM pipeline folder, a random MobileNet guiding classifier and a random judge."""
+    root = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    DDPMPipeline(make_unet("tiny"), make_scheduler()).save_pretrained(root / "ddpm")
+    save_classifier(make_classifier(), root / "clf",
+                    classifier_config("nonrobust", "mobilenet_v3_small"))
+    save_classifier(make_classifier("shufflenet_v2_x1_0"), root / "judge",
+                    classifier_config("judge", "shufflenet_v2_x1_0"))
+    return root
+
+
+def tiny_cfg(ckpt: Path, data: Path | str = "nowhere", **kw) -> RunConfig:
+    base = dict(classifier=str(ckpt / "clf"), ddpm=str(ckpt / "ddpm"), judge=str(ckpt / "judge"),
+                data_root=str(data), num_samples=3, batch_size=2, steps=5, device="cpu",
+                metrics=False, oracle=False, record_vectors="none")
+    return RunConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def full_run(ckpt: Path, tiny_data: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One run with everything recorded: x0-estimate + adam, cos_oracle on, vectors 'all'."""
+    cfg = tiny_cfg(ckpt, tiny_data, x0_estimate=True, stabilizer="adam", oracle=True,
+                   record_vectors="all", target=2)
+    out = tmp_path_factory.mktemp("runs")
+    return cfg, run(cfg, out=out, progress=False)
+
+
+def test_run_folder_has_every_file_and_column(full_run):
+    cfg, folder = full_run
+    assert folder.name == default_run_id(cfg)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "config.json", "metrics.json", "metrics.parquet", "samples.npy", "samples.png",
+        "steps.parquet", "vectors.safetensors"]
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]
+
+    config = load_json(folder / "config.json")
+    assert config["run_id"] == folder.name and config["stabilizer"] == "adam"
+    assert {"git_commit", "torch", "diffusers", "device", "hardware"} <= set(config["run_metadata"])
+
+    samples = np.load(folder / "samples.npy")
+    assert samples.dtype == np.uint8 and samples.shape == (3, 32, 32, 3)
+    assert Image.open(folder / "samples.png").size == (3 * 34 + 2, 36)  # 8 per row, 2 px gaps
+
+    table = pq.read_table(folder / "steps.parquet")
+    assert tuple(table.column_names) == col.STEP_COLUMNS
+    assert str(table.schema.field(col.SAMPLE).type) == "int32"
+    assert str(table.schema.field(col.GRAD_VANISHED).type) == "bool"
+    assert read_steps_config(folder / "steps.parquet")["run_id"] == folder.name
+    df = table.to_pandas()
+    assert len(df) == 3 * 5 and df[col.SAMPLE].tolist() == [s for s in range(3) for _ in range(5)]
+    assert (df[col.TARGET] == 2).all() and (df[col.RUN_ID] == folder.name).all()
+    first = df[col.STEP] == 0
+    assert df.loc[first, [col.COS_PREV_RAW, col.COS_PREV_APPLIED]].isna().all().all()
+    assert df.loc[~first, col.COS_PREV_APPLIED].notna().all()
+    assert df[col.COS_ORACLE].notna().all()  # --oracle on
+    assert df[col.ABAR].is_monotonic_increasing is False  # per sample, t runs 999 -> 0
+    assert df.groupby(col.SAMPLE)[col.T].apply(lambda t: t.is_monotonic_decreasing).all()
+    # D5 per row: ||gtilde|| = ||score|| wherever the gradient did not vanish
+    ok = ~df[col.GRAD_VANISHED]
+    np.testing.assert_allclose(df.loc[ok, col.GRAD_NORM_APPLIED], df.loc[ok, col.SCORE_NORM],
+                               rtol=1e-4)
+
+    metrics = load_json(folder / "metrics.json")
+    for key in ("run_id", "classifier", "x0_estimate", "stabilizer", "normalize", "scale",
+                "target", "seed", "steps", "num_samples", "wall_time_s", "hardware"):
+        assert metrics[key] == config.get(key, metrics[key])
+    assert metrics["mean_cos_prev_applied"] == pytest.approx(df[col.COS_PREV_APPLIED].mean())
+    row = pd.read_parquet(folder / "metrics.parquet")
+    assert len(row) == 1 and row["run_id"][0] == folder.name
+    assert "mean cos_prev applied" in summary_table(metrics)
+
+
+def test_cos_prev_recomputed_from_vectors_equals_steps_parquet(full_run):
+    _, folder = full_run
+    vec = load_file(folder / "vectors.safetensors")
+    df = pd.read_parquet(folder / "steps.parquet").set_index([col.SAMPLE, col.STEP])
+    assert vec[col.VEC_GRAD_RAW].shape == (3, 5, 3, 32, 32)
+    assert vec[col.VEC_GRAD_APPLIED].dtype == torch.float32
+    assert vec[col.VEC_STEP].tolist() == list(range(5))
+    for i, s in enumerate(vec[col.VEC_SAMPLE].tolist()):
+        for k in range(1, 5):
+            for key, column in ((col.VEC_GRAD_RAW, col.COS_PREV_RAW),
+                                (col.VEC_GRAD_APPLIED, col.COS_PREV_APPLIED)):
+                v = vec[key][i]
+                assert cosine(v[k : k + 1], v[k - 1 : k]).item() == df.loc[(s, k), column]
+        np.testing.assert_allclose(
+            vec[col.VEC_GRAD_APPLIED][i].flatten(1).norm(dim=1).numpy(),
+            df.loc[s, col.GRAD_NORM_APPLIED].to_numpy(), rtol=1e-6)
+
+
+def test_same_seed_gives_identical_samples_and_steps(ckpt, full_run, tmp_path):
+    cfg, folder = full_run
+    again = run(cfg, out=tmp_path, progress=False)
+    assert again.name == folder.name
+    assert (again / "samples.npy").read_bytes() == (folder / "samples.npy").read_bytes()
+    assert (again / "steps.parquet").read_bytes() == (folder / "steps.parquet").read_bytes()
+    other = run(dataclasses.replace(cfg, seed=1), out=tmp_path, progress=False)
+    assert other.name != folder.name
+    assert not np.array_equal(np.load(other / "samples.npy"), np.load(folder / "samples.npy"))
+
+
+def test_scale_zero_runs_are_the_same_unguided_samples(ckpt, tmp_path):
+    a = run(tiny_cfg(ckpt, scale=0.0, x0_estimate=True, stabilizer="adam"), out=tmp_path,
+            progress=False)
+    b = run(tiny_cfg(ckpt, scale=0.0, stabilizer="ema", normalize=False), out=tmp_path,
+            progress=False)
+    c = run(tiny_cfg(ckpt, scale=1.0), out=tmp_path, progress=False)
+    assert np.array_equal(np.load(a / "samples.npy"), np.load(b / "samples.npy"))
+    assert not np.array_equal(np.load(a / "samples.npy"), np.load(c / "samples.npy"))
+
+
+def test_subset_vectors_are_8_samples_every_10th_step_fp16(ckpt, tmp_path):
+    cfg = tiny_cfg(ckpt, num_samples=9, batch_size=4, steps=12, record_vectors="subset")
+    folder = run(cfg, out=tmp_path, progress=False)
+    vec = load_file(folder / "vectors.safetensors")
+    assert vec[col.VEC_SAMPLE].tolist() == list(range(8))
+    assert vec[col.VEC_STEP].tolist() == [0, 10, 11]  # every 10th step, and the last one
+    assert vec[col.VEC_X0_HAT].shape == (8, 3, 3, 32, 32)
+    assert vec[col.VEC_X0_HAT].dtype == torch.float16
+    ts = pd.read_parquet(folder / "steps.parquet").query("sample == 0")[col.T].to_numpy()
+    assert vec[col.VEC_T].tolist() == ts[[0, 10, 11]].tolist()
+    data_bytes = sum(vec[k].numel() * vec[k].element_size()
+                     for k in (col.VEC_GRAD_RAW, col.VEC_GRAD_APPLIED, col.VEC_X0_HAT))
+    assert data_bytes == expected_vector_bytes("subset", 9, 12, (3, 32, 32))
+
+
+def test_oracle_guidance_and_cos_oracle(ckpt, tiny_data, tmp_path):
+    folder = run(tiny_cfg(ckpt, tiny_data, classifier="oracle", oracle=True, num_samples=2,
+                          steps=3), out=tmp_path, progress=False)
+    df = pd.read_parquet(folder / "steps.parquet")
+    assert folder.name.startswith("oracle-xt-none-s1-t0-n2-k3-seed0-")
+    # Guided by the oracle itself, without a stabiliser: the applied vector is the oracle's.
+    ok = ~df[col.GRAD_VANISHED]
+    np.testing.assert_allclose(df.loc[ok, col.COS_ORACLE], 1.0, atol=1e-5)
+    with pytest.raises(GradcheckError, match="x0-estimate"):
+        run(tiny_cfg(ckpt, tiny_data, classifier="oracle", x0_estimate=True), out=tmp_path)
+
+
+def test_default_run_id_is_readable_and_deterministic(ckpt):
+    cfg = tiny_cfg(ckpt, x0_estimate=True, stabilizer="adam", scale=2.5, target=1)
+    rid = default_run_id(cfg)
+    assert re.fullmatch(r"clf-x0-adam-s2\.5-t1-n3-k5-seed0-[0-9a-f]{8}", rid)
+    assert default_run_id(dataclasses.replace(cfg)) == rid
+    assert default_run_id(dataclasses.replace(cfg, normalize=False)).startswith(
+        "clf-x0-adam-nonorm-")
+    assert default_run_id(dataclasses.replace(cfg, batch_size=1)) != rid
+    assert default_run_id(RunConfig(device="cpu")).startswith("nonrobust-xt-none-s1-t0-n8-k50-")
+
+
+def test_protocol_resolution():
+    assert (resolve_config(RunConfig(device="cpu")).num_samples,
+            resolve_config(RunConfig(device="cpu")).steps) == (8, 50)
+    paper = resolve_config(RunConfig(device="cpu", protocol="paper", steps=10))
+    assert (paper.num_samples, paper.steps) == (64, 1000)
+    reduced = resolve_config(RunConfig(device="cpu", protocol="reduced", num_samples=100))
+    assert (reduced.num_samples, reduced.steps) == (8, 50)
+    mine = resolve_config(RunConfig(device="cpu", num_samples=16, steps=1000))
+    assert (mine.num_samples, mine.steps) == (16, 1000)
+
+
+def test_parse_target():
+    assert [parse_target(v) for v in ("baseball", "Soccer", "3", 1)] == [0, 2, 3, 1]
+    with pytest.raises(GradcheckError, match="unknown target 'tennis'; choose one of: baseball"):
+        parse_target("tennis")
+    with pytest.raises(GradcheckError, match="unknown target '4'"):
+        parse_target("4")
+
+
+def _no_run_folder(out: Path) -> bool:
+    return not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(classifier="resnet"),
+         "unknown classifier 'resnet'; choose one of: nonrobust, robust, adversarial, oracle"),
+        (dict(stabilizer="lion"), "unknown stabilizer 'lion'; choose one of: none, adam, ema"),
+        (dict(target=7), r"unknown target 7; choose 0-3"),
+        (dict(steps=1001), r"steps must be an integer in 1\.\.1000 \(T\), got 1001"),
+        (dict(scale=-1.0), r"scale must be a finite number >= 0, got -1\.0"),
+        (dict(num_samples=0), "num_samples must be an integer >= 1, got 0"),
+        (dict(record_vectors="some"), "unknown record_vectors 'some'"),
+        (dict(protocol="quick"), "unknown protocol 'quick'"),
+        (dict(ddpm="no/such/ddpm"), "no/such/ddpm is not a DDPM pipeline folder"),
+        (dict(metrics=True), "judge checkpoint not found in .*missing-judge.*--no-metrics"),
+    ],
+)
+def test_bad_input_gives_clear_error_and_no_folder(ckpt, tmp_path, kwargs, message):
+    if kwargs.get("metrics") and importlib.util.find_spec("gradcheck.metrics") is None:
+        pytest.skip("gradcheck.metrics not available")
+    if kwargs.get("metrics"):
+        kwargs = {**kwargs, "judge": str(tmp_path / "missing-judge")}
+    out = tmp_path / "runs"
+    with pytest.raises(GradcheckError, match=message):
+        run(tiny_cfg(ckpt, **kwargs), out=out, progress=False)
+    assert _no_run_folder(out)
+
+
+def test_missing_shipped_checkpoints_name_the_folder(ckpt, tmp_path, monkeypatch):
+    monkeypatch.setattr(gradcheck.paths, "DEFAULT_CHECKPOINTS", tmp_path / "sportballs-v1")
+    out = tmp_path / "runs"
+    cfg = RunConfig(device="cpu", metrics=False, num_samples=1, steps=2)
+    with pytest.raises(GradcheckError, match=r"shipped reference DDPM is missing at .*"
+                       r"sportballs-v1/ddpm.*gradcheck train-ddpm"):
+        run(cfg, out=out, progress=False)
+    with pytest.raises(GradcheckError, match=r"shipped robust classifier is missing at .*"
+                       r"classifiers/robust.*train-classifier --kind robust"):
+        run(dataclasses.replace(cfg, classifier="robust", ddpm=str(ckpt / "ddpm")), out=out)
+    assert _no_run_folder(out)
+
+
+def test_existing_folder_needs_overwrite(ckpt, tmp_path):
+    cfg = tiny_cfg(ckpt, num_samples=1, steps=2)
+    folder = run(cfg, out=tmp_path, name="mine", progress=False)
+    (folder / "marker").write_text("old")
+    with pytest.raises(GradcheckError, match="mine already exists; pass --overwrite"):
+        run(cfg, out=tmp_path, name="mine", progress=False)
+    assert (folder / "marker").exists()
+    run(cfg, out=tmp_path, name="mine", overwrite=True, progress=False)
+    assert not (folder / "marker").exists() and (folder / "steps.parquet").exists()
+    with pytest.raises(GradcheckError, match="plain folder name"):
+        run(cfg, out=tmp_path, name="../escape")
+
+
+def test_ctrl_c_mid_run_leaves_no_partial_folder(ckpt, tmp_path):
+    def interrupt(step) -> None:
+        if step.step == 2:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "runs"
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_cfg(ckpt), out=out, progress=False, observers=[interrupt])
+    assert list(out.iterdir()) == []  # neither the run folder nor its temporary sibling
+
+
+def test_cli_run(ckpt, tmp_path, capsys):
+    args = ["run", "--classifier", str(ckpt / "clf"), "--ddpm", str(ckpt / "ddpm"),
+            "--x0-estimate", "--target", "soccer", "--num-samples", "2",
+            "--steps", "3", "--device", "cpu", "--no-metrics", "--no-progress",
+            "--record-vectors", "none", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--adam"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "mean cos_prev applied" in printed and "metrics" in printed
+    (folder,) = tmp_path.iterdir()
+    config = load_json(folder / "config.json")
+    assert (config["stabilizer"], config["target"], config["x0_estimate"]) == ("adam", 2, True)
+    assert not (folder / "vectors.safetensors").exists()
+
+    for extra, message in ((["--adam", "--stabilizer", "ema"], "--adam conflicts"),
+                           (["--target", "tennis"], "unknown target 'tennis'"),
+                           (["--stabilizer", "sgd"], "unknown stabilizer 'sgd'")):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*args, "--name", "x", *extra])
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_explicit_paper_sizes_are_not_reduced(tmp_path, monkeypatch, capsys):
+    seen: list[RunConfig] = []
+
+    def fake_run(cfg: RunConfig, **kw) -> Path:
+        seen.append(resolve_config(cfg))
+        (tmp_path / "metrics.json").write_text(json.dumps({"run_id": "fake", "target": 0}))
+        return tmp_path
+
+    monkeypatch.setattr(gradcheck.runner, "run", fake_run)
+    for extra in ([], ["--steps", "1000"], ["--steps", "20"]):
+        with pytest.raises(SystemExit):
+            main(["run", "--device", "cpu", *extra])
+    assert [(c.num_samples, c.steps) for c in seen] == [(8, 50), (64, 1000), (64, 20)]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gradcheck.metrics") is None,
+                    reason="gradcheck.metrics not available")
+def test_metrics_are_computed_and_summarised(ckpt, tmp_path):
+    from gradcheck.data.sportballs import generate_dataset
+
+    data = tmp_path / "data"
+    # The paper protocol compares with 64 training images of the target class.
+    generate_dataset(data, n_train=280, n_val=8, n_test=8, image_size=32, progress=False)
+    folder = run(tiny_cfg(ckpt, data, metrics=True, num_samples=4, steps=2), out=tmp_path / "r",
+                 progress=False)
+    metrics = load_json(folder / "metrics.json")
+    assert metrics["n_samples"] == 4 and metrics["n_reference"] == 64
+    assert 0 <= metrics["accuracy_judge"] <= 1 and 0 <= metrics["accuracy_guiding"] <= 1
+    assert np.isfinite(metrics["fid"]) and metrics["extractor"]
+    table = summary_table(metrics)
+    assert "accuracy judge" in table and f"N={metrics['n_samples']}" in table

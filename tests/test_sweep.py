@@ -1,0 +1,221 @@
+"""Sweeps: grids, run ids, skipping finished runs, resuming after a kill, shards."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+import gradcheck.paths
+from gradcheck import runner
+from gradcheck.cli import main
+from gradcheck.config import RunConfig, SweepConfig
+from gradcheck.report.paper import PAPER_TABLE1
+from gradcheck.stabilizers import STABILIZERS
+from gradcheck.sweep import (
+    SCALES,
+    grid_configs,
+    parse_shard,
+    run_sweep,
+    shard,
+    shard_from_env,
+)
+from gradcheck.utils import GradcheckError
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_checkpoints: Path) -> Path:
+    return tiny_checkpoints
+
+
+@pytest.fixture(autouse=True)
+def _shipped_tiny(checkpoints: Path, monkeypatch: pytest.MonkeyPatch):
+    """The tiny checkpoints stand in for the shipped ones; one thread keeps CPU runs quick on a
+    busy 2-core machine."""
+    monkeypatch.setattr(gradcheck.paths, "DEFAULT_CHECKPOINTS", checkpoints)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_ARRAY_TASK_ID",
+                "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_STEP"):
+        monkeypatch.delenv(var, raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _base(checkpoints: Path, data: Path) -> RunConfig:
+    return RunConfig(num_samples=2, batch_size=2, steps=10, device="cpu",
+                     ddpm=str(checkpoints / "ddpm"), judge=str(checkpoints / "classifiers/judge"),
+                     data_root=str(data), metrics=False, oracle=False, record_vectors="none")
+
+
+# ---- grids --------------------------------------------------------------------------------------
+
+
+def test_table1_grid_is_the_papers_eight_configurations_per_seed_seeds_outermost() -> None:
+    base = RunConfig(num_samples=5, steps=7, scale=2.5)
+    cfgs = grid_configs("table1", 2, base)
+    assert len(cfgs) == 16
+    assert [c.seed for c in cfgs] == [0] * 8 + [1] * 8
+    paper = set(PAPER_TABLE1[["classifier", "x0_estimate", "stabilizer"]].itertuples(
+        index=False, name=None))
+    for seed in (0, 1):
+        got = {(c.classifier, c.x0_estimate, c.stabilizer) for c in cfgs if c.seed == seed}
+        assert got == paper
+    assert all((c.num_samples, c.steps, c.scale) == (5, 7, 2.5) for c in cfgs)
+
+
+def test_other_grids() -> None:
+    base = RunConfig()
+    scales = grid_configs("scales", 1, base)
+    assert sorted({c.scale for c in scales}) == sorted(SCALES)
+    assert {c.classifier for c in scales} == {"nonrobust", "robust", "adversarial"}
+    assert len(scales) == 18 and not any(c.x0_estimate for c in scales)
+    stab = grid_configs("stabilizers", [3, 5], base)
+    assert [c.stabilizer for c in stab] == list(STABILIZERS) * 2
+    assert {(c.classifier, c.x0_estimate) for c in stab} == {("nonrobust", True)}
+    assert {c.seed for c in stab} == {3, 5}
+    clf = grid_configs("classifiers", 1, base)
+    assert [c.classifier for c in clf] == ["nonrobust", "robust", "adversarial", "oracle"]
+
+
+def test_bad_grid_and_seeds_are_clear_errors() -> None:
+    with pytest.raises(GradcheckError, match="unknown grid 'table2'.*table1, scales"):
+        grid_configs("table2", 1, RunConfig())
+    with pytest.raises(GradcheckError, match="seeds must be >= 1"):
+        grid_configs("table1", 0, RunConfig())
+
+
+# ---- shards -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 20])
+def test_shards_partition_the_ordered_runs(n: int) -> None:
+    cfgs = grid_configs("table1", 3, RunConfig())
+    parts = [shard(cfgs, i, n) for i in range(n)]
+    flat = [c for p in parts for c in p]
+    assert sorted(flat, key=cfgs.index) == cfgs  # every run once, none twice
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_parse_shard() -> None:
+    assert parse_shard("0/4") == (0, 4)
+    assert parse_shard("3/4") == (3, 4)
+    for bad in ("4/4", "-1/2", "0/0", "1", "a/b"):
+        with pytest.raises(GradcheckError, match="shard"):
+            parse_shard(bad)
+
+
+def test_shard_from_launcher_environment() -> None:
+    assert shard_from_env({}) == (0, 1)
+    assert shard_from_env({"RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "2"}) == (2, 4)
+    assert shard_from_env({"LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}) == (1, 2)
+    # A 1-based SLURM array 1-3 and an array with a step: 0-based shard indices.
+    slurm = {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_MIN": "1"}
+    assert shard_from_env(slurm) == (2, 3)
+    assert shard_from_env({"SLURM_ARRAY_TASK_ID": "4", "SLURM_ARRAY_TASK_COUNT": "3",
+                           "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_STEP": "2"}) == (2, 3)
+    # Array tasks of 2 processes each: task-major shard index.
+    assert shard_from_env({**slurm, "RANK": "1", "WORLD_SIZE": "2"}) == (5, 6)
+    with pytest.raises(GradcheckError, match="pass --shard"):
+        shard_from_env({"RANK": "3", "WORLD_SIZE": "2"})
+
+
+def test_each_launched_process_runs_its_own_shard(monkeypatch: pytest.MonkeyPatch,
+                                                  tmp_path: Path) -> None:
+    ran: list[RunConfig] = []
+    monkeypatch.setattr(runner, "run", lambda cfg, **kw: ran.append(cfg))
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    base = RunConfig(device="cpu", num_samples=2, steps=10)
+    result = run_sweep(SweepConfig(grid="table1", seeds=2), base, out=tmp_path, progress=False)
+    assert result.shard == (1, 3)
+    assert ran == shard(grid_configs("table1", 2, base), 1, 3)
+    assert list(result.ran) == [runner.default_run_id(c) for c in ran]
+
+
+# ---- real tiny sweeps ---------------------------------------------------------------------------
+
+
+def _files(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*")
+            if p.is_file()}
+
+
+def test_table1_sweep_gives_8_runs_survives_a_kill_and_redoes_none(
+    checkpoints: Path, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "runs"
+    base = _base(checkpoints, tiny_data)
+    expected = {runner.default_run_id(c) for c in grid_configs("table1", 1, base)}
+    assert len(expected) == 8
+    real_run = runner.run
+    calls: list[str] = []
+
+    class Killed(Exception):
+        pass
+
+    def kill_in_step_5(step) -> None:
+        if step.step == 5:
+            raise Killed
+
+    def run_then_kill(cfg: RunConfig, **kw):
+        calls.append(kw["name"])
+        if len(calls) == 4:  # the 4th run dies halfway through its sampling loop
+            return real_run(cfg, observers=(kill_in_step_5,), **kw)
+        return real_run(cfg, **kw)
+
+    monkeypatch.setattr(runner, "run", run_then_kill)
+    with pytest.raises(Killed):
+        run_sweep(SweepConfig(grid="table1", seeds=1), base, out=out, progress=False)
+    finished = sorted(p.name for p in out.iterdir())
+    assert finished == sorted(calls[:3])  # the killed run left nothing, not even a temp folder
+    before = {name: _files(out / name) for name in finished}
+
+    def counting_run(cfg: RunConfig, **kw):
+        calls.append(kw["name"])
+        return real_run(cfg, **kw)
+
+    monkeypatch.setattr(runner, "run", counting_run)
+    calls.clear()
+    args = ["sweep", "--grid", "table1", "--seeds", "1", "--out", str(out), "--num-samples", "2",
+            "--batch-size", "2", "--steps", "10", "--device", "cpu", "--ddpm",
+            base.ddpm, "--judge", base.judge, "--data-root", base.data_root, "--no-metrics",
+            "--no-oracle", "--record-vectors", "none", "--no-progress"]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 0
+    assert "8 runs, 5 run now, 3 already finished" in capsys.readouterr().out
+    assert len(calls) == 5 and not set(calls) & set(finished)
+    assert {p.name for p in out.iterdir()} == expected
+    assert {name: _files(out / name) for name in finished} == before  # untouched
+    for name in expected:
+        assert {"config.json", "samples.npy", "steps.parquet", "metrics.json"} <= set(
+            _files(out / name))
+
+    calls.clear()
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 0 and calls == []
+    assert "8 runs, 0 run now, 8 already finished" in capsys.readouterr().out
+
+
+def test_sweep_cli_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    for args, msg in (
+        (["sweep", "--grid", "scales", "--scale", "2"], "scales grid sets the scale"),
+        (["sweep", "--grid", "nope"], "unknown grid 'nope'"),
+        (["sweep", "--shard", "2/2", "--device", "cpu"], "shard '2/2' needs 0 <= i < n"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        assert e.value.code == 2
+        assert msg in capsys.readouterr().err
+
+
+def test_base_config_fields_reach_every_run() -> None:
+    base = dataclasses.replace(RunConfig(), steps=17, normalize=False, target=2)
+    for grid in ("table1", "scales", "stabilizers", "classifiers"):
+        assert all((c.steps, c.normalize, c.target) == (17, False, 2)
+                   for c in grid_configs(grid, 1, base))
