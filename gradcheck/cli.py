@@ -89,6 +89,8 @@ def train_ddpm_cmd(
     grad_clip: float = typer.Option(1.0, help="Max global gradient norm (0: no clipping)."),
     min_snr_gamma: float = typer.Option(
         5.0, help="Min-SNR-gamma loss weighting min(SNR, gamma)/SNR; 0 = the simple loss."),
+    multiscale_weight: float = typer.Option(
+        0.0, help="Weight of a low-frequency error term (Hoogeboom et al. 2023); 0 = off."),
     ema_decay: float = typer.Option(0.9995, help="EMA decay (ceiling of the warm-up)."),
     ema_warmup: bool = typer.Option(True, help="EMA decay min(ema_decay, (1+step)/(10+step))."),
     hflip: bool = typer.Option(False, help="Random horizontal flips (the volleyball is chiral)."),
@@ -119,7 +121,8 @@ def train_ddpm_cmd(
         data_root=data_root, out=out, name=name, preset=preset, max_minutes=max_minutes,
         max_steps=max_steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
         adam_beta1=adam_beta1, adam_beta2=adam_beta2, weight_decay=weight_decay,
-        grad_clip=grad_clip, min_snr_gamma=min_snr_gamma, ema_decay=ema_decay,
+        grad_clip=grad_clip, min_snr_gamma=min_snr_gamma,
+        multiscale_weight=multiscale_weight, ema_decay=ema_decay,
         ema_warmup=ema_warmup, hflip=hflip, max_images=max_images,
         mixed_precision=mixed_precision, channels_last=channels_last, compile=compile, seed=seed,
         log_every=log_every, sample_every=sample_every, sample_steps=sample_steps,
