@@ -10,8 +10,12 @@ Layout for ``--out OUT --name NAME``::
 
 The recipe targets what limits §7's plain loop in a short GPU budget. An EMA at a fixed decay
 of 0.9995 still holds 0.9995^4716 = 9% of the random initialisation after §7's 4,716 steps; with
-the decay warmed up it averages only recent weights. Min-SNR-gamma weighting keeps the easy
-low-noise steps from drowning out the high-noise ones, which set colours and backgrounds.
+the decay warmed up it averages only recent weights. The UNet's GroupNorms make the noise's
+per-channel mean (a colour offset) hard to pass through, and in the plain loss that offset is
+only 1/(H W) of the error, so it is learned last and samples keep random background tints. A
+multiscale loss term (Hoogeboom et al. 2023) weights the low-frequency error at the noise's own
+scale; :func:`gradcheck.eval_ddpm.mean_colour_slope` measures what it fixes. Min-SNR-gamma
+weighting keeps the easy low-noise steps from drowning out the high-noise ones.
 Batch 256 at a higher learning rate fills the GPU. The hot loop keeps the whole data set on the
 device as uint8 and draws batches by index: no DataLoader, no per-image Python.
 """
