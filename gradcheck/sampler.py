@@ -129,7 +129,8 @@ def sample_guided(
     x = randn_per_sample((c, *size), gens, device)
     g_prev = gtilde_prev = None
     for k, t in enumerate(scheduler.timesteps.tolist()):
-        abar = scheduler.alphas_cumprod[t].to(device=device, dtype=x.dtype)
+        abar_cpu = scheduler.alphas_cumprod[t]  # read on the host: no device sync per step
+        abar = abar_cpu.to(device=device, dtype=x.dtype)
 
         def eps_fn(x_in: torch.Tensor, t: int = t) -> torch.Tensor:
             return unet(x_in, t).sample
@@ -172,7 +173,7 @@ def sample_guided(
         # 7. Report the step to the observers (copies: they cannot change the sample).
         if observers:
             report = GuidanceStep(
-                step=k, num_steps=steps, t=t, abar=float(abar), sigma2=sigma2, scale=scale,
+                step=k, num_steps=steps, t=t, abar=float(abar_cpu), sigma2=sigma2, scale=scale,
                 target=target, x0_estimate=bool(getattr(guidance, "x0_estimate", False)),
                 sample=sample_ids.clone(), x_t=_frozen_copy(x), eps=_frozen_copy(eps),
                 score=_frozen_copy(score), x0_hat=_frozen_copy(x0_hat), grad_raw=_frozen_copy(g),
