@@ -296,6 +296,14 @@ def run_cmd(
         "auto", help="auto (reduced 8 x 50 without a GPU unless sizes are given) | paper "
         "(64 x 1000) | reduced (8 x 50)."),
     metrics: bool = typer.Option(True, "--metrics/--no-metrics", help="Compute metrics.json."),
+    precision: str = typer.Option(
+        "fp32", help="fp32 (true float32; TF32 off on a GPU) | tf32 (GPU) | bf16 (UNet "
+        "autocast). tf32/bf16 are faster but corrupt x0-estimate gradients at high noise."),
+    net_batch: int | None = typer.Option(
+        None, help="Rows per network call, padded: samples are identical for every batch size "
+        "[default: 64 on a GPU, 8 on a CPU]."),
+    compile: bool = typer.Option(
+        False, "--compile/--no-compile", help="torch.compile the UNet (worth it for long runs)."),
     out: str = typer.Option("runs", help="Parent folder of the run folder."),
     name: str | None = typer.Option(None, help="Run folder name [default: derived from config]."),
     overwrite: bool = typer.Option(False, help="Replace an existing run folder."),
@@ -324,7 +332,8 @@ def run_cmd(
         classifier=classifier, x0_estimate=x0_estimate, stabilizer=stabilizer,
         normalize=normalize, scale=scale, target=parse_target(target), num_samples=num_samples,
         batch_size=batch_size, steps=steps, seed=seed, device=device, data_root=data_root,
-        oracle=oracle, record_vectors=record_vectors, protocol=protocol, metrics=metrics, **extra,
+        oracle=oracle, record_vectors=record_vectors, protocol=protocol, metrics=metrics,
+        precision=precision, net_batch=net_batch, compile=compile, **extra,
     )
     logger = logging.getLogger("gradcheck")
     if not logger.handlers:
@@ -465,6 +474,13 @@ def sweep_cmd(
     record_vectors: str | None = typer.Option(None, help="none | subset | all."),
     metrics: bool | None = typer.Option(
         None, "--metrics/--no-metrics", help="Compute metrics.json per run (default: on)."),
+    precision: str | None = typer.Option(None, help="fp32 | tf32 | bf16 (see `run`)."),
+    net_batch: int | None = typer.Option(None, help="Rows per network call (see `run`)."),
+    compile: bool | None = typer.Option(
+        None, "--compile/--no-compile", help="torch.compile the UNet (see `run`)."),
+    batch_configs: bool = typer.Option(
+        True, "--batch-configs/--no-batch-configs",
+        help="Sample the configurations of a seed together (same results, shared UNet calls)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Run a grid of configurations over seeds; finished runs are skipped, so re-running resumes.
@@ -481,10 +497,10 @@ def sweep_cmd(
     given = dict(scale=scale, target=target, normalize=normalize, num_samples=num_samples,
                  batch_size=batch_size, steps=steps, protocol=protocol, device=device, ddpm=ddpm,
                  judge=judge, data_root=data_root, oracle=oracle, record_vectors=record_vectors,
-                 metrics=metrics)
+                 metrics=metrics, precision=precision, net_batch=net_batch, compile=compile)
     base = RunConfig(**{k: v for k, v in given.items() if v is not None})
-    result = run_sweep(SweepConfig(grid=grid, seeds=seeds, shard=shard), base, out=out,
-                       progress=progress)
+    result = run_sweep(SweepConfig(grid=grid, seeds=seeds, shard=shard,
+                                   batch_configs=batch_configs), base, out=out, progress=progress)
     i, n = result.shard
     typer.echo(f"sweep {grid}, shard {i}/{n}: {len(result.planned)} runs, {len(result.ran)} run "
                f"now, {len(result.skipped)} already finished, in {out}/")
@@ -561,6 +577,37 @@ def survey_analyze(
 
 app.add_typer(survey_app, name="survey")
 # [bench: bench.py]
+
+
+@app.command("bench")
+def bench_cmd(
+    quick: bool = typer.Option(
+        False, "--quick", help="Tiny UNet, small batches, no compilation: about a minute on a "
+        "2-core CPU."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    json_path: str | None = typer.Option(None, "--json", help="Also write the results as JSON."),
+    repeats: int | None = typer.Option(
+        None, help="Timed repetitions per measurement, the median reported [default: 3]."),
+    precision: str = typer.Option("fp32", help="UNet precision: fp32 | tf32 | bf16 (see `run`)."),
+    table1: bool = typer.Option(
+        False, "--table1", help="Also time the full Table 1 protocol (8 configurations x 64 "
+        "samples x 1,000 steps, metrics) on the shipped checkpoints: minutes on a GPU."),
+) -> None:
+    """Measure data generation, training, sampling (per mode and recorder setting), the
+    diffusers baseline, metrics and the Table 1 protocol on this machine."""
+    from pathlib import Path
+
+    from gradcheck.bench import format_report, run_bench
+    from gradcheck.utils import save_json
+
+    if json_path is not None and Path(json_path).is_dir():
+        raise GradcheckError(f"--json {json_path} is a folder; give a file path")
+    result = run_bench(quick=quick, device=device, repeats=repeats, precision=precision,
+                       table1=table1, progress=lambda stage: typer.echo(f"... {stage}", err=True))
+    typer.echo(format_report(result))
+    if json_path is not None:
+        save_json(json_path, result)
+        typer.echo(f"results written to {json_path}")
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:

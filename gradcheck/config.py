@@ -187,6 +187,14 @@ class RunConfig:
     record_vectors: str = "subset"  # none | subset (8 samples, every 10th step, fp16) | all
     protocol: str = "auto"  # auto | paper (64 x 1000) | reduced (8 x 50; CPU default, see runner)
     metrics: bool = True  # metrics.json via gradcheck.metrics at the end of the run
+    # How the networks run (guidance.NetEval). fp32 = true float32 (TF32 off on a GPU); tf32
+    # (GPU) and bf16 (UNet autocast) are faster but corrupt x0-estimate gradients at high noise
+    # (NetEval's docstring has the numbers). Classifiers and guidance maths are always fp32/fp64.
+    precision: str = "fp32"  # fp32 | tf32 | bf16
+    # Rows per network call (pieces padded to it): samples are bit-identical for every batch
+    # size and for configurations sampled together. None = 64 on a GPU, 8 on a CPU.
+    net_batch: int | None = None
+    compile: bool = False  # torch.compile the UNet (one shape thanks to net_batch)
 # [metrics: metrics.py]
 
 
@@ -213,6 +221,9 @@ class SweepConfig:
     grid: str = "table1"  # table1 | scales | stabilizers | classifiers (sweep.GRIDS)
     seeds: int = 3  # seeds 0..seeds-1: the fewest that give a 95% t-interval worth reading
     shard: str | None = None  # "i/n", 0-based; None = the launcher's (RANK/WORLD_SIZE, SLURM)
+    # Sample the configurations of one seed together (runner.run_many): shared UNet calls,
+    # bit-identical results to running them one by one.
+    batch_configs: bool = True
 
 
 # ---- pag: pag.py --------------------------------------------------------------------------

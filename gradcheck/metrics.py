@@ -78,8 +78,8 @@ KID_SUBSETS = 100  # torch-fidelity default
 
 RUN_IDENTITY_FIELDS = (
     "run_id", "classifier", "x0_estimate", "stabilizer", "normalize", "scale", "target", "seed",
-    "steps", "num_samples", "wall_time_s", "hardware", "mean_cos_prev_raw",
-    "mean_cos_prev_applied",
+    "steps", "num_samples", "wall_time_s", "batched_runs", "batched_wall_time_s", "hardware",
+    "mean_cos_prev_raw", "mean_cos_prev_applied",
 )
 RECOMPUTE_OPTIONS = (
     "judge", "data_root", "n_reference", "reference_seed", "extractor", "inception_weights",

@@ -99,6 +99,7 @@ class EmpiricalOracle(nn.Module):
         sq = torch.cat([c.to(_F64).square().sum(1) for c in flat.split(self.chunk_size)])
         self.register_buffer("sq_norms", sq, False)
         counts = torch.bincount(labels, minlength=num_classes).tolist()
+        self.class_counts: list[int] = counts  # training images per class, on the host
         self._chunks: list[tuple[int, int, int]] = []  # (class, first row, end row)
         start = 0
         for c, n_c in enumerate(counts):
@@ -158,15 +159,21 @@ class EmpiricalOracle(nn.Module):
         return _log_posterior(m, z).to(device=x_t.device, dtype=x_t.dtype)
 
     def grad_log_prob(
-        self, x_t: torch.Tensor, t: int | torch.Tensor, y: torch.Tensor
+        self, x_t: torch.Tensor, t: int | torch.Tensor, y: int | torch.Tensor
     ) -> torch.Tensor:
-        """x_t (B, 3, H, W), t, y (B,) -> (B, 3, H, W) grad_{x_t} log q(y | x_t), closed form D8."""
-        y = torch.as_tensor(y, device=self.images.device, dtype=torch.long).reshape(-1)
+        """x_t (B, 3, H, W), t, y (int or (B,)) -> (B, 3, H, W) grad_{x_t} log q(y | x_t),
+        closed form D8. With int t and y the checks run on the host (no device sync)."""
+        if isinstance(y, int) and not isinstance(y, bool):
+            classes = [y]
+            y = torch.full((x_t.shape[0],), y, dtype=torch.long, device=self.images.device)
+        else:
+            y = torch.as_tensor(y, device=self.images.device, dtype=torch.long).reshape(-1)
+            classes = y.unique().tolist()
         if y.shape[0] != x_t.shape[0]:
             raise GradcheckError(f"oracle got {x_t.shape[0]} images but {y.shape[0]} labels")
-        if int(y.min()) < 0 or int(y.max()) >= self.num_classes:
+        if min(classes) < 0 or max(classes) >= self.num_classes:
             raise GradcheckError(f"oracle target must lie in 0..{self.num_classes - 1}")
-        empty = [c for c in y.unique().tolist() if not bool((self.labels == c).any())]
+        empty = [c for c in classes if self.class_counts[c] == 0]
         if empty:
             raise GradcheckError(
                 f"the oracle's training set has no image of class {CLASS_NAMES[empty[0]]}; "
@@ -175,8 +182,8 @@ class EmpiricalOracle(nn.Module):
         with torch.no_grad():
             abar = self._abar(t, x_t)
             _, coef, means, mean_all = self._moments(self._flat(x_t), abar)
-            rows = torch.arange(y.shape[0], device=y.device)
-            g = coef[:, None] * (means[rows, y] - mean_all)
+            picked = means.gather(1, y[:, None, None].expand(-1, 1, means.shape[2]))[:, 0]
+            g = coef[:, None] * (picked - mean_all)
         return g.reshape(x_t.shape).to(device=x_t.device, dtype=x_t.dtype)
 
     def weights(self, x_t: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
@@ -202,8 +209,13 @@ class EmpiricalOracle(nn.Module):
 
     def _abar(self, t: int | torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
         """t (int, 0-d or (B,) timestep indices) -> abar_t (B,) float64."""
-        tt = torch.as_tensor(t, device=self.images.device).reshape(-1).long()
         n_t = self.alphas_cumprod.shape[0]
+        if isinstance(t, int) and not isinstance(t, bool):
+            # Checked on the host and indexed with a Python int: no device sync in a loop.
+            if not 0 <= t < n_t:
+                raise GradcheckError(f"oracle timestep t must lie in 0..{n_t - 1}, got {t}")
+            return self.alphas_cumprod[t].expand(x_t.shape[0])
+        tt = torch.as_tensor(t, device=self.images.device).reshape(-1).long()
         if tt.numel() == 0 or int(tt.min()) < 0 or int(tt.max()) >= n_t:
             raise GradcheckError(f"oracle timestep t must lie in 0..{n_t - 1}, got {t}")
         if tt.numel() not in (1, x_t.shape[0]):

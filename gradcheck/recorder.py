@@ -8,6 +8,7 @@ a sample. With an oracle (D8) it also computes ``cos_oracle`` from the step's x_
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from gradcheck import columns as col
-from gradcheck.guidance import cosine, flat_norm
+from gradcheck.guidance import cosine, flat_norm, picked
 from gradcheck.sampler import GuidanceStep
 from gradcheck.utils import check_choice
 
@@ -28,6 +29,7 @@ RECORD_VECTORS = ("none", "subset", "all")
 SUBSET_SAMPLES = 8  # DESIGN.md §4: the first 8 samples ...
 SUBSET_EVERY = 10  # ... at every 10th step (and the last step, where the trajectory ends)
 VECTOR_KEYS = (col.VEC_GRAD_RAW, col.VEC_GRAD_APPLIED, col.VEC_X0_HAT)
+PIN_LIMIT_BYTES = 2**30  # vector stores up to 1 GiB are pinned for asynchronous copies
 
 SCHEMA = pa.schema([
     (col.RUN_ID, pa.string()),
@@ -79,8 +81,22 @@ def expected_vector_bytes(
     return len(samples) * len(steps) * per * len(VECTOR_KEYS)
 
 
+FLOAT_COLUMNS = (
+    col.GRAD_NORM_RAW, col.GRAD_NORM_APPLIED, col.SCORE_NORM, col.COS_PREV_RAW,
+    col.COS_PREV_APPLIED, col.COS_RAW_APPLIED, col.COS_SCORE, col.LOG_PROB_TARGET,
+    col.PROB_TARGET_X0, col.COS_ORACLE,
+)
+"""Per-(sample, step) quantities computed on the sampling device, as float64."""
+
+
 class StepRecorder:
-    """Observer collecting steps.parquet rows (every sample, every step) and selected vectors."""
+    """Observer collecting steps.parquet rows (every sample, every step) and selected vectors.
+
+    Nothing it does per step waits for the device: the per-step quantities are computed where
+    the sample lives and kept there (80 bytes a sample and step), the selected vectors are
+    copied asynchronously into pinned host memory, and both reach the host once, when the
+    table or the vectors are asked for.
+    """
 
     def __init__(
         self, run_id: str, num_samples: int, num_steps: int, record_vectors: str = "subset",
@@ -93,44 +109,45 @@ class StepRecorder:
         self._vec_sample = {s: i for i, s in enumerate(samples)}
         self._vec_step = {k: i for i, k in enumerate(steps)}
         self._vec_t: dict[int, int] = {}
-        self._vectors: dict[str, torch.Tensor] = {}
-        self._chunks: list[dict[str, np.ndarray]] = []
+        self._vectors: dict[str, torch.Tensor] = {}  # (steps, samples, C, H, W) while recording
+        self._chunks: list[tuple[np.ndarray, int, int, float, int, torch.Tensor, torch.Tensor]]
+        self._chunks = []
+        self._device: torch.device | None = None
 
     def __call__(self, step: GuidanceStep) -> None:
         """Record one step of one batch."""
         b = step.sample.shape[0]
-        y = torch.full((b,), step.target, dtype=torch.long, device=step.log_probs.device)
-        rows = torch.arange(b, device=y.device)
+        device = step.grad_raw.device
+        self._device = device
+        y = torch.full((b,), step.target, dtype=torch.long, device=device)
         if self.oracle is not None:
-            oracle_grad = self.oracle.grad_log_prob(step.x_t, step.t, y)
-            cos_oracle = cosine(step.grad_applied, oracle_grad).cpu().numpy()
+            oracle_grad = self.oracle.grad_log_prob(step.x_t, step.t, step.target)
+            cos_oracle = cosine(step.grad_applied, oracle_grad)
         else:
-            cos_oracle = np.full(b, np.nan)
-        guided = bool(torch.isfinite(step.log_probs).any())
-        self._chunks.append({
-            col.SAMPLE: step.sample.numpy().astype(np.int32),
-            col.STEP: np.full(b, step.step, dtype=np.int32),
-            col.T: np.full(b, step.t, dtype=np.int32),
-            col.ABAR: np.full(b, step.abar, dtype=np.float64),
-            col.TARGET: np.full(b, step.target, dtype=np.int32),
-            col.GRAD_NORM_RAW: _np(flat_norm(step.grad_raw)),
-            col.GRAD_NORM_APPLIED: _np(flat_norm(step.grad_applied)),
-            col.SCORE_NORM: _np(flat_norm(step.score)),
-            col.COS_PREV_RAW: _np(step.cos_prev_raw),
-            col.COS_PREV_APPLIED: _np(step.cos_prev_applied),
-            col.COS_RAW_APPLIED: _np(cosine(step.grad_raw, step.grad_applied)),
-            col.COS_SCORE: _np(cosine(step.grad_applied, step.score)),
-            col.LOG_PROB_TARGET: _np(step.log_probs[rows, y]),
-            col.PRED_CLASS: (step.log_probs.argmax(dim=1).cpu().numpy().astype(np.int32)
-                             if guided else np.full(b, -1, dtype=np.int32)),
-            col.PROB_TARGET_X0: _np(step.log_probs_x0[rows, y].exp()),
-            col.COS_ORACLE: cos_oracle.astype(np.float64),
-            col.GRAD_VANISHED: step.vanished.numpy().astype(bool),
-        })
+            cos_oracle = torch.full((b,), float("nan"), dtype=torch.float64, device=device)
+        values = {
+            col.GRAD_NORM_RAW: flat_norm(step.grad_raw),
+            col.GRAD_NORM_APPLIED: flat_norm(step.grad_applied),
+            col.SCORE_NORM: flat_norm(step.score),
+            col.COS_PREV_RAW: step.cos_prev_raw,
+            col.COS_PREV_APPLIED: step.cos_prev_applied,
+            col.COS_RAW_APPLIED: cosine(step.grad_raw, step.grad_applied),
+            col.COS_SCORE: cosine(step.grad_applied, step.score),
+            col.LOG_PROB_TARGET: picked(step.log_probs, y),
+            col.PROB_TARGET_X0: picked(step.log_probs_x0, y).exp(),
+            col.COS_ORACLE: cos_oracle,
+        }
+        floats = torch.stack([values[name].to(device=device, dtype=torch.float64)
+                              for name in FLOAT_COLUMNS], dim=1)
+        pred = (step.log_probs.argmax(dim=1) if step.guided
+                else torch.full((b,), -1, dtype=torch.long, device=device))
+        ints = torch.stack([pred, step.vanished.to(torch.long)], dim=1)
+        self._chunks.append((step.sample.numpy().astype(np.int32), step.step, step.t, step.abar,
+                             step.target, floats, ints))
         self._keep_vectors(step)
 
     def _keep_vectors(self, step: GuidanceStep) -> None:
-        """Copy the selected samples' vectors of a selected step into the preallocated store."""
+        """Copy the selected samples' vectors of a selected step into the (pinned) store."""
         j = self._vec_step.get(step.step)
         if j is None:
             return
@@ -140,12 +157,31 @@ class StepRecorder:
         self._vec_t[step.step] = step.t
         dtype = vector_dtype(self.record_vectors)
         if not self._vectors:
-            shape = (len(self._vec_sample), len(self._vec_step), *step.grad_raw.shape[1:])
-            self._vectors = {k: torch.zeros(shape, dtype=dtype) for k in VECTOR_KEYS}
+            shape = (len(self._vec_step), len(self._vec_sample), *step.grad_raw.shape[1:])
+            # Pinned (page-locked) host memory makes the copies asynchronous; a larger store
+            # stays in ordinary memory (its copies then wait for the device) so as not to lock
+            # gigabytes of RAM (``all`` on the paper protocol is 9.4 GB per run).
+            size = math.prod(shape) * dtype.itemsize * len(VECTOR_KEYS)
+            pin = step.grad_raw.is_cuda and size <= PIN_LIMIT_BYTES
+            self._vectors = {k: torch.zeros(shape, dtype=dtype, pin_memory=pin)
+                             for k in VECTOR_KEYS}
         rows = [self._vec_sample[int(step.sample[i])] for i in local]
+        # Samples of a batch are consecutive indices: then one contiguous block per key.
+        if rows == list(range(rows[0], rows[0] + len(rows))) and \
+                local == list(range(local[0], local[0] + len(local))):
+            blocks = [(rows[0], slice(local[0], local[-1] + 1))]
+        else:
+            blocks = [(r, slice(i, i + 1)) for r, i in zip(rows, local, strict=True)]
         for key, v in ((col.VEC_GRAD_RAW, step.grad_raw), (col.VEC_GRAD_APPLIED, step.grad_applied),
                        (col.VEC_X0_HAT, step.x0_hat)):
-            self._vectors[key][rows, j] = v[local].to(device="cpu", dtype=dtype)
+            for first, src in blocks:
+                block = v[src].to(dtype)
+                self._vectors[key][j, first:first + block.shape[0]].copy_(block, non_blocking=True)
+
+    def _sync(self) -> None:
+        """Wait for the asynchronous copies (on the sampling device) before the host reads."""
+        if self._device is not None and self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
 
     def frame(self) -> pd.DataFrame:
         """All rows so far as a typed DataFrame, sorted by (sample, step)."""
@@ -153,10 +189,25 @@ class StepRecorder:
 
     def table(self, config: dict[str, Any] | None = None) -> pa.Table:
         """All rows as a pyarrow Table with the run config JSON in the schema metadata."""
-        data = {name: np.concatenate([c[name] for c in self._chunks]) if self._chunks
-                else np.zeros(0) for name in col.STEP_COLUMNS if name != col.RUN_ID}
+        n = sum(len(c[0]) for c in self._chunks)
+        data: dict[str, np.ndarray] = {}
+        if self._chunks:
+            floats = torch.cat([c[5] for c in self._chunks]).cpu().numpy()  # one copy per run
+            ints = torch.cat([c[6] for c in self._chunks]).cpu().numpy()
+            data[col.SAMPLE] = np.concatenate([c[0] for c in self._chunks])
+            for name, i in ((col.STEP, 1), (col.T, 2), (col.TARGET, 4)):
+                data[name] = np.concatenate([np.full(len(c[0]), c[i], dtype=np.int32)
+                                             for c in self._chunks])
+            data[col.ABAR] = np.concatenate([np.full(len(c[0]), c[3], dtype=np.float64)
+                                             for c in self._chunks])
+            for j, name in enumerate(FLOAT_COLUMNS):
+                data[name] = floats[:, j]
+            data[col.PRED_CLASS] = ints[:, 0].astype(np.int32)
+            data[col.GRAD_VANISHED] = ints[:, 1].astype(bool)
+        else:
+            data = {name: np.zeros(0) for name in col.STEP_COLUMNS if name != col.RUN_ID}
         order = np.lexsort((data[col.STEP], data[col.SAMPLE]))
-        arrays = [pa.array(np.full(len(order), self.run_id, dtype=object), pa.string())]
+        arrays = [pa.array(np.full(n, self.run_id, dtype=object), pa.string())]
         arrays += [pa.array(data[f.name][order], f.type) for f in SCHEMA if f.name != col.RUN_ID]
         meta = {col.CONFIG_METADATA_KEY: json.dumps(config or {}, sort_keys=True, default=str)}
         return pa.Table.from_arrays(arrays, schema=SCHEMA.with_metadata(meta))
@@ -169,9 +220,10 @@ class StepRecorder:
         """The kept vectors (samples, steps, 3, H, W) and their sample, step and t indices."""
         if not self._vectors:
             return {}
+        self._sync()
         steps = sorted(self._vec_step, key=self._vec_step.get)
         return {
-            **{k: v.contiguous() for k, v in self._vectors.items()},
+            **{k: v.transpose(0, 1).contiguous() for k, v in self._vectors.items()},
             col.VEC_SAMPLE: torch.tensor(sorted(self._vec_sample, key=self._vec_sample.get)),
             col.VEC_STEP: torch.tensor(steps),
             col.VEC_T: torch.tensor([self._vec_t.get(k, -1) for k in steps]),
@@ -185,10 +237,6 @@ class StepRecorder:
         meta = {"run_id": self.run_id, "record_vectors": self.record_vectors, **(metadata or {})}
         save_file(tensors, str(path), metadata=meta)
         return True
-
-
-def _np(v: torch.Tensor) -> np.ndarray:
-    return v.detach().double().cpu().numpy()
 
 
 def read_steps_config(path: str | Path) -> dict[str, Any]:

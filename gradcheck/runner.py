@@ -29,11 +29,11 @@ from tqdm.auto import tqdm
 from gradcheck import CLASS_NAMES
 from gradcheck import columns as col
 from gradcheck.config import RunConfig, config_to_dict
-from gradcheck.guidance import ClassifierGuidance
+from gradcheck.guidance import ClassifierGuidance, NetEval
 from gradcheck.models import load_classifier, load_ddpm
 from gradcheck.paths import default_classifier, default_ddpm
 from gradcheck.recorder import RECORD_VECTORS, StepRecorder, expected_vector_bytes
-from gradcheck.sampler import Observer, check_sampling_args, sample_guided, to_uint8
+from gradcheck.sampler import Lane, Observer, check_sampling_args, sample_lanes, to_uint8
 from gradcheck.stabilizers import check_stabilizer
 from gradcheck.utils import (
     GradcheckError,
@@ -51,6 +51,10 @@ CLASSIFIER_KINDS = ("nonrobust", "robust", "adversarial")
 """Guiding classifiers shipped in the reference checkpoints (paths.default_classifier)."""
 CLASSIFIER_CHOICES = (*CLASSIFIER_KINDS, "oracle")
 PROTOCOLS = ("auto", "paper", "reduced")
+PRECISIONS = ("fp32", "tf32", "bf16")
+SHARED_FIELDS = ("num_samples", "batch_size", "steps", "seed", "device", "ddpm", "judge",
+                 "data_root", "precision", "net_batch", "compile")
+"""Fields that configurations sampled together (:func:`run_many`) must share."""
 PAPER_SIZE = (64, 1000)  # GradCheck §3.4: 64 samples, T = 1000 steps
 REDUCED_SIZE = (8, 50)  # ~4 min on 2 CPU cores with the paper UNet and the x0-estimate
 
@@ -88,6 +92,10 @@ def validate_config(cfg: RunConfig) -> None:
             raise GradcheckError(f"{name} must be an integer >= 1, got {value!r}")
     check_choice("record_vectors", cfg.record_vectors, RECORD_VECTORS)
     check_choice("protocol", cfg.protocol, PROTOCOLS)
+    check_choice("precision", cfg.precision, PRECISIONS)
+    if cfg.net_batch is not None and (isinstance(cfg.net_batch, bool)
+                                      or not isinstance(cfg.net_batch, int) or cfg.net_batch < 1):
+        raise GradcheckError(f"net_batch must be an integer >= 1, got {cfg.net_batch!r}")
     if cfg.classifier == "oracle" and cfg.x0_estimate:
         raise GradcheckError(
             "--x0-estimate does not apply to --classifier oracle: the oracle's gradient is exact "
@@ -110,7 +118,17 @@ def resolve_config(cfg: RunConfig) -> RunConfig:
         sizes = REDUCED_SIZE
     elif resolve_device(cfg.device).type == "cpu" and sizes == PAPER_SIZE:
         sizes = REDUCED_SIZE
-    return dataclasses.replace(cfg, num_samples=sizes[0], steps=sizes[1])
+    gpu = resolve_device(cfg.device).type == "cuda"
+    if cfg.precision == "tf32" and not gpu:
+        raise GradcheckError("precision tf32 needs a CUDA device; use fp32 or bf16")
+    net_batch = cfg.net_batch if cfg.net_batch is not None else (64 if gpu else 8)
+    return dataclasses.replace(cfg, num_samples=sizes[0], steps=sizes[1], net_batch=net_batch)
+
+
+def shared_key(cfg: RunConfig) -> tuple:
+    """What configurations must share to be sampled together (:func:`run_many`)."""
+    cfg = resolve_config(cfg)
+    return tuple(getattr(cfg, f) for f in SHARED_FIELDS)
 
 
 def _hash_view(cfg: RunConfig) -> dict[str, Any]:
@@ -239,108 +257,188 @@ def run(
 
     ``observers`` see every :class:`~gradcheck.sampler.GuidanceStep` besides the recorder.
     """
-    requested = cfg
-    cfg = resolve_config(cfg)
-    device = resolve_device(cfg.device)
-    if (cfg.num_samples, cfg.steps) != (requested.num_samples, requested.steps):
+    return run_many([cfg], out=out, names=[name], overwrite=overwrite, progress=progress,
+                    observers=observers)[0]
+
+
+def run_many(
+    cfgs: Sequence[RunConfig],
+    out: Path = Path("runs"),
+    names: Sequence[str | None] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    observers: Sequence[Observer] = (),
+) -> list[Path]:
+    """Several runs sampled together, one run folder each (what the sweep does per seed).
+
+    The configurations must share :data:`SHARED_FIELDS` (seed, sizes, checkpoints, device,
+    precision): they become lanes of one :func:`~gradcheck.sampler.sample_lanes` call, which
+    shares x_T, the noise and the UNet calls without gradient, and loads each model once.
+    Every run folder is identical to what :func:`run` writes for its config alone, but for the
+    wall times: ``wall_time_s`` is the run's share of the ``batched_wall_time_s`` that
+    ``batched_runs`` runs shared. Folders are written atomically; an error leaves none of them.
+    """
+    if not cfgs:
+        raise GradcheckError("run_many needs at least one run config")
+    names = list(names) if names is not None else [None] * len(cfgs)
+    if len(names) != len(cfgs):
+        raise GradcheckError(f"got {len(cfgs)} configs but {len(names)} names")
+    requested = list(cfgs)
+    cfgs = [resolve_config(c) for c in cfgs]
+    shared = {f: getattr(cfgs[0], f) for f in SHARED_FIELDS}
+    for c in cfgs[1:]:
+        differ = [f for f in SHARED_FIELDS if getattr(c, f) != shared[f]]
+        if differ:
+            raise GradcheckError(f"runs sampled together must share {', '.join(differ)}")
+    base = cfgs[0]
+    device = resolve_device(base.device)
+    if (base.num_samples, base.steps) != (requested[0].num_samples, requested[0].steps):
         log.warning(
             "%s protocol: %d samples x %d sampling steps (--protocol paper gives 64 x 1000; "
             "--num-samples / --steps choose)",
-            "no GPU, reduced" if requested.protocol == "auto" else requested.protocol,
-            cfg.num_samples, cfg.steps,
+            "no GPU, reduced" if requested[0].protocol == "auto" else requested[0].protocol,
+            base.num_samples, base.steps,
         )
-    run_id = name if name is not None else default_run_id(cfg)
-    _check_run_name(run_id)
-    final = Path(out) / run_id
-    if final.exists() and not overwrite:
-        raise GradcheckError(f"{final} already exists; pass --overwrite to replace it")
+    run_ids = [n if n is not None else default_run_id(c) for c, n in zip(cfgs, names, strict=True)]
+    for run_id in run_ids:
+        _check_run_name(run_id)
+    if len(set(run_ids)) != len(run_ids):
+        raise GradcheckError("runs sampled together need distinct run folder names")
+    finals = [Path(out) / run_id for run_id in run_ids]
+    for final in finals:
+        if final.exists() and not overwrite:
+            raise GradcheckError(f"{final} already exists; pass --overwrite to replace it")
+    # Fail now, not after minutes of sampling, if the folders cannot be written.
+    if Path(out).exists() and not Path(out).is_dir():
+        raise GradcheckError(f"cannot write runs to {out}: it is a file, not a folder")
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise GradcheckError(f"cannot write to {out}: {e.strerror}") from None
 
-    unet, scheduler = _load_ddpm(cfg.ddpm)
-    check_sampling_args(scheduler, cfg.steps, cfg.scale, cfg.target)
+    unet, scheduler = _load_ddpm(base.ddpm)
+    for c in cfgs:
+        check_sampling_args(scheduler, c.steps, c.scale, c.target)
     unet = _frozen(unet.to(device))
+    sampling_unet = torch.compile(unet) if base.compile else unet
+    net = NetEval(rows=base.net_batch, unet_bf16=base.precision == "bf16",
+                  tf32=base.precision == "tf32")
+    models: dict[str, tuple[nn.Module, dict]] = {}  # guiding model and config, by name
+    sources: dict[tuple[str, bool], ClassifierGuidance] = {}
     oracle = None
-    if cfg.classifier == "oracle":
-        oracle = _load_oracle(cfg, scheduler, device)
-        guiding, guiding_config = oracle, {"kind": "oracle"}
-    else:
-        guiding, guiding_config = _load_classifier(cfg, device)
-        _frozen(guiding)
-    guidance = ClassifierGuidance(guiding, x0_estimate=cfg.x0_estimate)
-    with_oracle = cfg.oracle
-    if with_oracle is None:
-        # The oracle reads the whole training set at every step: cheap on a GPU, minutes on a CPU.
-        with_oracle = device.type == "cuda" and _dataset_exists(cfg.data_root)
-        if not with_oracle:
-            log.info("cos_oracle is off (on by default on a GPU with the data set; --oracle "
-                     "forces it)")
-    if with_oracle and oracle is None:
-        oracle = _load_oracle(cfg, scheduler, device)
-    with_metrics = _check_metrics(cfg)
+    for c in cfgs:
+        if c.classifier not in models:
+            if c.classifier == "oracle":
+                oracle = oracle or _load_oracle(c, scheduler, device)
+                models[c.classifier] = (oracle, {"kind": "oracle"})
+            else:
+                model, model_config = _load_classifier(c, device)
+                models[c.classifier] = (_frozen(model), model_config)
+        key = (c.classifier, c.x0_estimate)
+        if key not in sources:
+            sources[key] = ClassifierGuidance(models[c.classifier][0], x0_estimate=c.x0_estimate)
+    with_oracle = []
+    for c in cfgs:
+        wanted = c.oracle
+        if wanted is None:
+            # The oracle reads the whole training set at every step: cheap on a GPU, minutes
+            # on a CPU.
+            wanted = device.type == "cuda" and _dataset_exists(c.data_root)
+            if not wanted:
+                log.info("cos_oracle is off (on by default on a GPU with the data set; --oracle "
+                         "forces it)")
+        with_oracle.append(wanted)
+    if any(with_oracle) and oracle is None:
+        oracle = _load_oracle(base, scheduler, device)
+    with_metrics = [_check_metrics(c) for c in cfgs]
 
     image_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    if cfg.record_vectors != "none":
-        size = expected_vector_bytes(cfg.record_vectors, cfg.num_samples, cfg.steps, image_shape)
+    size = sum(expected_vector_bytes(c.record_vectors, c.num_samples, c.steps, image_shape)
+               for c in cfgs)
+    if size:
         # The recorder holds the selected vectors in RAM until the run ends.
         (log.warning if size > 1e9 else log.info)(
-            "vectors.safetensors (%s): %.1f MB expected (held in memory until written)",
-            cfg.record_vectors, size / 1e6)
-    config = {**config_to_dict(cfg), "run_id": run_id}
+            "vectors.safetensors: %.1f MB expected in all (held in memory until written)",
+            size / 1e6)
+    configs = [{**config_to_dict(c), "run_id": run_id} for c, run_id in zip(cfgs, run_ids,
+                                                                             strict=True)]
     meta = run_metadata(device)
-    recorder = StepRecorder(run_id, cfg.num_samples, cfg.steps, cfg.record_vectors,
-                            oracle=oracle if with_oracle else None)
-    n_batches = math.ceil(cfg.num_samples / cfg.batch_size)
+    recorders = [StepRecorder(run_id, c.num_samples, c.steps, c.record_vectors,
+                              oracle=oracle if wanted else None)
+                 for c, run_id, wanted in zip(cfgs, run_ids, with_oracle, strict=True)]
+    n_batches = math.ceil(base.num_samples / base.batch_size)
 
-    with atomic_output_dir(final, overwrite=overwrite) as tmp:
-        bar = tqdm(total=n_batches * cfg.steps, unit="step", desc=run_id, disable=not progress,
-                   dynamic_ncols=True)
-        start = time.perf_counter()
-        images = []
-        try:
-            for first in range(0, cfg.num_samples, cfg.batch_size):
-                indices = list(range(first, min(first + cfg.batch_size, cfg.num_samples)))
-                x = sample_guided(
-                    unet, scheduler, guidance, sample_generators(cfg.seed, indices),
-                    target=cfg.target, scale=cfg.scale, normalize=cfg.normalize,
-                    stabilizer=cfg.stabilizer, steps=cfg.steps, sample_indices=indices,
-                    observers=(recorder, lambda _: bar.update(1), *observers),
-                )
-                images.append(to_uint8(x))
-        finally:
-            bar.close()
-        wall_time = time.perf_counter() - start
-        samples = torch.cat(images).numpy()
+    desc = run_ids[0] if len(cfgs) == 1 else f"{len(cfgs)} runs, seed {base.seed}"
+    bar = tqdm(total=n_batches * base.steps, unit="step", desc=desc, disable=not progress,
+               dynamic_ncols=True)
+    start = time.perf_counter()
+    images: list[list[torch.Tensor]] = [[] for _ in cfgs]
+    try:
+        for first in range(0, base.num_samples, base.batch_size):
+            indices = list(range(first, min(first + base.batch_size, base.num_samples)))
+            lanes = [
+                Lane(guidance=sources[(c.classifier, c.x0_estimate)], target=c.target,
+                     scale=c.scale, normalize=c.normalize, stabilizer=c.stabilizer,
+                     observers=(rec, *observers) + ((lambda _: bar.update(1),) if i == 0
+                                                    else ()))
+                for i, (c, rec) in enumerate(zip(cfgs, recorders, strict=True))
+            ]
+            xs = sample_lanes(sampling_unet, scheduler, lanes,
+                              sample_generators(base.seed, indices), steps=base.steps,
+                              sample_indices=indices, net=net)
+            for store, x in zip(images, xs, strict=True):
+                store.append(to_uint8(x))
+    finally:
+        bar.close()
+    wall_time = time.perf_counter() - start
+    # Each folder is written to a temporary sibling and renamed when complete, one by one: an
+    # error in one run's metrics keeps the runs before it and leaves no part of it.
+    for i, c in enumerate(cfgs):
+        with atomic_output_dir(finals[i], overwrite=overwrite) as tmp:
+            _write_run(tmp, c, configs[i], meta, recorders[i], torch.cat(images[i]).numpy(),
+                       wall_time, len(cfgs),
+                       guiding=None if c.classifier == "oracle" else models[c.classifier],
+                       with_metrics=with_metrics[i], device=device)
+    return finals
 
-        save_json(tmp / "config.json", {**config, "run_metadata": meta})
-        np.save(tmp / "samples.npy", samples)
-        save_grid(samples, tmp / "samples.png")
-        recorder.write_steps(tmp / "steps.parquet", config)
-        recorder.write_vectors(tmp / "vectors.safetensors", {"config": json.dumps(config)})
 
-        steps = recorder.frame()
-        vanished = int(steps[col.GRAD_VANISHED].sum())
-        if vanished:
-            log.warning("%d of %d (sample, step) gradients vanished (grad_vanished; no guidance "
-                        "applied there)", vanished, len(steps))
-        row = {
-            "run_id": run_id,
-            **{k: config[k] for k in ("classifier", "x0_estimate", "stabilizer", "normalize",
-                                      "scale", "target", "seed", "steps", "num_samples")},
-            "wall_time_s": wall_time,
-            "hardware": meta["hardware"],
-            "mean_cos_prev_raw": _nanmean(steps[col.COS_PREV_RAW]),
-            "mean_cos_prev_applied": _nanmean(steps[col.COS_PREV_APPLIED]),
-            "grad_vanished_frac": vanished / max(len(steps), 1),
-        }
-        if with_metrics:
-            from gradcheck.metrics import evaluate_samples
+def _write_run(
+    tmp: Path, cfg: RunConfig, config: dict[str, Any], meta: dict[str, Any],
+    recorder: StepRecorder, samples: np.ndarray, wall_time: float, batched_runs: int,
+    guiding: tuple[nn.Module, dict] | None, with_metrics: bool, device: torch.device,
+) -> None:
+    """Write one run folder's files (DESIGN.md §4) into its temporary folder."""
+    save_json(tmp / "config.json", {**config, "run_metadata": meta})
+    np.save(tmp / "samples.npy", samples)
+    save_grid(samples, tmp / "samples.png")
+    recorder.write_steps(tmp / "steps.parquet", config)
+    recorder.write_vectors(tmp / "vectors.safetensors", {"config": json.dumps(config)})
 
-            guiding_pair = None if cfg.classifier == "oracle" else (guiding, guiding_config)
-            row.update(evaluate_samples(samples, cfg.target, guiding=guiding_pair,
-                                        judge=cfg.judge, data_root=cfg.data_root,
-                                        device=str(device)))
-        save_json(tmp / "metrics.json", row)
-        pd.DataFrame([row]).to_parquet(tmp / "metrics.parquet", index=False)
-    return final
+    steps = recorder.frame()
+    vanished = int(steps[col.GRAD_VANISHED].sum())
+    if vanished:
+        log.warning("%s: %d of %d (sample, step) gradients vanished (grad_vanished; no guidance "
+                    "applied there)", config["run_id"], vanished, len(steps))
+    row = {
+        "run_id": config["run_id"],
+        **{k: config[k] for k in ("classifier", "x0_estimate", "stabilizer", "normalize",
+                                  "scale", "target", "seed", "steps", "num_samples")},
+        # Runs sampled together share one wall time: each records its share, so sums add up.
+        "wall_time_s": wall_time / batched_runs,
+        "batched_runs": batched_runs,
+        "batched_wall_time_s": wall_time,
+        "hardware": meta["hardware"],
+        "mean_cos_prev_raw": _nanmean(steps[col.COS_PREV_RAW]),
+        "mean_cos_prev_applied": _nanmean(steps[col.COS_PREV_APPLIED]),
+        "grad_vanished_frac": vanished / max(len(steps), 1),
+    }
+    if with_metrics:
+        from gradcheck.metrics import evaluate_samples
+
+        row.update(evaluate_samples(samples, cfg.target, guiding=guiding, judge=cfg.judge,
+                                    data_root=cfg.data_root, device=str(device)))
+    save_json(tmp / "metrics.json", row)
+    pd.DataFrame([row]).to_parquet(tmp / "metrics.parquet", index=False)
 
 
 def _nanmean(values: pd.Series) -> float:

@@ -1,8 +1,16 @@
 """The guided DDPM loop (DESIGN.md D1-D7). It emits one read-only GuidanceStep per step.
 
 :func:`sample_guided` is a plain function, like k-diffusion's samplers: everything it does is in
-the loop below, numbered by the equations of DESIGN.md §3. Observers (the recorder, a progress
-bar) receive a frozen :class:`GuidanceStep` of detached copies, so they can never change a sample.
+the loop of :func:`_sample_lanes`, numbered by the equations of DESIGN.md §3. Observers (the
+recorder, a progress bar) receive a frozen :class:`GuidanceStep` of detached copies, so they can
+never change a sample.
+
+Several guidance configurations ("lanes") can share one loop (:func:`sample_lanes`, used by the
+sweep): same seeds, same x_T and noise, one UNet pass for the lanes that need no gradient
+through it. Networks run in fixed row pieces (:class:`~gradcheck.guidance.NetEval`), so a
+sample is bit-identical whatever its batch size or lane company. Nothing in the loop waits for
+the GPU: timesteps and abar_t stay on the host as kernel scalars, noise comes from pinned memory
+asynchronously, and observers get device tensors.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from gradcheck import CLASS_NAMES
 from gradcheck.guidance import (
     GuidanceSource,
+    NetEval,
     cosine,
     normalize_guidance,
     score_from_eps,
@@ -31,7 +40,9 @@ VARIANCE_TYPES = ("fixed_small", "fixed_large")
 
 @dataclass(frozen=True)
 class GuidanceStep:
-    """What happened at one sampling step, for observers. Tensors are detached copies: (B, ...)."""
+    """What happened at one sampling step, for observers. Tensors are detached copies on the
+    sampling device, (B, ...), except ``sample`` (on the CPU); reading them on the host is the
+    observer's choice (and, on a GPU, a sync)."""
 
     step: int  # k = 0 .. num_steps - 1
     num_steps: int
@@ -41,6 +52,7 @@ class GuidanceStep:
     scale: float  # s, D6
     target: int
     x0_estimate: bool  # whether the classifier saw x0_hat (D2) instead of x_t
+    guided: bool  # whether a gradient source guided this lane (False: log_probs are NaN)
     sample: torch.Tensor  # (B,) int64 global sample indices
     x_t: torch.Tensor  # (B, 3, H, W)
     eps: torch.Tensor  # eps_theta(x_t, t)
@@ -80,10 +92,69 @@ def check_sampling_args(
             f"scheduler variance_type {scheduler.config.variance_type!r} is not supported; "
             f"use one of: {', '.join(VARIANCE_TYPES)}"
         )
+    if scheduler.config.thresholding:
+        raise GradcheckError("scheduler thresholding is not supported (D6 uses the clipped "
+                             "x0 of DDPM); set thresholding=False")
     if scheduler.config.prediction_type != "epsilon":
         raise GradcheckError(
             f"the DDPM must predict epsilon (D1), got {scheduler.config.prediction_type!r}"
         )
+
+
+@dataclass(frozen=True)
+class Lane:
+    """One guidance configuration of a sampling call: what a ``gradcheck run`` varies.
+
+    Several lanes sample the same seeds side by side (the sweep's batched configurations):
+    they share x_T and every step's noise, so they stay paired exactly as separate runs with
+    the same seed would be, and share the UNet calls that need no gradient.
+    """
+
+    guidance: GuidanceSource | None = None  # None: unguided (g = 0)
+    target: int = 0
+    scale: float = 1.0
+    normalize: bool = True
+    stabilizer: str | Callable[[], Stabilizer] = "none"
+    observers: Sequence[Observer] = ()
+
+
+def ddpm_step(
+    scheduler: DDPMScheduler, eps: torch.Tensor, t: int, x_t: torch.Tensor, noise: torch.Tensor
+) -> torch.Tensor:
+    """The unguided ancestral step x_t -> x_{t-1} of ``DDPMScheduler.step`` (epsilon prediction,
+    clipped x0, fixed variance) with the noise given instead of drawn, so that lanes sharing a
+    seed share the draw. The same float32 operations in the same order: bit-identical to
+    ``scheduler.step(eps, t, x_t, generator=...)`` fed the same noise (tested)."""
+    prev_t = scheduler.previous_timestep(t)
+    alpha_prod_t = scheduler.alphas_cumprod[t]
+    alpha_prod_t_prev = scheduler.alphas_cumprod[prev_t] if prev_t >= 0 else scheduler.one
+    beta_prod_t = 1 - alpha_prod_t
+    beta_prod_t_prev = 1 - alpha_prod_t_prev
+    current_alpha_t = alpha_prod_t / alpha_prod_t_prev
+    current_beta_t = 1 - current_alpha_t
+    x0 = (x_t - beta_prod_t ** (0.5) * eps) / alpha_prod_t ** (0.5)
+    if scheduler.config.clip_sample:
+        r = scheduler.config.clip_sample_range
+        x0 = x0.clamp(-r, r)
+    x0_coeff = (alpha_prod_t_prev ** (0.5) * current_beta_t) / beta_prod_t
+    xt_coeff = current_alpha_t ** (0.5) * beta_prod_t_prev / beta_prod_t
+    mean = x0_coeff * x0 + xt_coeff * x_t
+    if t > 0:
+        return mean + (scheduler._get_variance(t) ** 0.5) * noise
+    return mean + 0
+
+
+def _host_noise(shape: tuple[int, ...], gens: Sequence[torch.Generator],
+                device: torch.device) -> torch.Tensor:
+    """One normal draw per generator, on its (CPU) generator, copied to ``device`` without a
+    sync: the host buffer is pinned and the copy asynchronous (the caching host allocator keeps
+    the buffer until the copy has run)."""
+    if device.type != "cuda" or any(g.device.type != "cpu" for g in gens):
+        return randn_per_sample(shape, gens, device)
+    buf = torch.empty((len(gens), *shape), pin_memory=True)
+    for i, g in enumerate(gens):
+        torch.randn(shape, generator=g, out=buf[i])
+    return buf.to(device, non_blocking=True)
 
 
 def sample_guided(
@@ -99,93 +170,182 @@ def sample_guided(
     steps: int = 1000,
     sample_indices: Sequence[int] | None = None,
     observers: Sequence[Observer] = (),
+    net: NetEval = NetEval(),
 ) -> torch.Tensor:
     """Classifier-guided DDPM sampling of one batch -> x_0 (B, 3, H, W), unclamped.
 
     One generator per sample draws x_T and every step's noise (EDM's per-sample seeding), so a
     sample does not depend on its batch, and runs sharing the generators' seeds are paired:
     ``scale=0`` gives exactly the unguided sample. ``guidance=None`` samples unguided (g = 0).
-    ``steps`` < T respaces the chain with ``scheduler.set_timesteps``.
+    ``steps`` < T respaces the chain with ``scheduler.set_timesteps``. ``net`` says how the
+    networks are evaluated (fixed row pieces, bf16 UNet): see :class:`NetEval`.
     """
-    check_sampling_args(scheduler, steps, scale, target)
+    lane = Lane(guidance=guidance, target=target, scale=scale, normalize=normalize,
+                stabilizer=stabilizer, observers=observers)
+    return sample_lanes(unet, scheduler, [lane], generators, steps=steps,
+                        sample_indices=sample_indices, net=net)[0]
+
+
+def sample_lanes(
+    unet: UNet2DModel,
+    scheduler: DDPMScheduler,
+    lanes: Sequence[Lane],
+    generators: Sequence[torch.Generator],
+    *,
+    steps: int = 1000,
+    sample_indices: Sequence[int] | None = None,
+    net: NetEval = NetEval(),
+) -> list[torch.Tensor]:
+    """:func:`sample_guided` for several lanes over the same samples -> one x_0 per lane.
+
+    The lanes' batches are stacked (lane-major, L x B rows). With ``net.rows`` set, every
+    network call has that many rows, so each lane's samples are bit-identical to sampling the
+    lane alone; the gain is fewer, fuller calls: one UNet pass for all lanes that need no
+    gradient through it, one classifier pass per gradient source.
+    """
+    with net.numerics():
+        return _sample_lanes(unet, scheduler, lanes, generators, steps, sample_indices, net)
+
+
+def _sample_lanes(
+    unet: UNet2DModel,
+    scheduler: DDPMScheduler,
+    lanes: Sequence[Lane],
+    generators: Sequence[torch.Generator],
+    steps: int,
+    sample_indices: Sequence[int] | None,
+    net: NetEval,
+) -> list[torch.Tensor]:
+    """:func:`sample_lanes` under its numerics settings: the loop, numbered by D1-D7."""
+    for lane in lanes:
+        check_sampling_args(scheduler, steps, lane.scale, lane.target)
+    if not lanes:
+        raise GradcheckError("need at least one lane (guidance configuration)")
     b = len(generators)
     if b == 0:
         raise GradcheckError("need at least one generator (one per sample)")
     indices = list(range(b)) if sample_indices is None else list(sample_indices)
     if len(indices) != b:
         raise GradcheckError(f"got {b} generators but {len(indices)} sample indices")
+    if net.rows is not None and net.rows < 1:
+        raise GradcheckError(f"net rows must be >= 1, got {net.rows}")
     device = unet.device
-    n_classes = len(CLASS_NAMES)
+    n_lanes, n_classes = len(lanes), len(CLASS_NAMES)
     c, size = unet.config.in_channels, unet.config.sample_size
     size = (size, size) if isinstance(size, int) else tuple(size)
-    y = torch.full((b,), target, dtype=torch.long, device=device)
+    lane_rows = [slice(i * b, (i + 1) * b) for i in range(n_lanes)]
+    y = torch.cat([torch.full((b,), lane.target, dtype=torch.long, device=device)
+                   for lane in lanes])
     sample_ids = torch.as_tensor(indices, dtype=torch.long)
-    stab = make_stabilizer(stabilizer) if isinstance(stabilizer, str) else stabilizer()
+    stabs = [make_stabilizer(lane.stabilizer) if isinstance(lane.stabilizer, str)
+             else lane.stabilizer() for lane in lanes]
+    # Lanes that need no gradient through the UNet get eps from one shared no-grad pass; lanes
+    # sharing a gradient source get their gradients from one pass of it.
+    shared = [i for i, lane in enumerate(lanes)
+              if lane.guidance is None or not lane.guidance.x0_estimate]
+    sources: dict[int, list[int]] = {}
+    for i, lane in enumerate(lanes):
+        if lane.guidance is not None:
+            sources.setdefault(id(lane.guidance), []).append(i)
     scheduler.set_timesteps(steps)
     gens = list(generators)
     nan = float("nan")
 
-    # 0. x_T ~ N(0, I), drawn per sample.
-    x = randn_per_sample((c, *size), gens, device)
-    g_prev = gtilde_prev = None
-    for k, t in enumerate(scheduler.timesteps.tolist()):
-        abar_cpu = scheduler.alphas_cumprod[t]  # read on the host: no device sync per step
-        abar = abar_cpu.to(device=device, dtype=x.dtype)
+    def rows_of(v: torch.Tensor, members: Sequence[int]) -> torch.Tensor:
+        return v if len(members) == n_lanes else torch.cat([v[lane_rows[i]] for i in members])
 
-        def eps_fn(x_in: torch.Tensor, t: int = t) -> torch.Tensor:
-            return unet(x_in, t).sample
+
+    # 0. x_T ~ N(0, I), drawn per sample and shared by the lanes.
+    x = randn_per_sample((c, *size), gens, device).repeat(n_lanes, 1, 1, 1)
+    g_prev: list[torch.Tensor | None] = [None] * n_lanes
+    gtilde_prev: list[torch.Tensor | None] = [None] * n_lanes
+    for k, t in enumerate(scheduler.timesteps.tolist()):
+        abar = scheduler.alphas_cumprod[t]  # a 0-d CPU tensor: a kernel scalar, never a sync
+        # t as a device tensor made by a fill: an int would reach the UNet by a host copy.
+        t_dev = torch.full((), t, dtype=torch.long, device=device)
+
+        def eps_fn(x_in: torch.Tensor, t_dev: torch.Tensor = t_dev) -> torch.Tensor:
+            with net.unet_autocast(device):
+                return unet(x_in, t_dev).sample.float()
 
         # 1. eps_theta(x_t, t) and the raw gradient g_t = grad_{x_t} log p(y | x_in) (D3); the
         #    source decides whether x_in is x_t or x0_hat (D2, gradient through the UNet).
-        if guidance is None:
+        eps = torch.empty_like(x)
+        g = torch.zeros_like(x)
+        log_probs = torch.full((n_lanes * b, n_classes), nan, device=device)
+        log_probs_x0 = torch.full_like(log_probs, nan)
+        if shared:
             with torch.no_grad():
-                eps = eps_fn(x)
-            g = torch.zeros_like(x)
-            log_probs = log_probs_x0 = torch.full((b, n_classes), nan, device=device)
-        else:
-            out = guidance(eps_fn, x, t, abar, y)
-            eps, g, log_probs, log_probs_x0 = out.eps, out.grad, out.log_probs, out.log_probs_x0
+                shared_eps = net.map(eps_fn, rows_of(x, shared))
+            for j, i in enumerate(shared):
+                eps[lane_rows[i]] = shared_eps[j * b:(j + 1) * b]
+        for members in sources.values():
+            source = lanes[members[0]].guidance
+            out = source(eps_fn, rows_of(x, members), t, abar, rows_of(y, members), net=net,
+                         eps=None if source.x0_estimate else rows_of(eps, members))
+            for j, i in enumerate(members):
+                piece = slice(j * b, (j + 1) * b)
+                eps[lane_rows[i]] = out.eps[piece]
+                g[lane_rows[i]] = out.grad[piece]
+                log_probs[lane_rows[i]] = out.log_probs[piece]
+                log_probs_x0[lane_rows[i]] = out.log_probs_x0[piece]
 
         # 2. The DDPM score (D1) and the x0-estimate (D2), from the same eps.
         score = score_from_eps(eps, abar)
         x0_hat = x0_from_eps(x, eps, abar)
 
-        # 3. Stabiliser h_t = S(g_t) (D4), per-sample state, fresh for this call.
-        h = stab(g)
+        # 3.-4. Per lane: stabiliser h_t = S(g_t) (D4), per-sample state fresh for this call;
+        #    normalisation gtilde_t = ||score|| h / ||h|| (D5), vanished gradients give 0.
+        hs, gtildes, vanished = [], [], []
+        for i, lane in enumerate(lanes):
+            h = stabs[i](g[lane_rows[i]])
+            gt, van = normalize_guidance(h, score[lane_rows[i]], lane.normalize)
+            hs.append(h)
+            gtildes.append(gt)
+            vanished.append(van)
 
-        # 4. Normalisation gtilde_t = ||score|| h / ||h|| (D5); vanished gradients give 0.
-        gtilde, vanished = normalize_guidance(h, score, normalize)
-
-        # 5. Guided step (D6): the scheduler's unguided step with each sample's own noise draw,
-        #    then the mean shift s sigma_t^2 gtilde_t (Dhariwal & Nichol Alg. 1).
-        with torch.no_grad():
-            x_prev = scheduler.step(eps, t, x, generator=gens).prev_sample
+        # 5. Guided step (D6): the scheduler's unguided step with each sample's own noise draw
+        #    (shared by the lanes), then the mean shift s sigma_t^2 gtilde_t (Dhariwal & Nichol
+        #    Alg. 1).
+        noise = _host_noise((c, *size), gens, device) if t > 0 else None
         sigma2 = float(scheduler._get_variance(t))
-        x_prev = x_prev + (scale * sigma2) * gtilde
+        with torch.no_grad():
+            x_prev = ddpm_step(scheduler, eps, t, x,
+                               noise.repeat(n_lanes, 1, 1, 1) if noise is not None else None)
+        x_prev = torch.cat([x_prev[lane_rows[i]] + (lane.scale * sigma2) * gtildes[i]
+                            for i, lane in enumerate(lanes)])
 
-        # 6. Stability (D7): cosine to the previous sampling step, raw and applied.
-        if g_prev is None:
-            cos_prev_raw = cos_prev_applied = torch.full((b,), nan, dtype=torch.float64)
-        else:
-            cos_prev_raw, cos_prev_applied = cosine(g, g_prev), cosine(gtilde, gtilde_prev)
-        g_prev, gtilde_prev = g, gtilde
-
-        # 7. Report the step to the observers (copies: they cannot change the sample).
-        if observers:
-            report = GuidanceStep(
-                step=k, num_steps=steps, t=t, abar=float(abar_cpu), sigma2=sigma2, scale=scale,
-                target=target, x0_estimate=bool(getattr(guidance, "x0_estimate", False)),
-                sample=sample_ids.clone(), x_t=_frozen_copy(x), eps=_frozen_copy(eps),
-                score=_frozen_copy(score), x0_hat=_frozen_copy(x0_hat), grad_raw=_frozen_copy(g),
-                grad_stabilized=_frozen_copy(h), grad_applied=_frozen_copy(gtilde),
-                vanished=_frozen_copy(vanished).cpu(), cos_prev_raw=cos_prev_raw.cpu(),
-                cos_prev_applied=cos_prev_applied.cpu(), log_probs=_frozen_copy(log_probs),
-                log_probs_x0=_frozen_copy(log_probs_x0), x_prev=_frozen_copy(x_prev),
-            )
-            for observe in observers:
-                observe(report)
+        # 6.-7. Per lane: stability (D7), the cosine to the previous sampling step, raw and
+        #    applied; then the step's report to the lane's observers (copies: they cannot
+        #    change a sample). Nothing here waits for the device.
+        for i, lane in enumerate(lanes):
+            rows, gi = lane_rows[i], g[lane_rows[i]]
+            if g_prev[i] is None:
+                cos_prev_raw = cos_prev_applied = torch.full((b,), nan, dtype=torch.float64,
+                                                             device=device)
+            else:
+                cos_prev_raw = cosine(gi, g_prev[i])
+                cos_prev_applied = cosine(gtildes[i], gtilde_prev[i])
+            g_prev[i], gtilde_prev[i] = gi, gtildes[i]
+            if lane.observers:
+                report = GuidanceStep(
+                    step=k, num_steps=steps, t=t, abar=float(abar), sigma2=sigma2,
+                    scale=lane.scale, target=lane.target,
+                    x0_estimate=bool(getattr(lane.guidance, "x0_estimate", False)),
+                    guided=lane.guidance is not None, sample=sample_ids.clone(),
+                    x_t=_frozen_copy(x[rows]), eps=_frozen_copy(eps[rows]),
+                    score=_frozen_copy(score[rows]), x0_hat=_frozen_copy(x0_hat[rows]),
+                    grad_raw=_frozen_copy(gi), grad_stabilized=_frozen_copy(hs[i]),
+                    grad_applied=_frozen_copy(gtildes[i]), vanished=_frozen_copy(vanished[i]),
+                    cos_prev_raw=cos_prev_raw.clone(), cos_prev_applied=cos_prev_applied.clone(),
+                    log_probs=_frozen_copy(log_probs[rows]),
+                    log_probs_x0=_frozen_copy(log_probs_x0[rows]),
+                    x_prev=_frozen_copy(x_prev[rows]),
+                )
+                for observe in lane.observers:
+                    observe(report)
         x = x_prev.detach()
-    return x
+    return [x[rows] for rows in lane_rows]
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:

@@ -175,13 +175,24 @@ def run_sweep(
     if n > 1:
         _use_local_gpu(os.environ)
     ran, skipped = [], []
-    bar = tqdm(list(zip(configs, ids, strict=True)), desc=f"sweep {cfg.grid} {i}/{n}",
-               unit="run", disable=not progress)
-    for run_cfg, run_id in bar:
+    todo = []
+    for run_cfg, run_id in zip(configs, ids, strict=True):
         if is_finished(out / run_id):
             skipped.append(run_id)
-            continue
-        bar.set_postfix_str(run_id)
-        runner.run(run_cfg, out=out, name=run_id, overwrite=False, progress=False)
-        ran.append(run_id)
+        else:
+            todo.append((run_cfg, run_id))
+    # Configurations of one seed (and sizes) are sampled together: same samples, fewer calls.
+    groups: dict[tuple, list[tuple[RunConfig, str]]] = {}
+    for run_cfg, run_id in todo:
+        key = (runner.shared_key(run_cfg) if cfg.batch_configs else run_id)
+        groups.setdefault(key, []).append((run_cfg, run_id))
+    bar = tqdm(total=len(todo), desc=f"sweep {cfg.grid} {i}/{n}", unit="run",
+               disable=not progress)
+    for group in groups.values():
+        bar.set_postfix_str(group[0][1] if len(group) == 1 else f"{len(group)} runs together")
+        runner.run_many([c for c, _ in group], out=out, names=[r for _, r in group],
+                        overwrite=False, progress=False)
+        ran.extend(r for _, r in group)
+        bar.update(len(group))
+    bar.close()
     return SweepResult(tuple(ids), tuple(ran), tuple(skipped), (i, n))

@@ -6,11 +6,13 @@
 #   scripts/reference.sh stage1   # data set; DDPM sitting 1 || nonrobust + judge classifiers
 #   scripts/reference.sh stage2   # DDPM sitting 2 || robust + adversarial
 #   scripts/reference.sh stage3   # DDPM sitting 3 (GPU to itself); eval-ddpm with the judge
+#   scripts/reference.sh stage4   # DDPM sitting 4 with the multiscale loss; eval on 1,000 samples
+#   scripts/reference.sh bench    # gradcheck bench (fp32, tf32, bf16) and the Table 1 protocol
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 G="python3 -m gradcheck"
 CK=checkpoints/sportballs-v1
-stage=${1:?usage: scripts/reference.sh stage1|stage2|stage3}
+stage=${1:?usage: scripts/reference.sh stage1|stage2|stage3|stage4|bench}
 LOG=${LOG_DIR:-/tmp/reference-logs}
 mkdir -p "$LOG"
 
@@ -50,8 +52,25 @@ stage3)
   $G eval-ddpm $CK/ddpm --num-samples "${EVAL_SAMPLES:-256}" --batch-size 256 \
     --judge $CK/classifiers/judge --no-progress 2>&1 | tee "$LOG/eval_ddpm.log"
   ;;
+stage4)
+  # Not run yet: the shipped DDPM misses the white-border bar (30%); the multiscale loss targets
+  # exactly its tinted backgrounds (train_ddpm.py's docstring).
+  $G train-ddpm --preset paper --init-from $CK/ddpm --name sportballs-v1-sitting4 \
+    --multiscale-weight 0.02 --max-minutes "${DDPM_MINUTES:-8}" --batch-size 256 \
+    --sample-every 0 --checkpoint-every 0 --no-progress --overwrite 2>&1 | tee "$LOG/ddpm4.log"
+  $G eval-ddpm checkpoints/sportballs-v1-sitting4/ddpm --num-samples 1000 --batch-size 250 \
+    --judge $CK/classifiers/judge --no-progress 2>&1 | tee "$LOG/eval_ddpm4.log"
+  ;;
+bench)
+  mkdir -p reports/bench
+  for p in fp32 tf32 bf16; do
+    $G bench --precision $p --json reports/bench/bench-$p.json 2>&1 | tee "$LOG/bench-$p.log"
+  done
+  $G bench --table1 --precision tf32 --json reports/bench/table1-tf32.json 2>&1 \
+    | tee "$LOG/table1.log"
+  ;;
 *)
-  echo "unknown stage $stage; use stage1, stage2 or stage3" >&2
+  echo "unknown stage $stage; use stage1, stage2, stage3, stage4 or bench" >&2
   exit 2
   ;;
 esac

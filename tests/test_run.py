@@ -197,6 +197,57 @@ def test_protocol_resolution():
     assert (mine.num_samples, mine.steps) == (16, 1000)
 
 
+def test_precision_and_net_batch_resolution():
+    cpu = resolve_config(RunConfig(device="cpu"))
+    assert (cpu.precision, cpu.net_batch) == ("fp32", 8)  # fp32 is the default everywhere
+    mine = resolve_config(RunConfig(device="cpu", precision="bf16", net_batch=3))
+    assert (mine.precision, mine.net_batch) == ("bf16", 3)
+
+
+def test_batch_size_does_not_change_run_files(ckpt, tmp_path):
+    cfg = tiny_cfg(ckpt, x0_estimate=True, stabilizer="adam", num_samples=4,
+                   record_vectors="all")
+    a = run(dataclasses.replace(cfg, batch_size=1), out=tmp_path, name="b1", progress=False)
+    b = run(dataclasses.replace(cfg, batch_size=4), out=tmp_path, name="b4", progress=False)
+    assert np.array_equal(np.load(a / "samples.npy"), np.load(b / "samples.npy"))
+    steps_a, steps_b = (pd.read_parquet(f / "steps.parquet") for f in (a, b))
+    pd.testing.assert_frame_equal(steps_a.drop(columns="run_id"), steps_b.drop(columns="run_id"))
+    va, vb = load_file(a / "vectors.safetensors"), load_file(b / "vectors.safetensors")
+    assert all(torch.equal(va[k], vb[k]) for k in va)
+
+
+def test_run_many_writes_what_separate_runs_write(ckpt, tmp_path):
+    """The sweep's batched configurations: one sampling call, the same run folders."""
+    cfgs = [tiny_cfg(ckpt, record_vectors="all"),
+            tiny_cfg(ckpt, x0_estimate=True, stabilizer="adam", target=3, record_vectors="all"),
+            tiny_cfg(ckpt, scale=0.0, normalize=False, record_vectors="subset")]
+    together = gradcheck.runner.run_many(cfgs, out=tmp_path / "together", progress=False)
+    alone = [run(c, out=tmp_path / "alone", progress=False) for c in cfgs]
+    for t, a in zip(together, alone, strict=True):
+        assert t.name == a.name
+        assert np.array_equal(np.load(t / "samples.npy"), np.load(a / "samples.npy"))
+        pd.testing.assert_frame_equal(pd.read_parquet(t / "steps.parquet"),
+                                      pd.read_parquet(a / "steps.parquet"))
+        vt, va = load_file(t / "vectors.safetensors"), load_file(a / "vectors.safetensors")
+        assert vt.keys() == va.keys() and all(torch.equal(vt[k], va[k]) for k in vt)
+        mt, ma = load_json(t / "metrics.json"), load_json(a / "metrics.json")
+        assert (mt["batched_runs"], ma["batched_runs"]) == (3, 1)
+        assert mt["wall_time_s"] == pytest.approx(mt["batched_wall_time_s"] / 3)
+        timing = ("wall_time_s", "batched_runs", "batched_wall_time_s")
+        assert {k: v for k, v in mt.items() if k not in timing} == \
+            {k: v for k, v in ma.items() if k not in timing}
+
+
+def test_run_many_needs_shared_settings_and_leaves_nothing(ckpt, tmp_path):
+    cfgs = [tiny_cfg(ckpt), tiny_cfg(ckpt, seed=1, x0_estimate=True)]
+    with pytest.raises(GradcheckError, match="runs sampled together must share seed"):
+        gradcheck.runner.run_many(cfgs, out=tmp_path, progress=False)
+    with pytest.raises(GradcheckError, match="distinct run folder names"):
+        gradcheck.runner.run_many([tiny_cfg(ckpt), tiny_cfg(ckpt)], out=tmp_path,
+                                  progress=False)
+    assert _no_run_folder(tmp_path)
+
+
 def test_parse_target():
     assert [parse_target(v) for v in ("baseball", "Soccer", "3", 1)] == [0, 2, 3, 1]
     with pytest.raises(GradcheckError, match="unknown target 'tennis'; choose one of: baseball"):
@@ -221,6 +272,9 @@ def _no_run_folder(out: Path) -> bool:
         (dict(num_samples=0), "num_samples must be an integer >= 1, got 0"),
         (dict(record_vectors="some"), "unknown record_vectors 'some'"),
         (dict(protocol="quick"), "unknown protocol 'quick'"),
+        (dict(precision="fp8"), "unknown precision 'fp8'; choose one of: fp32, tf32, bf16"),
+        (dict(precision="tf32"), "precision tf32 needs a CUDA device; use fp32 or bf16"),
+        (dict(net_batch=0), "net_batch must be an integer >= 1, got 0"),
         (dict(ddpm="no/such/ddpm"), "no/such/ddpm is not a DDPM pipeline folder"),
         (dict(metrics=True), "judge checkpoint not found in .*missing-judge.*--no-metrics"),
     ],
@@ -279,18 +333,21 @@ def test_cli_run(ckpt, tmp_path, capsys):
             "--steps", "3", "--device", "cpu", "--no-metrics", "--no-progress",
             "--record-vectors", "none", "--out", str(tmp_path)]
     with pytest.raises(SystemExit) as exit_info:
-        main([*args, "--adam"])
+        main([*args, "--adam", "--precision", "bf16", "--net-batch", "4"])
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
     assert "mean cos_prev applied" in printed and "metrics" in printed
     (folder,) = tmp_path.iterdir()
     config = load_json(folder / "config.json")
     assert (config["stabilizer"], config["target"], config["x0_estimate"]) == ("adam", 2, True)
+    assert (config["precision"], config["net_batch"], config["compile"]) == ("bf16", 4, False)
     assert not (folder / "vectors.safetensors").exists()
 
     for extra, message in ((["--adam", "--stabilizer", "ema"], "--adam conflicts"),
                            (["--target", "tennis"], "unknown target 'tennis'"),
-                           (["--stabilizer", "sgd"], "unknown stabilizer 'sgd'")):
+                           (["--stabilizer", "sgd"], "unknown stabilizer 'sgd'"),
+                           (["--precision", "half"], "unknown precision 'half'"),
+                           (["--net-batch", "0"], "net_batch must be an integer >= 1, got 0")):
         with pytest.raises(SystemExit) as exit_info:
             main([*args, "--name", "x", *extra])
         assert exit_info.value.code == 2

@@ -125,7 +125,7 @@ def test_shard_from_launcher_environment() -> None:
 def test_each_launched_process_runs_its_own_shard(monkeypatch: pytest.MonkeyPatch,
                                                   tmp_path: Path) -> None:
     ran: list[RunConfig] = []
-    monkeypatch.setattr(runner, "run", lambda cfg, **kw: ran.append(cfg))
+    monkeypatch.setattr(runner, "run_many", lambda cfgs, **kw: ran.extend(cfgs))
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "3")
     base = RunConfig(device="cpu", num_samples=2, steps=10)
@@ -143,16 +143,17 @@ def _files(folder: Path) -> dict[str, int]:
             if p.is_file()}
 
 
+@pytest.mark.parametrize("batch_configs", [True, False])
 def test_table1_sweep_gives_8_runs_survives_a_kill_and_redoes_none(
     checkpoints: Path, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], batch_configs: bool,
 ) -> None:
     out = tmp_path / "runs"
     base = _base(checkpoints, tiny_data)
-    expected = {runner.default_run_id(c) for c in grid_configs("table1", 1, base)}
-    assert len(expected) == 8
-    real_run = runner.run
-    calls: list[str] = []
+    expected = {runner.default_run_id(c) for c in grid_configs("table1", 2, base)}
+    assert len(expected) == 16
+    real_run_many = runner.run_many
+    calls: list[list[str]] = []
 
     class Killed(Exception):
         pass
@@ -161,34 +162,44 @@ def test_table1_sweep_gives_8_runs_survives_a_kill_and_redoes_none(
         if step.step == 5:
             raise Killed
 
-    def run_then_kill(cfg: RunConfig, **kw):
-        calls.append(kw["name"])
-        if len(calls) == 4:  # the 4th run dies halfway through its sampling loop
-            return real_run(cfg, observers=(kill_in_step_5,), **kw)
-        return real_run(cfg, **kw)
+    # Batched, a call samples one seed's 8 configurations: the 2nd call (seed 1) dies halfway.
+    # One by one, the 4th run dies halfway.
+    doomed = 2 if batch_configs else 4
 
-    monkeypatch.setattr(runner, "run", run_then_kill)
+    def run_then_kill(cfgs: list[RunConfig], **kw):
+        calls.append(kw["names"])
+        assert len(cfgs) == (8 if batch_configs else 1)
+        if len(calls) == doomed:
+            return real_run_many(cfgs, observers=(kill_in_step_5,), **kw)
+        return real_run_many(cfgs, **kw)
+
+    monkeypatch.setattr(runner, "run_many", run_then_kill)
     with pytest.raises(Killed):
-        run_sweep(SweepConfig(grid="table1", seeds=1), base, out=out, progress=False)
+        run_sweep(SweepConfig(grid="table1", seeds=2, batch_configs=batch_configs), base,
+                  out=out, progress=False)
     finished = sorted(p.name for p in out.iterdir())
-    assert finished == sorted(calls[:3])  # the killed run left nothing, not even a temp folder
+    # the killed call left nothing, not even a temp folder
+    assert finished == sorted(name for names in calls[:doomed - 1] for name in names)
     before = {name: _files(out / name) for name in finished}
 
-    def counting_run(cfg: RunConfig, **kw):
-        calls.append(kw["name"])
-        return real_run(cfg, **kw)
+    def counting_run_many(cfgs: list[RunConfig], **kw):
+        calls.append(kw["names"])
+        return real_run_many(cfgs, **kw)
 
-    monkeypatch.setattr(runner, "run", counting_run)
+    monkeypatch.setattr(runner, "run_many", counting_run_many)
     calls.clear()
-    args = ["sweep", "--grid", "table1", "--seeds", "1", "--out", str(out), "--num-samples", "2",
+    args = ["sweep", "--grid", "table1", "--seeds", "2", "--out", str(out), "--num-samples", "2",
             "--batch-size", "2", "--steps", "10", "--device", "cpu", "--ddpm",
             base.ddpm, "--judge", base.judge, "--data-root", base.data_root, "--no-metrics",
-            "--no-oracle", "--record-vectors", "none", "--no-progress"]
+            "--no-oracle", "--record-vectors", "none", "--no-progress",
+            "--batch-configs" if batch_configs else "--no-batch-configs"]
     with pytest.raises(SystemExit) as e:
         main(args)
     assert e.value.code == 0
-    assert "8 runs, 5 run now, 3 already finished" in capsys.readouterr().out
-    assert len(calls) == 5 and not set(calls) & set(finished)
+    n_done = len(finished)
+    assert f"16 runs, {16 - n_done} run now, {n_done} already finished" in capsys.readouterr().out
+    ran_now = [name for names in calls for name in names]
+    assert len(ran_now) == 16 - n_done and not set(ran_now) & set(finished)
     assert {p.name for p in out.iterdir()} == expected
     assert {name: _files(out / name) for name in finished} == before  # untouched
     for name in expected:
@@ -199,7 +210,7 @@ def test_table1_sweep_gives_8_runs_survives_a_kill_and_redoes_none(
     with pytest.raises(SystemExit) as e:
         main(args)
     assert e.value.code == 0 and calls == []
-    assert "8 runs, 0 run now, 8 already finished" in capsys.readouterr().out
+    assert "16 runs, 0 run now, 16 already finished" in capsys.readouterr().out
 
 
 def test_sweep_cli_errors(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,0 +1,474 @@
+"""`gradcheck bench`: how fast each stage runs on this machine, against a plain baseline.
+
+Measured, each the median of ``repeats`` timed repetitions after an untimed warm-up:
+
+- data set generation (images/s), through :func:`gradcheck.data.generate_dataset` itself;
+- DDPM training (images/s), eager and compiled, through the real training step
+  (:func:`gradcheck.train_ddpm.benchmark_training`, EMA update included);
+- guided sampling (steps/s) at two batch sizes for the three modes (unguided, guided on x_t,
+  guided through the x0-estimate), each with the recorder off, ``subset`` and ``all``: the
+  recorder's overhead is the ratio to "off"; peak GPU memory; achieved TFLOP/s (FLOPs counted by
+  ``torch.utils.flop_counter`` on one step) against the device's peak at that precision;
+- a plain diffusers ``DDPMPipeline`` loop at the same batch and precision, the baseline of the
+  unguided mode;
+- FID and KID of 64 vs 64 images through the metrics module (judge features);
+- the Table 1 protocol: its 8 configurations sampled together (:func:`runner.run_many`) vs one
+  by one, with a check that both give the same samples. ``--quick`` uses a miniature of it;
+  ``table1=True`` runs the full protocol (64 samples x 1,000 steps, metrics) on the shipped
+  checkpoints.
+
+``--quick`` uses the tiny UNet preset at 32 x 32 and small batches so the whole bench runs in
+about a minute on a 2-core CPU; it skips compilation (about a minute of compiling alone there).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from gradcheck.utils import GradcheckError, resolve_device, run_metadata
+
+SAMPLING_MODES = ("unguided", "guided-xt", "guided-x0")
+RECORDER_MODES = ("off", "subset", "all")
+
+PEAK_TFLOPS = (
+    # Dense tensor-core peaks (bf16, tf32) and the plain fp32 peak, TFLOP/s, from the vendors'
+    # data sheets (SXM boards unless named); the first name contained in the device's wins.
+    ("H100 PCIe", {"bf16": 756.0, "tf32": 378.0, "fp32": 51.2}),
+    ("H100", {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9}),
+    ("H200", {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9}),
+    ("A100", {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5}),
+    ("L40S", {"bf16": 362.1, "tf32": 183.0, "fp32": 91.6}),
+    ("L4", {"bf16": 121.0, "tf32": 60.0, "fp32": 30.3}),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchSizes:
+    """What one bench run measures; ``quick`` and ``full`` below are the two presets."""
+
+    preset: str  # UNet preset (its sample size sets the image size)
+    batches: tuple[int, ...]  # sampling batch sizes
+    sampling_steps: int  # timed steps per measurement
+    train_batch: int
+    train_steps: int
+    compile: bool  # also time compiled training
+    dataset_images: int
+    table1_samples: int  # the miniature Table 1 (full: the protocol itself, if asked)
+    table1_steps: int
+
+
+QUICK = BenchSizes(preset="tiny", batches=(4, 8), sampling_steps=10, train_batch=16,
+                   train_steps=5, compile=False, dataset_images=2000, table1_samples=2,
+                   table1_steps=4)
+FULL = BenchSizes(preset="paper", batches=(64, 256), sampling_steps=20, train_batch=256,
+                  train_steps=30, compile=True, dataset_images=20000, table1_samples=8,
+                  table1_steps=20)
+
+
+def device_peak_tflops(device: torch.device, precision: str = "bf16") -> float | None:
+    """The device's peak TFLOP/s at a precision (fp32 | tf32 | bf16); None when unknown (CPUs,
+    GPUs not in :data:`PEAK_TFLOPS`)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peaks[precision] for key, peaks in PEAK_TFLOPS if key in name), None)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_time(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
+    """Median seconds of ``repeats`` calls of ``fn`` after one untimed call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _peak_memory(device: torch.device, fn: Callable[[], Any]) -> float:
+    """Peak GPU memory (GiB) allocated while ``fn`` runs; NaN on a CPU."""
+    if device.type != "cuda":
+        fn()
+        return math.nan
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    _sync(device)
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+# ---- models ------------------------------------------------------------------------------------
+
+
+def _models(sizes: BenchSizes, device: torch.device) -> tuple[nn.Module, Any, nn.Module, str]:
+    """(UNet, scheduler, guiding classifier, where they came from). The shipped checkpoints
+    when the preset is the paper's and they exist; random weights of the same architecture
+    otherwise (speed does not depend on the weights)."""
+    from gradcheck.models import (
+        load_classifier,
+        load_ddpm,
+        make_classifier,
+        make_scheduler,
+        make_unet,
+    )
+    from gradcheck.paths import default_classifier, default_ddpm
+
+    if sizes.preset == "paper" and (default_ddpm() / "model_index.json").is_file():
+        unet, scheduler = load_ddpm(default_ddpm())
+        clf, _ = load_classifier(default_classifier("nonrobust"), device)
+        origin = "shipped checkpoints"
+    else:
+        torch.manual_seed(0)
+        unet, scheduler = make_unet(sizes.preset).eval(), make_scheduler()
+        clf = make_classifier().eval()
+        origin = f"random {sizes.preset} UNet and MobileNetV3-small"
+    unet = unet.to(device).requires_grad_(False)
+    return unet, scheduler, clf.to(device).requires_grad_(False), origin
+
+
+def _guidance(mode: str, clf: nn.Module):
+    from gradcheck.guidance import ClassifierGuidance
+
+    if mode == "unguided":
+        return None
+    return ClassifierGuidance(clf, x0_estimate=mode == "guided-x0")
+
+
+# ---- the sections ------------------------------------------------------------------------------
+
+
+def bench_dataset(sizes: BenchSizes) -> dict[str, Any]:
+    """Images/s of ``generate_dataset`` writing a small data set to a temporary folder."""
+    from gradcheck.data.sportballs import generate_dataset
+
+    n = sizes.dataset_images
+    with tempfile.TemporaryDirectory() as tmp:
+        out = generate_dataset(Path(tmp) / "d", n_train=n - 2 * (n // 10), n_val=n // 10,
+                               n_test=n // 10, progress=False)
+    return {"images": n, "images_per_s": out["images_per_s"]}
+
+
+def bench_training(sizes: BenchSizes, device: torch.device) -> dict[str, Any]:
+    """Training images/s, eager (and compiled when the sizes ask for it)."""
+    from gradcheck.train_ddpm import benchmark_training
+
+    out: dict[str, Any] = {"preset": sizes.preset, "batch_size": sizes.train_batch}
+    for compiled in ((False, True) if sizes.compile else (False,)):
+        r = benchmark_training(preset=sizes.preset, batch_size=sizes.train_batch,
+                               steps=sizes.train_steps, compile=compiled, device=str(device),
+                               warmup=3 if compiled else 2)
+        key = "compiled" if compiled else "eager"
+        out[f"{key}_images_per_s"] = r["images_per_s"]
+        out[f"{key}_peak_memory_gib"] = r["peak_memory_gib"]
+    if not sizes.compile:
+        out["compiled_images_per_s"] = None
+        out["compiled_note"] = "skipped by --quick (compiling alone takes about a minute on a CPU)"
+    return out
+
+
+def _step_flops(unet: nn.Module, clf: nn.Module, mode: str, batch: int, size: int,
+                device: torch.device) -> float:
+    """FLOPs (``torch.utils.flop_counter``) of one sampling step's network work: the UNet
+    forward; for guidance the classifier forward and backward to the input, twice for x_t (the
+    gradient and the x0 diagnostic pass), and for the x0-estimate also the UNet backward.
+    (Counted with ``backward()``: the counter's module hooks refuse ``autograd.grad``.)"""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(batch, 3, size, size, device=device)
+    t = torch.full((), 500, dtype=torch.long, device=device)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        if mode == "guided-x0":
+            x.requires_grad_(True)
+            eps = unet(x, t).sample
+            clf(x - eps).logsumexp(1).sum().backward()
+        else:
+            with torch.no_grad():
+                unet(x, t)
+            if mode == "guided-xt":
+                x.requires_grad_(True)
+                clf(x).logsumexp(1).sum().backward()
+                with torch.no_grad():
+                    clf(x)
+    return float(counter.get_total_flops())
+
+
+def bench_sampling(
+    sizes: BenchSizes, device: torch.device, repeats: int, precision: str,
+) -> list[dict[str, Any]]:
+    """Steps/s, recorder overhead, peak memory and TFLOP/s per (batch, mode, recorder)."""
+    from gradcheck.guidance import NetEval
+    from gradcheck.recorder import StepRecorder
+    from gradcheck.sampler import sample_guided
+    from gradcheck.utils import sample_generators
+
+    unet, scheduler, clf, origin = _models(sizes, device)
+    bf16 = precision == "bf16"
+    peak = device_peak_tflops(device, precision)
+    rows: list[dict[str, Any]] = []
+    n_steps = sizes.sampling_steps
+    size = unet.config.sample_size
+    for batch in sizes.batches:
+        net = NetEval(rows=batch, unet_bf16=bf16, tf32=precision == "tf32")
+        for mode in SAMPLING_MODES:
+            guidance = _guidance(mode, clf)
+            flops = _step_flops(unet, clf, mode, batch, size, device)
+            base_s = math.nan
+            for record in RECORDER_MODES:
+
+                def chain(record: str = record, guidance=guidance, batch: int = batch,
+                          net: NetEval = net) -> None:
+                    recorder = (StepRecorder("bench", batch, n_steps, record)
+                                if record != "off" else None)
+                    sample_guided(unet, scheduler, guidance, sample_generators(0, range(batch)),
+                                  steps=n_steps, net=net,
+                                  stabilizer="adam" if guidance is not None else "none",
+                                  observers=[recorder] if recorder else [])
+                    if recorder is not None:
+                        recorder.table()  # the one copy to the host is part of the cost
+                        recorder.vectors()
+
+                seconds = _median_time(chain, device, repeats)
+                memory = _peak_memory(device, chain)
+                if record == "off":
+                    base_s = seconds
+                steps_per_s = n_steps / seconds
+                rows.append({
+                    "batch": batch, "mode": mode, "recorder": record,
+                    "steps_per_s": steps_per_s, "ms_per_step": 1e3 * seconds / n_steps,
+                    "recorder_overhead": seconds / base_s - 1 if record != "off" else 0.0,
+                    "peak_memory_gib": memory,
+                    "tflops": flops * steps_per_s / 1e12,
+                    "peak_fraction": flops * steps_per_s / 1e12 / peak if peak else None,
+                    "precision": precision, "models": origin,
+                })
+    return rows
+
+
+def bench_pipeline(
+    sizes: BenchSizes, device: torch.device, repeats: int, precision: str,
+) -> list[dict[str, Any]]:
+    """Steps/s of a plain diffusers DDPMPipeline loop (the unguided baseline), at the same
+    precision as the sampler's."""
+    from diffusers import DDPMPipeline
+
+    from gradcheck.guidance import NetEval
+
+    unet, scheduler, _, _ = _models(sizes, device)
+    pipe = DDPMPipeline(unet=unet, scheduler=scheduler)
+    numerics = NetEval(unet_bf16=precision == "bf16", tf32=precision == "tf32")
+    pipe.set_progress_bar_config(disable=True)
+    rows = []
+    for batch in sizes.batches:
+
+        def loop(batch: int = batch) -> None:
+            with numerics.numerics(), numerics.unet_autocast(device):
+                pipe(batch_size=batch, generator=torch.Generator().manual_seed(0),
+                     num_inference_steps=sizes.sampling_steps, output_type="np")
+
+        seconds = _median_time(loop, device, repeats)
+        rows.append({"batch": batch, "steps_per_s": sizes.sampling_steps / seconds,
+                     "precision": precision})
+    return rows
+
+
+def bench_fid(device: torch.device, repeats: int) -> dict[str, Any]:
+    """Seconds for FID and KID of 64 vs 64 rendered SportBalls images (judge features)."""
+    from gradcheck.data.sportballs import render_images
+    from gradcheck.metrics import (
+        extract_features,
+        features_to_fid,
+        features_to_kid,
+        load_judge,
+        make_extractor,
+    )
+    from gradcheck.models import make_classifier
+
+    rng = np.random.default_rng(0)
+    n = 128
+    images = render_images(rng.integers(0, 4, n), rng.uniform(24, 40, n), rng.uniform(24, 40, n),
+                           rng.uniform(20, 36, n), rng.uniform(0, 360, n))
+    try:
+        judge, _ = load_judge(None, device)
+        origin = "shipped judge"
+    except GradcheckError:
+        judge, origin = make_classifier("shufflenet_v2_x1_0").to(device).eval(), "random judge"
+    extractor, name, _ = make_extractor("judge", judge, None, device)
+
+    def metrics() -> None:
+        feats = extract_features(images, extractor, device=device)
+        features_to_fid(feats[:64], feats[64:])
+        features_to_kid(feats[:64], feats[64:], subset_size=32)
+
+    return {"n": "64 vs 64", "extractor": name, "judge": origin,
+            "seconds": _median_time(metrics, device, repeats)}
+
+
+def bench_table1(
+    sizes: BenchSizes, device: torch.device, precision: str, full: bool,
+) -> dict[str, Any]:
+    """The Table 1 configurations sampled together vs one by one: wall time and equality.
+
+    ``full``: the protocol itself (64 samples x 1,000 steps, metrics) on the shipped
+    checkpoints, together only (one by one is the plain loop the issue measured at ~6 min).
+    Otherwise a miniature on random tiny models, both ways, checked to give the same samples.
+    """
+    from gradcheck import runner
+    from gradcheck.config import RunConfig
+    from gradcheck.sweep import grid_configs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        if full:
+            base = RunConfig(protocol="paper", device=str(device), precision=precision)
+        else:
+            base = _mini_table1_base(sizes, tmp_path, device, precision)
+        cfgs = grid_configs("table1", 1, base)
+        if not full:  # the random classifiers saved beside the random DDPM
+            cfgs = [dataclasses.replace(c, classifier=str(tmp_path / c.classifier)) for c in cfgs]
+        start = time.perf_counter()
+        together = runner.run_many(cfgs, out=tmp_path / "together", progress=False)
+        together_s = time.perf_counter() - start
+        out: dict[str, Any] = {
+            "configurations": len(cfgs), "num_samples": runner.resolve_config(base).num_samples,
+            "steps": runner.resolve_config(base).steps, "together_s": together_s,
+        }
+        if full:
+            return out
+        start = time.perf_counter()
+        alone = [runner.run(c, out=tmp_path / "alone", progress=False) for c in cfgs]
+        out["one_by_one_s"] = time.perf_counter() - start
+        out["speedup"] = out["one_by_one_s"] / together_s
+        out["identical_samples"] = all(
+            np.array_equal(np.load(a / "samples.npy"), np.load(t / "samples.npy"))
+            for a, t in zip(alone, together, strict=True))
+    return out
+
+
+def _mini_table1_base(sizes: BenchSizes, tmp: Path, device: torch.device, precision: str):
+    """A RunConfig on freshly saved random tiny checkpoints (no data set, no metrics)."""
+    from diffusers import DDPMPipeline
+
+    from gradcheck.config import RunConfig
+    from gradcheck.models import (
+        classifier_config,
+        make_classifier,
+        make_scheduler,
+        make_unet,
+        save_classifier,
+    )
+
+    torch.manual_seed(0)
+    DDPMPipeline(make_unet(sizes.preset), make_scheduler()).save_pretrained(tmp / "ddpm")
+    for kind in ("robust", "nonrobust"):
+        save_classifier(make_classifier(), tmp / kind,
+                        classifier_config(kind, "mobilenet_v3_small"))
+    return RunConfig(ddpm=str(tmp / "ddpm"), num_samples=sizes.table1_samples,
+                     batch_size=sizes.table1_samples, steps=sizes.table1_steps,
+                     device=str(device), precision=precision, metrics=False, oracle=False,
+                     record_vectors="subset", data_root=str(tmp / "no-data"))
+
+
+# ---- the whole bench ---------------------------------------------------------------------------
+
+
+def run_bench(
+    quick: bool = False, device: str = "auto", repeats: int | None = None,
+    precision: str = "fp32", table1: bool = False, progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Every section above; a JSON-ready dict."""
+    dev = resolve_device(device)
+    sizes = QUICK if quick else FULL
+    repeats = repeats if repeats is not None else 3
+    if repeats < 1:
+        raise GradcheckError(f"repeats must be >= 1, got {repeats}")
+    if precision not in ("fp32", "tf32", "bf16"):
+        raise GradcheckError(f"unknown precision {precision!r}; choose one of: fp32, tf32, bf16")
+    if precision == "tf32" and dev.type != "cuda":
+        raise GradcheckError("precision tf32 needs a CUDA device; use fp32 or bf16")
+    say = progress or (lambda _: None)
+    result: dict[str, Any] = {
+        "quick": quick, "repeats": repeats, "precision": precision, "sizes":
+        dataclasses.asdict(sizes), "device": str(dev),
+        "peak_tflops": device_peak_tflops(dev, precision),
+        **{k: v for k, v in run_metadata(dev).items() if k in ("hardware", "torch", "diffusers")},
+    }
+    start = time.perf_counter()
+    say("data set generation")
+    result["dataset"] = bench_dataset(sizes)
+    say("DDPM training")
+    result["training"] = bench_training(sizes, dev)
+    say("sampling")
+    result["sampling"] = bench_sampling(sizes, dev, repeats, precision)
+    say("diffusers DDPMPipeline baseline")
+    result["pipeline"] = bench_pipeline(sizes, dev, repeats, precision)
+    for row in result["pipeline"]:
+        ours = next(r for r in result["sampling"] if r["batch"] == row["batch"]
+                    and r["mode"] == "unguided" and r["recorder"] == "off")
+        row["gradcheck_unguided_ratio"] = ours["steps_per_s"] / row["steps_per_s"]
+    say("FID 64 vs 64")
+    result["fid"] = bench_fid(dev, repeats)
+    say("Table 1 configurations together vs one by one")
+    result["table1_mini"] = bench_table1(sizes, dev, precision, full=False)
+    if table1:
+        say("Table 1 protocol (64 samples x 1,000 steps, 8 configurations, metrics)")
+        result["table1"] = bench_table1(sizes, dev, precision, full=True)
+    result["total_s"] = time.perf_counter() - start
+    return result
+
+
+def format_report(result: dict[str, Any]) -> str:
+    """The bench as a terminal table."""
+    lines = [f"gradcheck bench ({'quick' if result['quick'] else 'full'}) on {result['hardware']}"
+             f", torch {result['torch']}, {result['precision']} UNet, median of "
+             f"{result['repeats']}"]
+    d, t = result["dataset"], result["training"]
+    lines.append(f"data set generation   {d['images_per_s']:,.0f} images/s ({d['images']} images)")
+    compiled = (f"{t['compiled_images_per_s']:,.1f}" if t.get("compiled_images_per_s")
+                else t.get("compiled_note", "n/a"))
+    lines.append(f"DDPM training         {t['eager_images_per_s']:,.1f} images/s eager, "
+                 f"compiled: {compiled}  ({t['preset']} preset, batch {t['batch_size']})")
+    lines.append("")
+    lines.append(f"{'batch':>5}  {'mode':<10} {'recorder':<8} {'steps/s':>9} {'ms/step':>9} "
+                 f"{'overhead':>9} {'peak GiB':>9} {'TFLOP/s':>8} {'of peak':>8}")
+    for r in result["sampling"]:
+        frac = f"{r['peak_fraction']:.1%}" if r["peak_fraction"] else "n/a"
+        mem = f"{r['peak_memory_gib']:.2f}" if not math.isnan(r["peak_memory_gib"]) else "n/a"
+        over = f"{r['recorder_overhead']:+.1%}" if r["recorder"] != "off" else ""
+        lines.append(f"{r['batch']:>5}  {r['mode']:<10} {r['recorder']:<8} "
+                     f"{r['steps_per_s']:>9.2f} {r['ms_per_step']:>9.1f} {over:>9} {mem:>9} "
+                     f"{r['tflops']:>8.3f} {frac:>8}")
+    for p in result["pipeline"]:
+        lines.append(f"diffusers DDPMPipeline, batch {p['batch']}: {p['steps_per_s']:.2f} steps/s;"
+                     f" gradcheck unguided is {p['gradcheck_unguided_ratio']:.2f}x that")
+    f = result["fid"]
+    lines.append(f"FID + KID {f['n']} ({f['extractor']} features): {f['seconds']:.2f} s")
+    m = result["table1_mini"]
+    lines.append(f"Table 1 miniature ({m['configurations']} configurations x {m['num_samples']} "
+                 f"samples x {m['steps']} steps): together {m['together_s']:.1f} s, one by one "
+                 f"{m['one_by_one_s']:.1f} s ({m['speedup']:.2f}x), identical samples: "
+                 f"{m['identical_samples']}")
+    if "table1" in result:
+        p = result["table1"]
+        lines.append(f"Table 1 protocol ({p['configurations']} configurations x "
+                     f"{p['num_samples']} samples x {p['steps']} steps, metrics included): "
+                     f"{p['together_s']:.0f} s")
+    lines.append(f"bench total {result['total_s']:.0f} s")
+    return "\n".join(lines)

@@ -1,0 +1,56 @@
+"""`gradcheck bench --quick`: every section runs on a CPU and reports sane numbers (no timing
+thresholds: speed targets live in the bench itself, not in tests)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from gradcheck.bench import RECORDER_MODES, SAMPLING_MODES, device_peak_tflops
+from gradcheck.cli import main
+from gradcheck.utils import load_json
+
+
+def test_quick_bench_reports_every_section(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    out = tmp_path / "bench.json"
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--quick", "--device", "cpu", "--repeats", "1", "--json", str(out)])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert "diffusers DDPMPipeline, batch 4" in text and "identical samples: True" in text
+    r = load_json(out)
+    assert r["quick"] and r["precision"] == "fp32" and r["peak_tflops"] is None
+    assert r["dataset"]["images_per_s"] > 0 and r["training"]["eager_images_per_s"] > 0
+    rows = r["sampling"]
+    assert len(rows) == 2 * len(SAMPLING_MODES) * len(RECORDER_MODES)
+    assert {(x["mode"], x["recorder"]) for x in rows} == {
+        (m, rec) for m in SAMPLING_MODES for rec in RECORDER_MODES}
+    for x in rows:
+        assert x["steps_per_s"] > 0 and x["tflops"] > 0 and math.isfinite(x["recorder_overhead"])
+    # the x0-estimate differentiates through the UNet: more FLOPs per step than unguided
+    flops = {x["mode"]: x["tflops"] / x["steps_per_s"] for x in rows
+             if x["batch"] == 4 and x["recorder"] == "off"}
+    assert flops["guided-x0"] > 2 * flops["unguided"]
+    assert all(p["gradcheck_unguided_ratio"] > 0 for p in r["pipeline"])
+    assert r["fid"]["seconds"] > 0
+    mini = r["table1_mini"]
+    assert mini["configurations"] == 8 and mini["identical_samples"] is True
+
+
+def test_bench_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    for args, msg in ((["--precision", "fp8"], "unknown precision 'fp8'"),
+                      (["--precision", "tf32"], "precision tf32 needs a CUDA device"),
+                      (["--repeats", "0"], "repeats must be >= 1, got 0"),
+                      (["--json", str(tmp_path)], "is a folder; give a file path")):
+        with pytest.raises(SystemExit) as e:
+            main(["bench", "--quick", "--device", "cpu", *args])
+        assert e.value.code == 2
+        assert msg in capsys.readouterr().err
+
+
+def test_peak_table_is_cpu_free():
+    import torch
+
+    assert device_peak_tflops(torch.device("cpu")) is None
