@@ -581,9 +581,10 @@ app.add_typer(survey_app, name="survey")
 
 @app.command("bench")
 def bench_cmd(
-    quick: bool = typer.Option(
-        False, "--quick", help="Tiny UNet, small batches, no compilation: about a minute on a "
-        "2-core CPU."),
+    quick: bool | None = typer.Option(
+        None, "--quick/--full", help="--quick: tiny UNet, small batches, no compilation, about "
+        "a minute on a 2-core CPU; --full: the paper UNet at batch 64 and 256 [default: --full "
+        "on a GPU, --quick on a CPU]."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     json_path: str | None = typer.Option(None, "--json", help="Also write the results as JSON."),
     repeats: int | None = typer.Option(
@@ -598,10 +599,14 @@ def bench_cmd(
     from pathlib import Path
 
     from gradcheck.bench import format_report, run_bench
-    from gradcheck.utils import save_json
+    from gradcheck.utils import resolve_device, save_json
 
     if json_path is not None and Path(json_path).is_dir():
         raise GradcheckError(f"--json {json_path} is a folder; give a file path")
+    if quick is None:
+        quick = resolve_device(device).type != "cuda"
+        if quick:
+            typer.echo("no GPU: the quick bench (--full forces the paper-size one)", err=True)
     result = run_bench(quick=quick, device=device, repeats=repeats, precision=precision,
                        table1=table1, progress=lambda stage: typer.echo(f"... {stage}", err=True))
     typer.echo(format_report(result))

@@ -16,9 +16,11 @@ from gradcheck.utils import load_json
 def test_quick_bench_reports_every_section(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     out = tmp_path / "bench.json"
     with pytest.raises(SystemExit) as e:
-        main(["bench", "--quick", "--device", "cpu", "--repeats", "1", "--json", str(out)])
+        main(["bench", "--device", "cpu", "--repeats", "1", "--json", str(out)])
     assert e.value.code == 0
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "no GPU: the quick bench" in captured.err  # the default without a GPU
+    text = captured.out
     assert "diffusers DDPMPipeline, batch 4" in text and "identical samples: True" in text
     r = load_json(out)
     assert r["quick"] and r["precision"] == "fp32" and r["peak_tflops"] is None
