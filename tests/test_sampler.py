@@ -269,3 +269,34 @@ def test_bad_arguments_raise_clear_errors(unet, clf, kwargs, message):
     with pytest.raises(GradcheckError, match=message):
         sample_guided(unet, make_scheduler(), ClassifierGuidance(clf), gens(range(1)),
                       **{"steps": 2, **kwargs})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs only exist with a GPU")
+def test_step_loop_never_waits_for_the_gpu():
+    """From the end of step 0 to the last step, nothing in the loop or the recorder syncs the
+    host with the GPU (torch.cuda.set_sync_debug_mode raises on any sync)."""
+    torch.manual_seed(0)
+    unet = make_unet("tiny").cuda().eval().requires_grad_(False)
+    torch.manual_seed(1)
+    clf = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.Tanh(), nn.Flatten(),
+                        nn.Linear(8 * 16 * 16, 4)).cuda().eval().requires_grad_(False)
+    steps = 5
+
+    def strict(step: GuidanceStep) -> None:
+        if step.step == 0:
+            torch.cuda.set_sync_debug_mode("error")
+        if step.step == steps - 1:
+            torch.cuda.set_sync_debug_mode(0)
+
+    recorders = [StepRecorder(f"r{i}", 2, steps, record_vectors="subset") for i in range(3)]
+    lanes = [Lane(guidance=ClassifierGuidance(clf), stabilizer="adam", observers=[recorders[0]]),
+             Lane(guidance=ClassifierGuidance(clf, x0_estimate=True), target=2,
+                  observers=[recorders[1]]),
+             Lane(observers=[recorders[2], strict])]
+    try:
+        xs = sample_lanes(unet, make_scheduler(), lanes, gens(range(2)), steps=steps,
+                          net=NetEval(rows=2))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert all(torch.isfinite(x).all() for x in xs)
+    assert all(len(r.frame()) == 2 * steps for r in recorders)
