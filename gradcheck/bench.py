@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gradcheck.utils import GradcheckError, resolve_device, run_metadata
+from gradcheck.utils import GradcheckError, check_choice, resolve_device, run_metadata
 
 SAMPLING_MODES = ("unguided", "guided-xt", "guided-x0")
 RECORDER_MODES = ("off", "subset", "all")
@@ -104,9 +104,8 @@ def _median_time(fn: Callable[[], Any], device: torch.device, repeats: int) -> f
 
 
 def _peak_memory(device: torch.device, fn: Callable[[], Any]) -> float:
-    """Peak GPU memory (GiB) allocated while ``fn`` runs; NaN on a CPU."""
+    """Peak GPU memory (GiB) allocated while ``fn`` runs; NaN on a CPU (``fn`` is not run)."""
     if device.type != "cuda":
-        fn()
         return math.nan
     torch.cuda.reset_peak_memory_stats(device)
     fn()
@@ -399,8 +398,9 @@ def run_bench(
     repeats = repeats if repeats is not None else 3
     if repeats < 1:
         raise GradcheckError(f"repeats must be >= 1, got {repeats}")
-    if precision not in ("fp32", "tf32", "bf16"):
-        raise GradcheckError(f"unknown precision {precision!r}; choose one of: fp32, tf32, bf16")
+    from gradcheck.runner import PRECISIONS
+
+    check_choice("precision", precision, PRECISIONS)
     if precision == "tf32" and dev.type != "cuda":
         raise GradcheckError("precision tf32 needs a CUDA device; use fp32 or bf16")
     say = progress or (lambda _: None)

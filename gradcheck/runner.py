@@ -350,7 +350,12 @@ def run_many(
         with_oracle.append(wanted)
     if any(with_oracle) and oracle is None:
         oracle = _load_oracle(base, scheduler, device)
-    with_metrics = [_check_metrics(c) for c in cfgs]
+    checked: dict[tuple, bool] = {}  # judge and reference images: read once, not per run
+    for c in cfgs:
+        key = (c.metrics, c.judge, c.data_root, c.target)
+        if key not in checked:
+            checked[key] = _check_metrics(c)
+    with_metrics = [checked[(c.metrics, c.judge, c.data_root, c.target)] for c in cfgs]
 
     image_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     size = sum(expected_vector_bytes(c.record_vectors, c.num_samples, c.steps, image_shape)

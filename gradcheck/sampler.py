@@ -252,7 +252,17 @@ def _sample_lanes(
     nan = float("nan")
 
     def rows_of(v: torch.Tensor, members: Sequence[int]) -> torch.Tensor:
+        """The rows of the lanes ``members`` (in lane order), stacked."""
         return v if len(members) == n_lanes else torch.cat([v[lane_rows[i]] for i in members])
+
+    def place(full: torch.Tensor, part: torch.Tensor, members: Sequence[int]) -> torch.Tensor:
+        """The inverse of rows_of: ``part`` into the lanes' rows of ``full`` (no copy when
+        ``members`` are all the lanes)."""
+        if len(members) == n_lanes:
+            return part
+        for j, i in enumerate(members):
+            full[lane_rows[i]] = part[j * b:(j + 1) * b]
+        return full
 
 
     # 0. x_T ~ N(0, I), drawn per sample and shared by the lanes.
@@ -276,19 +286,15 @@ def _sample_lanes(
         log_probs_x0 = torch.full_like(log_probs, nan)
         if shared:
             with torch.no_grad():
-                shared_eps = net.map(eps_fn, rows_of(x, shared))
-            for j, i in enumerate(shared):
-                eps[lane_rows[i]] = shared_eps[j * b:(j + 1) * b]
+                eps = place(eps, net.map(eps_fn, rows_of(x, shared)), shared)
         for members in sources.values():
             source = lanes[members[0]].guidance
             out = source(eps_fn, rows_of(x, members), t, abar, rows_of(y, members), net=net,
                          eps=None if source.x0_estimate else rows_of(eps, members))
-            for j, i in enumerate(members):
-                piece = slice(j * b, (j + 1) * b)
-                eps[lane_rows[i]] = out.eps[piece]
-                g[lane_rows[i]] = out.grad[piece]
-                log_probs[lane_rows[i]] = out.log_probs[piece]
-                log_probs_x0[lane_rows[i]] = out.log_probs_x0[piece]
+            eps = place(eps, out.eps, members)
+            g = place(g, out.grad, members)
+            log_probs = place(log_probs, out.log_probs, members)
+            log_probs_x0 = place(log_probs_x0, out.log_probs_x0, members)
 
         # 2. The DDPM score (D1) and the x0-estimate (D2), from the same eps.
         score = score_from_eps(eps, abar)

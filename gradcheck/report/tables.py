@@ -423,8 +423,12 @@ def findings(runs: pd.DataFrame, pooled: pd.DataFrame | None = None,
         missing = [method_name(*g) for g in groups if len(_select(sel, *g)) == 0]
         return f"no runs of: {', '.join(missing)}" if missing else None
 
-    def metric_missing(*frames: pd.DataFrame) -> bool:
-        return any(f["fid"].isna().all() for f in frames)
+    def need_metrics(*groups: tuple[str, bool, str]) -> str | None:
+        """Like ``need``, and the runs must carry metrics."""
+        gap = need(*groups)
+        if not gap and any(_select(sel, *g)["fid"].isna().all() for g in groups):
+            gap = "runs have no metrics (FID/accuracy)"
+        return gap
 
     # (1) cos_prev: robust high and steady, non-robust near orthogonal.
     gap = need(("robust", False, "none"), ("nonrobust", False, "none"))
@@ -447,9 +451,7 @@ def findings(runs: pd.DataFrame, pooled: pd.DataFrame | None = None,
 
     # (2) x0-estimate helps non-robust guidance.
     base, x0 = ("nonrobust", False, "none"), ("nonrobust", True, "none")
-    gap = need(base, x0)
-    if not gap and metric_missing(_select(sel, *base), _select(sel, *x0)):
-        gap = "runs have no metrics (FID/accuracy)"
+    gap = need_metrics(base, x0)
     if gap:
         verdicts["2"] = (untestable, gap)
     else:
@@ -459,9 +461,7 @@ def findings(runs: pd.DataFrame, pooled: pd.DataFrame | None = None,
 
     # (3) x0 + ADAM best for non-robust; ADAM alone changes little.
     configs = [("nonrobust", x, s) for x in (False, True) for s in ("none", "adam")]
-    gap = need(*configs)
-    if not gap and metric_missing(*[_select(sel, *c) for c in configs]):
-        gap = "runs have no metrics (FID/accuracy)"
+    gap = need_metrics(*configs)
     if gap:
         verdicts["3"] = (untestable, gap)
     else:
@@ -483,9 +483,7 @@ def findings(runs: pd.DataFrame, pooled: pd.DataFrame | None = None,
 
     # (4) x0 + ADAM over-regularises robust guidance.
     base, both = ("robust", False, "none"), ("robust", True, "adam")
-    gap = need(base, both)
-    if not gap and metric_missing(_select(sel, *base), _select(sel, *both)):
-        gap = "runs have no metrics (FID/accuracy)"
+    gap = need_metrics(base, both)
     if gap:
         verdicts["4"] = (untestable, gap)
     else:
