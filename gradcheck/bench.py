@@ -77,12 +77,13 @@ FULL = BenchSizes(preset="paper", batches=(64, 256), sampling_steps=20, train_ba
 
 
 def device_peak_tflops(device: torch.device, precision: str = "bf16") -> float | None:
-    """The device's peak TFLOP/s at a precision (fp32 | tf32 | bf16); None when unknown (CPUs,
-    GPUs not in :data:`PEAK_TFLOPS`)."""
+    """The device's peak TFLOP/s at a precision (fp32 | tf32 | bf16; auto counts as tf32, its
+    bulk); None when unknown (CPUs, GPUs not in :data:`PEAK_TFLOPS`)."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((peaks[precision] for key, peaks in PEAK_TFLOPS if key in name), None)
+    unit = "tf32" if precision == "auto" else precision
+    return next((peaks[unit] for key, peaks in PEAK_TFLOPS if key in name), None)
 
 
 def _sync(device: torch.device) -> None:
@@ -219,13 +220,12 @@ def bench_sampling(
     from gradcheck.utils import sample_generators
 
     unet, scheduler, clf, origin = _models(sizes, device)
-    bf16 = precision == "bf16"
     peak = device_peak_tflops(device, precision)
     rows: list[dict[str, Any]] = []
     n_steps = sizes.sampling_steps
     size = unet.config.sample_size
     for batch in sizes.batches:
-        net = NetEval(rows=batch, unet_bf16=bf16, tf32=precision == "tf32")
+        net = NetEval.for_precision(precision, rows=batch)
         for mode in SAMPLING_MODES:
             guidance = _guidance(mode, clf)
             flops = _step_flops(unet, clf, mode, batch, size, device)
@@ -272,7 +272,7 @@ def bench_pipeline(
 
     unet, scheduler, _, _ = _models(sizes, device)
     pipe = DDPMPipeline(unet=unet, scheduler=scheduler)
-    numerics = NetEval(unet_bf16=precision == "bf16", tf32=precision == "tf32")
+    numerics = NetEval.for_precision(precision)
     pipe.set_progress_bar_config(disable=True)
     rows = []
     for batch in sizes.batches:

@@ -298,7 +298,8 @@ def run_cmd(
     metrics: bool = typer.Option(True, "--metrics/--no-metrics", help="Compute metrics.json."),
     precision: str = typer.Option(
         "fp32", help="fp32 (true float32; TF32 off on a GPU) | tf32 (GPU) | bf16 (UNet "
-        "autocast). tf32/bf16 are faster but corrupt x0-estimate gradients at high noise."),
+        "autocast) | auto (TF32, but x0-estimate gradients at t >= 700 in float32; fp32 on a "
+        "CPU). tf32/bf16 corrupt x0-estimate gradients at high noise: `gradcheck precision`."),
     net_batch: int | None = typer.Option(
         None, help="Rows per network call, padded: samples are identical for every batch size "
         "[default: 64 on a GPU, 8 on a CPU]."),
@@ -474,7 +475,7 @@ def sweep_cmd(
     record_vectors: str | None = typer.Option(None, help="none | subset | all."),
     metrics: bool | None = typer.Option(
         None, "--metrics/--no-metrics", help="Compute metrics.json per run (default: on)."),
-    precision: str | None = typer.Option(None, help="fp32 | tf32 | bf16 (see `run`)."),
+    precision: str | None = typer.Option(None, help="fp32 | tf32 | bf16 | auto (see `run`)."),
     net_batch: int | None = typer.Option(None, help="Rows per network call (see `run`)."),
     compile: bool | None = typer.Option(
         None, "--compile/--no-compile", help="torch.compile the UNet (see `run`)."),
@@ -589,20 +590,20 @@ def bench_cmd(
     json_path: str | None = typer.Option(None, "--json", help="Also write the results as JSON."),
     repeats: int | None = typer.Option(
         None, help="Timed repetitions per measurement, the median reported [default: 3]."),
-    precision: str = typer.Option("fp32", help="UNet precision: fp32 | tf32 | bf16 (see `run`)."),
+    precision: str = typer.Option(
+        "fp32", help="UNet precision: fp32 | tf32 | bf16 | auto (see `run`)."),
     table1: bool = typer.Option(
         False, "--table1", help="Also time the full Table 1 protocol (8 configurations x 64 "
         "samples x 1,000 steps, metrics) on the shipped checkpoints: minutes on a GPU."),
+    overwrite: bool = typer.Option(False, help="Replace an existing --json file."),
 ) -> None:
     """Measure data generation, training, sampling (per mode and recorder setting), the
     diffusers baseline, metrics and the Table 1 protocol on this machine."""
-    from pathlib import Path
-
     from gradcheck.bench import format_report, run_bench
-    from gradcheck.utils import resolve_device, save_json
+    from gradcheck.utils import atomic_output_file, check_output_file, resolve_device, save_json
 
-    if json_path is not None and Path(json_path).is_dir():
-        raise GradcheckError(f"--json {json_path} is a folder; give a file path")
+    if json_path is not None:
+        check_output_file(json_path, overwrite)
     if quick is None:
         quick = resolve_device(device).type != "cuda"
         if quick:
@@ -611,8 +612,54 @@ def bench_cmd(
                        table1=table1, progress=lambda stage: typer.echo(f"... {stage}", err=True))
     typer.echo(format_report(result))
     if json_path is not None:
-        save_json(json_path, result)
+        with atomic_output_file(json_path, overwrite) as tmp:
+            save_json(tmp, result)
         typer.echo(f"results written to {json_path}")
+
+
+@app.command("precision")
+def precision_cmd(
+    timesteps: str = typer.Option(
+        "999,900,800,700,500,100", "--t", help="Comma-separated timesteps t to measure at."),
+    samples: int = typer.Option(4, help="Test images, noised to x_t (the first N of the split)."),
+    classifiers: str = typer.Option(
+        "nonrobust,robust", help="Comma-separated guiding classifiers (names or folders)."),
+    modes: str = typer.Option(
+        "fp64,tf32,bf16,auto", help="Precisions compared with float32: fp64 | tf32 | bf16 | auto."),
+    x0_estimate: bool = typer.Option(
+        True, "--x0-estimate/--no-x0-estimate",
+        help="Gradient through the x0-estimate (D2; the sensitive one) or on x_t."),
+    target: str = typer.Option("baseball", help="Target class: a name or 0-3."),
+    ddpm: str | None = typer.Option(
+        None, help="DDPM pipeline folder [default: the shipped checkpoints/sportballs-v1/ddpm]."),
+    data_root: str = typer.Option("datasets/sportballs", help="Data set root (test images)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N (TF32 is emulated "
+                               "on a CPU, real on a GPU)."),
+    seed: int = typer.Option(0, help="Seed of the forward-process noise."),
+    out: str | None = typer.Option(None, help="Also write the full table as parquet."),
+    overwrite: bool = typer.Option(False, help="Replace an existing --out file."),
+) -> None:
+    """How far each precision turns the guidance gradient from float32's, per t: the numbers
+    behind --precision (TF32 emulated on a CPU)."""
+    from gradcheck.precision import format_agreement, measure_precision
+    from gradcheck.utils import atomic_output_file, check_output_file
+
+    try:
+        ts = [int(v) for v in timesteps.split(",")]
+    except ValueError:
+        raise GradcheckError(f"--t {timesteps!r} is not a comma-separated list of integers; "
+                             "e.g. 999,900,500") from None
+    if out is not None:
+        check_output_file(out, overwrite)
+    table = measure_precision(
+        ddpm=ddpm, classifiers=[c for c in classifiers.split(",") if c], data_root=data_root,
+        timesteps=ts, samples=samples, target=target, modes=[m for m in modes.split(",") if m],
+        x0_estimate=x0_estimate, device=device, seed=seed)
+    typer.echo(format_agreement(table))
+    if out is not None:
+        with atomic_output_file(out, overwrite) as tmp:
+            table.to_parquet(tmp, index=False)
+        typer.echo(f"table written to {out}")
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:

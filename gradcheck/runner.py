@@ -51,7 +51,7 @@ CLASSIFIER_KINDS = ("nonrobust", "robust", "adversarial")
 """Guiding classifiers shipped in the reference checkpoints (paths.default_classifier)."""
 CLASSIFIER_CHOICES = (*CLASSIFIER_KINDS, "oracle")
 PROTOCOLS = ("auto", "paper", "reduced")
-PRECISIONS = ("fp32", "tf32", "bf16")
+PRECISIONS = ("fp32", "tf32", "bf16", "auto")
 SHARED_FIELDS = ("num_samples", "batch_size", "steps", "seed", "device", "ddpm", "judge",
                  "data_root", "precision", "net_batch", "compile")
 """Fields that configurations sampled together (:func:`run_many`) must share."""
@@ -321,8 +321,7 @@ def run_many(
         check_sampling_args(scheduler, c.steps, c.scale, c.target)
     unet = _frozen(unet.to(device))
     sampling_unet = torch.compile(unet) if base.compile else unet
-    net = NetEval(rows=base.net_batch, unet_bf16=base.precision == "bf16",
-                  tf32=base.precision == "tf32")
+    net = NetEval.for_precision(base.precision, rows=base.net_batch)
     models: dict[str, tuple[nn.Module, dict]] = {}  # guiding model and config, by name
     sources: dict[tuple[str, bool], ClassifierGuidance] = {}
     oracle = None

@@ -24,6 +24,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 from gradcheck import CLASS_NAMES
 from gradcheck.guidance import (
+    EpsFn,
     GuidanceSource,
     NetEval,
     cosine,
@@ -274,23 +275,28 @@ def _sample_lanes(
         # t as a device tensor made by a fill: an int would reach the UNet by a host copy.
         t_dev = torch.full((), t, dtype=torch.long, device=device)
 
-        def eps_fn(x_in: torch.Tensor, t_dev: torch.Tensor = t_dev) -> torch.Tensor:
-            with net.unet_autocast(device):
-                return unet(x_in, t_dev).sample.float()
+        def eps_fn_for(call: NetEval, t_dev: torch.Tensor = t_dev) -> EpsFn:
+            def eps_fn(x_in: torch.Tensor) -> torch.Tensor:
+                with call.unet_autocast(device):
+                    return unet(x_in, t_dev).sample.float()
+            return eps_fn
 
         # 1. eps_theta(x_t, t) and the raw gradient g_t = grad_{x_t} log p(y | x_in) (D3); the
-        #    source decides whether x_in is x_t or x0_hat (D2, gradient through the UNet).
+        #    source decides whether x_in is x_t or x0_hat (D2, gradient through the UNet, in
+        #    float32 where D2 amplifies rounding: NetEval.at).
         eps = torch.empty_like(x)
         g = torch.zeros_like(x)
         log_probs = torch.full((n_lanes * b, n_classes), nan, device=device)
         log_probs_x0 = torch.full_like(log_probs, nan)
         if shared:
             with torch.no_grad():
-                eps = place(eps, net.map(eps_fn, rows_of(x, shared)), shared)
+                eps = place(eps, net.map(eps_fn_for(net), rows_of(x, shared)), shared)
         for members in sources.values():
             source = lanes[members[0]].guidance
-            out = source(eps_fn, rows_of(x, members), t, abar, rows_of(y, members), net=net,
-                         eps=None if source.x0_estimate else rows_of(eps, members))
+            call = net.at(abar, through_unet=source.x0_estimate)
+            with call.numerics():
+                out = source(eps_fn_for(call), rows_of(x, members), t, abar, rows_of(y, members),
+                             net=call, eps=None if source.x0_estimate else rows_of(eps, members))
             eps = place(eps, out.eps, members)
             g = place(g, out.grad, members)
             log_probs = place(log_probs, out.log_probs, members)

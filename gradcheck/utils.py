@@ -81,6 +81,36 @@ def atomic_output_dir(final: str | Path, overwrite: bool = False) -> Iterator[Pa
         tmp.rename(final)
 
 
+def check_output_file(final: str | Path, overwrite: bool = False) -> Path:
+    """``final`` as a Path, after checking it can be written (before minutes of work): not a
+    folder, its parent not a file, and not existing unless ``overwrite``."""
+    final = Path(final)
+    if final.is_dir():
+        raise GradcheckError(f"{final} is a folder; give a file path")
+    if final.exists() and not overwrite:
+        raise GradcheckError(f"{final} already exists; pass --overwrite to replace it")
+    if final.parent.exists() and not final.parent.is_dir():
+        raise GradcheckError(f"cannot write {final}: {final.parent} is a file, not a folder")
+    return final
+
+
+@contextlib.contextmanager
+def atomic_output_file(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling path that replaces ``final`` only when the block succeeds."""
+    final = check_output_file(final, overwrite)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise GradcheckError(f"cannot write to {final.parent}: {e.strerror}") from None
+    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(final)
+
+
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """``auto`` picks CUDA when present, else CPU; anything else must be a valid torch device."""
     if device is None or str(device) == "auto":

@@ -53,3 +53,24 @@ def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
     save_classifier(make_classifier("shufflenet_v2_x1_0"), root / "classifiers" / "judge",
                     classifier_config("judge", "shufflenet_v2_x1_0"))
     return root
+
+
+@pytest.fixture(scope="module")
+def unet():
+    """A tiny random UNet (32x32) in eval mode, for sampler-level tests."""
+    from gradcheck.models import make_unet
+
+    torch.manual_seed(0)
+    return make_unet("tiny").eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def clf() -> torch.nn.Module:
+    """A tiny conv net with well-conditioned gradients (random MobileNets barely have any)."""
+    from torch import nn
+
+    torch.manual_seed(1)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, 2, 1), nn.Tanh(), nn.Conv2d(8, 8, 3, 2, 1), nn.Tanh(), nn.Flatten(),
+        nn.Linear(8 * 8 * 8, 4),
+    ).eval().requires_grad_(False)

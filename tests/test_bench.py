@@ -42,14 +42,18 @@ def test_quick_bench_reports_every_section(tmp_path: Path, capsys: pytest.Captur
 
 
 def test_bench_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    existing = tmp_path / "old.json"
+    existing.write_text("{}")
     for args, msg in ((["--precision", "fp8"], "unknown precision 'fp8'"),
                       (["--precision", "tf32"], "precision tf32 needs a CUDA device"),
                       (["--repeats", "0"], "repeats must be >= 1, got 0"),
-                      (["--json", str(tmp_path)], "is a folder; give a file path")):
+                      (["--json", str(tmp_path)], "is a folder; give a file path"),
+                      (["--json", str(existing)], "already exists; pass --overwrite")):
         with pytest.raises(SystemExit) as e:
             main(["bench", "--quick", "--device", "cpu", *args])
         assert e.value.code == 2
         assert msg in capsys.readouterr().err
+    assert existing.read_text() == "{}"
 
 
 def test_peak_table_is_cpu_free():

@@ -216,6 +216,16 @@ def test_batch_size_does_not_change_run_files(ckpt, tmp_path):
     assert all(torch.equal(va[k], vb[k]) for k in va)
 
 
+def test_auto_precision_is_float32_on_a_cpu(ckpt, tmp_path):
+    """TF32 exists only on NVIDIA GPUs: on a CPU, --precision auto gives fp32's files."""
+    cfg = tiny_cfg(ckpt, x0_estimate=True, stabilizer="adam")
+    a = run(cfg, out=tmp_path, name="fp32", progress=False)
+    b = run(dataclasses.replace(cfg, precision="auto"), out=tmp_path, name="auto", progress=False)
+    assert np.array_equal(np.load(a / "samples.npy"), np.load(b / "samples.npy"))
+    steps_a, steps_b = (pd.read_parquet(f / "steps.parquet") for f in (a, b))
+    pd.testing.assert_frame_equal(steps_a.drop(columns="run_id"), steps_b.drop(columns="run_id"))
+
+
 def test_run_many_writes_what_separate_runs_write(ckpt, tmp_path):
     """The sweep's batched configurations: one sampling call, the same run folders."""
     cfgs = [tiny_cfg(ckpt, record_vectors="all"),
@@ -272,7 +282,7 @@ def _no_run_folder(out: Path) -> bool:
         (dict(num_samples=0), "num_samples must be an integer >= 1, got 0"),
         (dict(record_vectors="some"), "unknown record_vectors 'some'"),
         (dict(protocol="quick"), "unknown protocol 'quick'"),
-        (dict(precision="fp8"), "unknown precision 'fp8'; choose one of: fp32, tf32, bf16"),
+        (dict(precision="fp8"), "unknown precision 'fp8'; choose one of: fp32, tf32, bf16, auto"),
         (dict(precision="tf32"), "precision tf32 needs a CUDA device; use fp32 or bf16"),
         (dict(net_batch=0), "net_batch must be an integer >= 1, got 0"),
         (dict(ddpm="no/such/ddpm"), "no/such/ddpm is not a DDPM pipeline folder"),

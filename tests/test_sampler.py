@@ -18,22 +18,6 @@ from gradcheck.sampler import GuidanceStep, Lane, ddpm_step, sample_guided, samp
 from gradcheck.utils import GradcheckError, sample_generators
 
 
-@pytest.fixture(scope="module")
-def unet():
-    torch.manual_seed(0)
-    return make_unet("tiny").eval().requires_grad_(False)
-
-
-@pytest.fixture(scope="module")
-def clf() -> nn.Module:
-    """A tiny conv net with well-conditioned gradients (random MobileNets barely have any)."""
-    torch.manual_seed(1)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, 2, 1), nn.Tanh(), nn.Conv2d(8, 8, 3, 2, 1), nn.Tanh(), nn.Flatten(),
-        nn.Linear(8 * 8 * 8, 4),
-    ).eval().requires_grad_(False)
-
-
 class ConstantClassifier(nn.Module):
     """Logits that do not depend on the input: g_t = 0 exactly."""
 

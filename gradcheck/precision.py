@@ -1,0 +1,227 @@
+"""How much reduced precision changes the guidance gradients, measured on any machine.
+
+TF32 (10-bit mantissa, float32 range and accumulation) runs only on NVIDIA tensor cores, but its
+effect on a result can be measured on a CPU: :func:`emulate_tf32` makes every convolution and
+linear layer of the given modules round its input, weight and incoming gradient to TF32 whenever
+PyTorch's TF32 flags for that operation are on (``torch.backends.cudnn.conv.fp32_precision`` for
+convolutions, ``torch.backends.cuda.matmul.fp32_precision`` for linear layers). So the same code
+that switches TF32 on a GPU (:meth:`gradcheck.guidance.NetEval.numerics`, including the per-call
+switches of ``precision="auto"``) switches the emulation on a CPU. Not emulated: the two matmuls
+inside ``scaled_dot_product_attention`` (a few percent of the UNet's FLOPs).
+
+:func:`gradient_agreement` is the measurement behind ``gradcheck precision`` and the table in
+:class:`~gradcheck.guidance.NetEval`: the cosine between each precision's guidance gradient and the
+float32 one, per t, on noised test images.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gradcheck.guidance import ClassifierGuidance, NetEval, cosine, d2_gain
+from gradcheck.utils import GradcheckError, check_choice, check_positive
+
+TF32_DROPPED_BITS = 13
+"""float32 keeps 23 explicit mantissa bits, TF32 keeps 10: the lowest 13 are rounded away."""
+
+MODES = ("fp64", "tf32", "bf16", "auto")
+"""Precisions :func:`gradient_agreement` compares with float32 (see ``gradcheck precision``)."""
+
+
+def round_tf32(x: torch.Tensor) -> torch.Tensor:
+    """float32 -> the nearest TF32 value (ties to even), still stored as float32; same shape.
+
+    Inf and NaN pass through unchanged (their low mantissa bits are not touched for inf, and a
+    NaN stays a NaN).
+    """
+    if x.dtype != torch.float32:
+        return x
+    bits = x.view(torch.int32)
+    lsb = (bits >> TF32_DROPPED_BITS) & 1
+    half = (1 << (TF32_DROPPED_BITS - 1)) - 1
+    rounded = (bits + half + lsb) & ~((1 << TF32_DROPPED_BITS) - 1)
+    finite = torch.isfinite(x)
+    return torch.where(finite, rounded.view(torch.float32), x)
+
+
+class _RoundGradTF32(torch.autograd.Function):
+    """Identity forward; rounds the incoming gradient to TF32 (the backward GEMM's operand)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return round_tf32(grad)
+
+
+def _ste_round(x: torch.Tensor) -> torch.Tensor:
+    """round_tf32 in the forward pass, identity gradient (the rounding is the GEMM's, not the
+    model's: autograd's own backward GEMM gets the rounded gradient from _RoundGradTF32)."""
+    return x + (round_tf32(x.detach()) - x).detach()
+
+
+def _tf32_on(kind: str) -> bool:
+    """Whether PyTorch would use TF32 for float32 ``kind`` ("conv" | "matmul") on a GPU now."""
+    flag = (torch.backends.cudnn.conv.fp32_precision if kind == "conv"
+            else torch.backends.cuda.matmul.fp32_precision)
+    return flag == "tf32"
+
+
+def _tf32_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+    """Forward hook: recompute a float32 conv / linear layer from TF32-rounded operands when
+    TF32 is on for it; the recomputed output carries the gradient rounding."""
+    (x,) = args
+    kind = "conv" if isinstance(module, nn.Conv2d) else "matmul"
+    if output.dtype != torch.float32 or not _tf32_on(kind):
+        return None
+    w = round_tf32(module.weight.detach())
+    if isinstance(module, nn.Conv2d):
+        out = module._conv_forward(_ste_round(x), w, module.bias)
+    else:
+        out = F.linear(_ste_round(x), w, module.bias)
+    return _RoundGradTF32.apply(out)
+
+
+@contextmanager
+def emulate_tf32(*modules: nn.Module) -> Iterator[None]:
+    """Within the block, the convolutions and linear layers of ``modules`` compute as TF32 would
+    whenever PyTorch's TF32 flags are on for them (see the module docstring). Costs a second
+    evaluation of each emulated layer; weights are never modified."""
+    handles = [m.register_forward_hook(_tf32_hook) for module in modules
+               for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _check_modes(modes: Sequence[str]) -> None:
+    for mode in modes:
+        check_choice("precision mode", mode, MODES)
+
+
+def _noised(images: torch.Tensor, abar: float, generator: torch.Generator) -> torch.Tensor:
+    """x_t = sqrt(abar) x_0 + sqrt(1 - abar) noise (the forward process), float32."""
+    noise = torch.randn(images.shape, generator=generator, dtype=torch.float32)
+    return math.sqrt(abar) * images + math.sqrt(1 - abar) * noise.to(images.device)
+
+
+def _gradient(mode: str, unet: nn.Module, clf: nn.Module, x_t: torch.Tensor, t: int,
+              abar: float, y: torch.Tensor, x0_estimate: bool) -> torch.Tensor:
+    """g_t (D3) under one mode, with the call settings the sampler would use at this t."""
+    device = x_t.device
+    call = NetEval.for_precision("fp32" if mode == "fp64" else mode).at(abar, x0_estimate)
+    t_dev = torch.full((), t, dtype=torch.long, device=device)
+    if mode == "fp64":
+        unet, clf, x_t = copy.deepcopy(unet).double(), copy.deepcopy(clf).double(), x_t.double()
+
+    def eps_fn(x_in: torch.Tensor) -> torch.Tensor:
+        with call.unet_autocast(device):
+            return unet(x_in, t_dev).sample.to(x_in.dtype)
+
+    emulation = emulate_tf32(unet, clf) if device.type != "cuda" and call.tf32 else nullcontext()
+    with emulation, call.numerics():
+        source = ClassifierGuidance(clf, x0_estimate)
+        return source(eps_fn, x_t, t, abar, y, net=call).grad.float()
+
+
+def gradient_agreement(
+    unet: nn.Module,
+    classifiers: dict[str, nn.Module],
+    alphas_cumprod: torch.Tensor,
+    images: torch.Tensor,
+    target: int,
+    timesteps: Sequence[int],
+    modes: Sequence[str] = MODES,
+    x0_estimate: bool = True,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Each mode's guidance gradient against float32's, on noised ``images`` (N, 3, H, W).
+
+    Per (classifier, t, mode): the minimum and mean over images of the cosine to the float32
+    gradient, and of ||g_mode - g_fp32|| / ||g_fp32||. TF32 is emulated on a CPU and real on a
+    GPU; ``auto`` is :meth:`NetEval.for_precision("auto") <NetEval.for_precision>`. fp64 runs
+    the whole computation in float64 (the check that float32 itself is accurate).
+    """
+    _check_modes(modes)
+    y = torch.full((images.shape[0],), target, dtype=torch.long, device=images.device)
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for t in timesteps:
+        abar = float(alphas_cumprod[t])
+        x_t = _noised(images, abar, gen)
+        for name, clf in classifiers.items():
+            ref = _gradient("fp32", unet, clf, x_t, t, abar, y, x0_estimate)
+            for mode in modes:
+                g = _gradient(mode, unet, clf, x_t, t, abar, y, x0_estimate)
+                cos = cosine(g, ref)
+                rel = (g - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1)
+                rows.append({"classifier": name, "t": t, "gain": d2_gain(abar), "mode": mode,
+                             "cos_min": float(cos.min()), "cos_mean": float(cos.mean()),
+                             "rel_err_max": float(rel.max()), "rel_err_mean": float(rel.mean())})
+    return pd.DataFrame(rows)
+
+
+def measure_precision(
+    ddpm: str | None = None,
+    classifiers: Sequence[str] = ("nonrobust", "robust"),
+    data_root: str = "datasets/sportballs",
+    timesteps: Sequence[int] = (999, 900, 800, 700, 500, 100),
+    samples: int = 4,
+    target: str | int = "baseball",
+    modes: Sequence[str] = MODES,
+    x0_estimate: bool = True,
+    device: str = "auto",
+    seed: int = 0,
+) -> pd.DataFrame:
+    """:func:`gradient_agreement` on a DDPM and guiding classifiers given as in ``gradcheck run``
+    (shipped names or folders), with the first ``samples`` test images of ``data_root``."""
+    from gradcheck.config import RunConfig
+    from gradcheck.data.sportballs import load_split
+    from gradcheck.paths import default_ddpm
+    from gradcheck.runner import _frozen, _load_classifier, _load_ddpm, parse_target
+    from gradcheck.utils import resolve_device
+
+    _check_modes(modes)
+    check_positive("samples", samples)
+    if not classifiers:
+        raise GradcheckError("name at least one classifier")
+    y = parse_target(target)
+    dev = resolve_device(device)
+    unet, scheduler = _load_ddpm(ddpm or str(default_ddpm()))
+    bad = [t for t in timesteps if not 0 <= t < len(scheduler.alphas_cumprod)]
+    if bad:
+        raise GradcheckError(f"timestep {bad[0]} is outside 0-{len(scheduler.alphas_cumprod) - 1}")
+    models = {name: _frozen(_load_classifier(RunConfig(classifier=name), dev)[0])
+              for name in classifiers}
+    images, _ = load_split(data_root, "test")
+    size = unet.config.sample_size
+    if images.shape[1] != size:
+        raise GradcheckError(f"the test images of {data_root} are {images.shape[1]}x"
+                             f"{images.shape[2]} but the DDPM makes {size}x{size}")
+    x0 = torch.from_numpy(np.array(images[:samples])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return gradient_agreement(_frozen(unet.to(dev)), models, scheduler.alphas_cumprod,
+                              x0.to(dev), y, timesteps, modes, x0_estimate, seed)
+
+
+def format_agreement(table: pd.DataFrame) -> str:
+    """The terminal table: one row per (classifier, t), the minimum cosine per mode."""
+    wide = table.pivot_table(index=["classifier", "t", "gain"], columns="mode",
+                             values="cos_min", sort=False)
+    wide = wide[[m for m in MODES if m in wide.columns]].sort_index(
+        level=["classifier", "t"], ascending=[True, False])
+    lines = ["minimum cosine to the float32 gradient (1 = identical direction)",
+             wide.to_string(float_format=lambda v: f"{v:.4f}")]
+    return "\n".join(lines)

@@ -1,0 +1,186 @@
+"""Reduced precision: TF32 rounding, its emulation, the ``auto`` policy, ``gradcheck precision``."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gradcheck.cli import main
+from gradcheck.guidance import AUTO_FP32_GAIN, ClassifierGuidance, NetEval, d2_gain
+from gradcheck.models import make_scheduler
+from gradcheck.precision import emulate_tf32, gradient_agreement, round_tf32
+from gradcheck.sampler import Lane, sample_guided, sample_lanes
+from gradcheck.utils import GradcheckError, sample_generators
+
+STEPS = 6  # respaced t = 999, 833, 666, 500, 333, 166: D2 gains ~157, ~34, ~8, ...
+
+
+def low_bits(x: torch.Tensor) -> torch.Tensor:
+    return x.view(torch.int32) & ((1 << 13) - 1)
+
+
+def test_round_tf32_keeps_10_mantissa_bits_rounding_to_nearest_even():
+    x = torch.randn(10_000, generator=torch.Generator().manual_seed(0)) * 1e3
+    r = round_tf32(x)
+    assert (low_bits(r) == 0).all()
+    assert ((r - x).abs() <= x.abs() * 2.0**-11).all()  # half a TF32 ulp
+    exact = torch.tensor([1.0, -0.75, 1 + 2.0**-10, 3.0 * 2**100])
+    assert torch.equal(round_tf32(exact), exact)
+    # Halfway cases go to the even neighbour; just above halfway goes up.
+    ties = torch.tensor([1 + 2.0**-11, 1 + 3 * 2.0**-11, 1 + 2.0**-11 + 2.0**-20])
+    assert torch.equal(round_tf32(ties), torch.tensor([1.0, 1 + 2.0**-9, 1 + 2.0**-10]))
+    special = torch.tensor([float("inf"), -float("inf"), float("nan")])
+    out = round_tf32(special)
+    assert torch.equal(out[:2], special[:2]) and out[2].isnan()
+
+
+def test_emulation_follows_the_tf32_flags_and_leaves_weights_alone():
+    torch.manual_seed(0)
+    conv, lin = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(16, 5)
+    x, v = torch.randn(2, 3, 8, 8), torch.randn(2, 16)
+    weights = [p.clone() for p in (*conv.parameters(), *lin.parameters())]
+    with emulate_tf32(conv, lin):
+        with NetEval(tf32=False).numerics():
+            assert torch.equal(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1))
+            assert torch.equal(lin(v), F.linear(v, lin.weight, lin.bias))
+        with NetEval(tf32=True).numerics():
+            conv_tf32, lin_tf32 = conv(x), lin(v)
+    ref_conv = F.conv2d(round_tf32(x), round_tf32(conv.weight), conv.bias, padding=1)
+    assert torch.equal(conv_tf32, ref_conv)
+    assert torch.equal(lin_tf32, F.linear(round_tf32(v), round_tf32(lin.weight), lin.bias))
+    rel = (conv_tf32 - conv(x)).norm() / conv(x).norm()
+    assert 1e-5 < rel < 1e-3
+    assert all(torch.equal(a, b) for a, b in
+               zip(weights, (*conv.parameters(), *lin.parameters()), strict=True))
+    # Outside the block the layers are plain float32 again, whatever the flags say.
+    with NetEval(tf32=True).numerics():
+        assert torch.equal(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1))
+
+
+def test_emulated_backward_rounds_the_incoming_gradient():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1).requires_grad_(False)
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    gout = torch.randn(2, 4, 8, 8)
+    with emulate_tf32(conv), NetEval(tf32=True).numerics():
+        (g,) = torch.autograd.grad((conv(x) * gout).sum(), x)
+    w = round_tf32(conv.weight)
+    ref = torch.nn.grad.conv2d_input(x.shape, w, round_tf32(gout), padding=1)
+    torch.testing.assert_close(g, ref, rtol=0, atol=1e-6)
+
+
+def test_precisions_and_the_auto_policy():
+    assert NetEval.for_precision("fp32", rows=8) == NetEval(rows=8)
+    assert NetEval.for_precision("tf32") == NetEval(tf32=True)
+    assert NetEval.for_precision("bf16") == NetEval(unet_bf16=True)
+    auto = NetEval.for_precision("auto", rows=4)
+    assert auto == NetEval(rows=4, tf32=True, fp32_above_gain=AUTO_FP32_GAIN)
+    abar = make_scheduler().alphas_cumprod
+    assert d2_gain(abar[999]) > 150 and 3 < d2_gain(abar[500]) < 4
+    # Through the UNet at high noise: true float32; below the gain, and never through it: TF32.
+    assert auto.at(abar[999], through_unet=True) == NetEval(rows=4)
+    assert auto.at(abar[500], through_unet=True) is auto
+    assert auto.at(abar[999], through_unet=False) is auto
+    assert NetEval(tf32=True).at(abar[999], through_unet=True) == NetEval(tf32=True)
+    with pytest.raises(GradcheckError, match="unknown precision 'fp8'; choose one of: fp32, tf32, "
+                       "bf16, auto"):
+        NetEval.for_precision("fp8")
+
+
+def test_auto_keeps_x0_gradients_exact_where_told_and_only_there(unet, clf):
+    """With bf16 standing in for the reduced precision (TF32 does not exist on a CPU), the
+    x0-estimate lane is bit-identical to the float32 lane when every step is above the gain,
+    to the bf16 lane when none is, and lies in between otherwise; the unguided lane always
+    runs reduced."""
+    sched = make_scheduler()
+    x0 = ClassifierGuidance(clf, x0_estimate=True)
+
+    def both(net: NetEval) -> list[torch.Tensor]:
+        lanes = [Lane(guidance=x0, stabilizer="adam"), Lane(guidance=None, scale=0.0)]
+        return sample_lanes(unet, sched, lanes, sample_generators(0, range(3)), steps=STEPS,
+                            net=net)
+
+    fp32, bf16 = both(NetEval(rows=4)), both(NetEval(rows=4, unet_bf16=True))
+    assert not torch.equal(fp32[0], bf16[0])
+    exact = both(NetEval(rows=4, unet_bf16=True, fp32_above_gain=0.0))
+    never = both(NetEval(rows=4, unet_bf16=True, fp32_above_gain=float("inf")))
+    mixed = both(NetEval(rows=4, unet_bf16=True, fp32_above_gain=12.0))
+    assert torch.equal(exact[0], fp32[0]) and torch.equal(never[0], bf16[0])
+    assert not torch.equal(mixed[0], fp32[0]) and not torch.equal(mixed[0], bf16[0])
+    assert all(torch.equal(run[1], bf16[1]) for run in (exact, never, mixed))
+
+
+def test_emulated_auto_stays_within_tolerance_of_float32(unet, clf):
+    """The optimised path against the plain one. Under emulated TF32, ``auto`` moves samples by
+    < 1e-3 on average and < 0.1 at worst (in [-1, 1]), guided on x_t or through the
+    x0-estimate; plain TF32 through the x0-estimate changes samples outright (rounding
+    amplified by D2), which is why ``auto`` keeps those steps in float32."""
+    sched = make_scheduler()
+    worst = {}
+    for name, guidance in (("unguided", None), ("x_t", ClassifierGuidance(clf)),
+                           ("x0", ClassifierGuidance(clf, x0_estimate=True))):
+        for precision in ("fp32", "auto", "tf32"):
+            with emulate_tf32(unet, clf):
+                worst[name, precision] = sample_guided(
+                    unet, sched, guidance, sample_generators(0, range(3)), steps=STEPS,
+                    stabilizer="none" if guidance is None else "adam",
+                    net=NetEval.for_precision(precision, rows=4))
+        for precision in ("auto", "tf32"):
+            diff = (worst[name, precision] - worst[name, "fp32"]).abs()
+            worst[name, precision] = diff.max().item()
+            if precision == "auto" or name != "x0":
+                assert 0 < diff.mean() < 1e-3 and diff.max() < 0.1, (name, precision)
+    assert worst["x0", "tf32"] > 0.3
+
+
+def test_auto_gradient_is_exact_above_the_gain(unet, clf):
+    sched = make_scheduler()
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    table = gradient_agreement(unet, {"clf": clf}, sched.alphas_cumprod, images, 0,
+                               (999, 500), modes=("tf32", "auto"))
+    table = table.set_index(["t", "mode"])
+    assert table.loc[(999, "auto"), "rel_err_max"] == 0.0
+    assert table.loc[(999, "tf32"), "rel_err_max"] > 0.0
+    assert table.loc[(500, "auto"), "cos_min"] == table.loc[(500, "tf32"), "cos_min"] > 0.99
+
+
+def test_precision_command_writes_the_table(tiny_checkpoints, tiny_data, tmp_path, capsys):
+    out = tmp_path / "precision.parquet"
+    args = ["precision", "--ddpm", str(tiny_checkpoints / "ddpm"), "--classifiers",
+            str(tiny_checkpoints / "classifiers" / "nonrobust"), "--data-root", str(tiny_data),
+            "--device", "cpu", "--t", "999,100", "--samples", "2", "--modes", "fp64,tf32,auto",
+            "--out", str(out)]
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 0
+    printed = capsys.readouterr().out
+    assert "minimum cosine to the float32 gradient" in printed and "auto" in printed
+    table = pd.read_parquet(out)
+    assert len(table) == 2 * 3
+    assert set(table["mode"]) == {"fp64", "tf32", "auto"}
+    assert (table.loc[table["mode"] == "fp64", "cos_min"] > 0.999).all()
+    assert table.loc[(table["mode"] == "auto") & (table["t"] == 999), "rel_err_max"].item() == 0
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--t", "99x"], "is not a comma-separated list of integers"),
+    (["--t", "1000"], "timestep 1000 is outside 0-999"),
+    (["--modes", "fp8"], "unknown precision mode 'fp8'; choose one of: fp64, tf32, bf16, auto"),
+    (["--samples", "0"], "samples must be > 0, got 0"),
+    (["--target", "golf"], "unknown target 'golf'"),
+])
+def test_precision_command_rejects_bad_input(tiny_checkpoints, tiny_data, extra, message,
+                                             capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["precision", "--ddpm", str(tiny_checkpoints / "ddpm"), "--classifiers",
+              str(tiny_checkpoints / "classifiers" / "nonrobust"), "--data-root",
+              str(tiny_data), "--device", "cpu", *extra])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
