@@ -77,13 +77,12 @@ FULL = BenchSizes(preset="paper", batches=(64, 256), sampling_steps=20, train_ba
 
 
 def device_peak_tflops(device: torch.device, precision: str = "bf16") -> float | None:
-    """The device's peak TFLOP/s at a precision (fp32 | tf32 | bf16; auto counts as tf32, its
-    bulk); None when unknown (CPUs, GPUs not in :data:`PEAK_TFLOPS`)."""
-    if device.type != "cuda":
+    """The device's peak TFLOP/s at a precision (fp32 | tf32 | bf16); None when unknown (CPUs,
+    GPUs not in :data:`PEAK_TFLOPS`) and for auto, which mixes float32 and TF32 by step."""
+    if device.type != "cuda" or precision == "auto":
         return None
     name = torch.cuda.get_device_name(device)
-    unit = "tf32" if precision == "auto" else precision
-    return next((peaks[unit] for key, peaks in PEAK_TFLOPS if key in name), None)
+    return next((peaks[precision] for key, peaks in PEAK_TFLOPS if key in name), None)
 
 
 def _sync(device: torch.device) -> None:

@@ -620,8 +620,9 @@ def bench_cmd(
 @app.command("precision")
 def precision_cmd(
     timesteps: str = typer.Option(
-        "999,900,800,700,500,100", "--t", help="Comma-separated timesteps t to measure at."),
-    samples: int = typer.Option(4, help="Test images, noised to x_t (the first N of the split)."),
+        "999,900,800,700,500,300,100", help="Comma-separated timesteps t to measure at."),
+    num_samples: int = typer.Option(
+        4, help="Test images, noised to x_t (the first N of the split)."),
     classifiers: str = typer.Option(
         "nonrobust,robust", help="Comma-separated guiding classifiers (names or folders)."),
     modes: str = typer.Option(
@@ -645,16 +646,17 @@ def precision_cmd(
     from gradcheck.utils import atomic_output_file, check_output_file
 
     try:
-        ts = [int(v) for v in timesteps.split(",")]
+        ts = [int(v) for v in timesteps.split(",") if v.strip()]
     except ValueError:
-        raise GradcheckError(f"--t {timesteps!r} is not a comma-separated list of integers; "
-                             "e.g. 999,900,500") from None
+        raise GradcheckError(f"--timesteps {timesteps!r} is not a comma-separated list of "
+                             "integers; e.g. 999,900,500") from None
     if out is not None:
         check_output_file(out, overwrite)
     table = measure_precision(
         ddpm=ddpm, classifiers=[c for c in classifiers.split(",") if c], data_root=data_root,
-        timesteps=ts, samples=samples, target=target, modes=[m for m in modes.split(",") if m],
-        x0_estimate=x0_estimate, device=device, seed=seed)
+        timesteps=ts, num_samples=num_samples, target=target,
+        modes=[m for m in modes.split(",") if m], x0_estimate=x0_estimate, device=device,
+        seed=seed)
     typer.echo(format_agreement(table))
     if out is not None:
         with atomic_output_file(out, overwrite) as tmp:

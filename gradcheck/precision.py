@@ -28,7 +28,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradcheck.guidance import ClassifierGuidance, NetEval, cosine, d2_gain
-from gradcheck.utils import GradcheckError, check_choice, check_positive
+from gradcheck.utils import (
+    GradcheckError,
+    check_choice,
+    check_positive,
+    randn_per_sample,
+    sample_generators,
+)
 
 TF32_DROPPED_BITS = 13
 """float32 keeps 23 explicit mantissa bits, TF32 keeps 10: the lowest 13 are rounded away."""
@@ -40,11 +46,13 @@ MODES = ("fp64", "tf32", "bf16", "auto")
 def round_tf32(x: torch.Tensor) -> torch.Tensor:
     """float32 -> the nearest TF32 value (ties to even), still stored as float32; same shape.
 
-    Inf and NaN pass through unchanged (their low mantissa bits are not touched for inf, and a
-    NaN stays a NaN).
+    Inf and NaN pass through; values beyond the largest TF32 number round to inf. Round to
+    nearest even is the assumption here: how a GPU converts float32 operands for its tensor
+    cores is the library's choice (``scripts/reference.sh precision`` compares with the real
+    thing).
     """
     if x.dtype != torch.float32:
-        return x
+        raise GradcheckError(f"round_tf32 takes float32 tensors, got {x.dtype}")
     bits = x.view(torch.int32)
     lsb = (bits >> TF32_DROPPED_BITS) & 1
     half = (1 << (TF32_DROPPED_BITS - 1)) - 1
@@ -85,7 +93,7 @@ def _tf32_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Te
     kind = "conv" if isinstance(module, nn.Conv2d) else "matmul"
     if output.dtype != torch.float32 or not _tf32_on(kind):
         return None
-    w = round_tf32(module.weight.detach())
+    w = _ste_round(module.weight)
     if isinstance(module, nn.Conv2d):
         out = module._conv_forward(_ste_round(x), w, module.bias)
     else:
@@ -112,20 +120,23 @@ def _check_modes(modes: Sequence[str]) -> None:
         check_choice("precision mode", mode, MODES)
 
 
-def _noised(images: torch.Tensor, abar: float, generator: torch.Generator) -> torch.Tensor:
-    """x_t = sqrt(abar) x_0 + sqrt(1 - abar) noise (the forward process), float32."""
-    noise = torch.randn(images.shape, generator=generator, dtype=torch.float32)
-    return math.sqrt(abar) * images + math.sqrt(1 - abar) * noise.to(images.device)
+def _noised(images: torch.Tensor, abar: float, seed: int, t: int) -> torch.Tensor:
+    """x_t = sqrt(abar) x_0 + sqrt(1 - abar) noise (the forward process), float32. Image i's
+    noise depends only on (seed, t, i): not on the other timesteps or the number of images."""
+    gens = sample_generators(seed * 1000 + t, range(images.shape[0]))
+    noise = randn_per_sample(tuple(images.shape[1:]), gens, images.device)
+    return math.sqrt(abar) * images + math.sqrt(1 - abar) * noise
 
 
 def _gradient(mode: str, unet: nn.Module, clf: nn.Module, x_t: torch.Tensor, t: int,
               abar: float, y: torch.Tensor, x0_estimate: bool) -> torch.Tensor:
-    """g_t (D3) under one mode, with the call settings the sampler would use at this t."""
+    """g_t (D3) under one mode, with the call settings the sampler would use at this t (fp64:
+    float64 models given, x_t converted)."""
     device = x_t.device
     call = NetEval.for_precision("fp32" if mode == "fp64" else mode).at(abar, x0_estimate)
     t_dev = torch.full((), t, dtype=torch.long, device=device)
     if mode == "fp64":
-        unet, clf, x_t = copy.deepcopy(unet).double(), copy.deepcopy(clf).double(), x_t.double()
+        x_t = x_t.double()
 
     def eps_fn(x_in: torch.Tensor) -> torch.Tensor:
         with call.unet_autocast(device):
@@ -156,16 +167,23 @@ def gradient_agreement(
     the whole computation in float64 (the check that float32 itself is accurate).
     """
     _check_modes(modes)
+    if len(set(timesteps)) != len(timesteps):
+        raise GradcheckError(f"timesteps repeat: {', '.join(map(str, timesteps))}")
     y = torch.full((images.shape[0],), target, dtype=torch.long, device=images.device)
-    gen = torch.Generator().manual_seed(seed)
+    models = {name: {"fp32": (unet, clf)} for name, clf in classifiers.items()}
+    if "fp64" in modes:
+        unet64 = copy.deepcopy(unet).double()
+        for name, clf in classifiers.items():
+            models[name]["fp64"] = (unet64, copy.deepcopy(clf).double())
     rows = []
     for t in timesteps:
         abar = float(alphas_cumprod[t])
-        x_t = _noised(images, abar, gen)
+        x_t = _noised(images, abar, seed, t)
         for name, clf in classifiers.items():
             ref = _gradient("fp32", unet, clf, x_t, t, abar, y, x0_estimate)
             for mode in modes:
-                g = _gradient(mode, unet, clf, x_t, t, abar, y, x0_estimate)
+                u, c = models[name].get(mode, models[name]["fp32"])
+                g = _gradient(mode, u, c, x_t, t, abar, y, x0_estimate)
                 cos = cosine(g, ref)
                 rel = (g - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1)
                 rows.append({"classifier": name, "t": t, "gain": d2_gain(abar), "mode": mode,
@@ -179,7 +197,7 @@ def measure_precision(
     classifiers: Sequence[str] = ("nonrobust", "robust"),
     data_root: str = "datasets/sportballs",
     timesteps: Sequence[int] = (999, 900, 800, 700, 500, 100),
-    samples: int = 4,
+    num_samples: int = 4,
     target: str | int = "baseball",
     modes: Sequence[str] = MODES,
     x0_estimate: bool = True,
@@ -187,7 +205,7 @@ def measure_precision(
     seed: int = 0,
 ) -> pd.DataFrame:
     """:func:`gradient_agreement` on a DDPM and guiding classifiers given as in ``gradcheck run``
-    (shipped names or folders), with the first ``samples`` test images of ``data_root``."""
+    (shipped names or folders), with the first ``num_samples`` test images of ``data_root``."""
     from gradcheck.config import RunConfig
     from gradcheck.data.sportballs import load_split
     from gradcheck.paths import default_ddpm
@@ -195,7 +213,7 @@ def measure_precision(
     from gradcheck.utils import resolve_device
 
     _check_modes(modes)
-    check_positive("samples", samples)
+    check_positive("num_samples", num_samples)
     if not classifiers:
         raise GradcheckError("name at least one classifier")
     y = parse_target(target)
@@ -207,19 +225,23 @@ def measure_precision(
     models = {name: _frozen(_load_classifier(RunConfig(classifier=name), dev)[0])
               for name in classifiers}
     images, _ = load_split(data_root, "test")
+    if num_samples > len(images):
+        raise GradcheckError(f"num_samples {num_samples} is more than the {len(images)} test "
+                             f"images of {data_root}")
     size = unet.config.sample_size
     if images.shape[1] != size:
         raise GradcheckError(f"the test images of {data_root} are {images.shape[1]}x"
                              f"{images.shape[2]} but the DDPM makes {size}x{size}")
-    x0 = torch.from_numpy(np.array(images[:samples])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x0 = torch.from_numpy(np.array(images[:num_samples])).permute(0, 3, 1, 2).float() / 127.5 - 1
     return gradient_agreement(_frozen(unet.to(dev)), models, scheduler.alphas_cumprod,
                               x0.to(dev), y, timesteps, modes, x0_estimate, seed)
 
 
 def format_agreement(table: pd.DataFrame) -> str:
     """The terminal table: one row per (classifier, t), the minimum cosine per mode."""
+    table = table.assign(gain=table["gain"].round(1))
     wide = table.pivot_table(index=["classifier", "t", "gain"], columns="mode",
-                             values="cos_min", sort=False)
+                             values="cos_min", aggfunc="min", sort=False)
     wide = wide[[m for m in MODES if m in wide.columns]].sort_index(
         level=["classifier", "t"], ascending=[True, False])
     lines = ["minimum cosine to the float32 gradient (1 = identical direction)",

@@ -66,7 +66,7 @@ stage4)
 precision)
   # About a minute: the same table as on a CPU, with real TF32 instead of the emulation.
   mkdir -p reports/bench
-  $G precision --device cuda --samples 8 --t 999,950,900,850,800,750,700,650,600,500,300,100 \
+  $G precision --device cuda --timesteps 999,900,800,700,500,300,100 \
     --out reports/bench/precision-gpu.parquet --overwrite 2>&1 | tee "$LOG/precision.log"
   ;;
 bench)

@@ -56,7 +56,7 @@ def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def unet():
+def unet() -> torch.nn.Module:
     """A tiny random UNet (32x32) in eval mode, for sampler-level tests."""
     from gradcheck.models import make_unet
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pandas as pd
 import pytest
 import torch
@@ -15,7 +18,7 @@ from gradcheck.precision import emulate_tf32, gradient_agreement, round_tf32
 from gradcheck.sampler import Lane, sample_guided, sample_lanes
 from gradcheck.utils import GradcheckError, sample_generators
 
-STEPS = 6  # respaced t = 999, 833, 666, 500, 333, 166: D2 gains ~157, ~34, ~8, ...
+STEPS = 6  # respaced t = 830, 664, 498, 332, 166, 0: D2 gains ~33, ~9.3, ~3.4, ...
 
 
 def low_bits(x: torch.Tensor) -> torch.Tensor:
@@ -32,9 +35,22 @@ def test_round_tf32_keeps_10_mantissa_bits_rounding_to_nearest_even():
     # Halfway cases go to the even neighbour; just above halfway goes up.
     ties = torch.tensor([1 + 2.0**-11, 1 + 3 * 2.0**-11, 1 + 2.0**-11 + 2.0**-20])
     assert torch.equal(round_tf32(ties), torch.tensor([1.0, 1 + 2.0**-9, 1 + 2.0**-10]))
+    assert torch.equal(round_tf32(-ties), -round_tf32(ties))  # symmetric
     special = torch.tensor([float("inf"), -float("inf"), float("nan")])
     out = round_tf32(special)
     assert torch.equal(out[:2], special[:2]) and out[2].isnan()
+    # Beyond the largest TF32 number: inf; the largest TF32 number itself stays.
+    big = torch.tensor([torch.finfo(torch.float32).max, -torch.finfo(torch.float32).max])
+    assert torch.equal(round_tf32(big), torch.tensor([float("inf"), -float("inf")]))
+    largest = torch.tensor([0x7F7FE000], dtype=torch.int32).view(torch.float32)
+    assert torch.equal(round_tf32(largest), largest)
+    # Subnormals round like everything else; the largest one becomes the smallest normal.
+    sub = torch.tensor([0x1000, 0x3000, 0x7FFFFF], dtype=torch.int32).view(torch.float32)
+    expected = torch.tensor([0, 0x4000, 0x800000], dtype=torch.int32).view(torch.float32)
+    assert torch.equal(round_tf32(sub), expected)
+    with pytest.raises(GradcheckError, match="round_tf32 takes float32 tensors, got "
+                       "torch.float64"):
+        round_tf32(torch.zeros(2, dtype=torch.float64))
 
 
 def test_emulation_follows_the_tf32_flags_and_leaves_weights_alone():
@@ -151,7 +167,8 @@ def test_precision_command_writes_the_table(tiny_checkpoints, tiny_data, tmp_pat
     out = tmp_path / "precision.parquet"
     args = ["precision", "--ddpm", str(tiny_checkpoints / "ddpm"), "--classifiers",
             str(tiny_checkpoints / "classifiers" / "nonrobust"), "--data-root", str(tiny_data),
-            "--device", "cpu", "--t", "999,100", "--samples", "2", "--modes", "fp64,tf32,auto",
+            "--device", "cpu", "--timesteps", "999,100", "--num-samples", "2", "--modes",
+            "fp64,tf32,auto",
             "--out", str(out)]
     with pytest.raises(SystemExit) as exc:
         main(args)
@@ -170,10 +187,12 @@ def test_precision_command_writes_the_table(tiny_checkpoints, tiny_data, tmp_pat
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--t", "99x"], "is not a comma-separated list of integers"),
-    (["--t", "1000"], "timestep 1000 is outside 0-999"),
+    (["--timesteps", "99x"], "is not a comma-separated list of integers"),
+    (["--timesteps", "1000"], "timestep 1000 is outside 0-999"),
+    (["--timesteps", "999,999"], "timesteps repeat: 999, 999"),
     (["--modes", "fp8"], "unknown precision mode 'fp8'; choose one of: fp64, tf32, bf16, auto"),
-    (["--samples", "0"], "samples must be > 0, got 0"),
+    (["--num-samples", "0"], "num_samples must be > 0, got 0"),
+    (["--num-samples", "33"], "num_samples 33 is more than the 32 test images"),
     (["--target", "golf"], "unknown target 'golf'"),
 ])
 def test_precision_command_rejects_bad_input(tiny_checkpoints, tiny_data, extra, message,
@@ -184,3 +203,28 @@ def test_precision_command_rejects_bad_input(tiny_checkpoints, tiny_data, extra,
               str(tiny_data), "--device", "cpu", *extra])
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_numerics_also_works_with_the_fp32_precision_api():
+    """Once a program sets torch's fp32_precision settings, reading allow_tf32 raises; numerics
+    then switches TF32 through those settings and restores them. (A subprocess: the global
+    state would leak into other tests.)"""
+    code = (
+        "import torch\n"
+        "from gradcheck.guidance import NetEval\n"
+        "torch.backends.cudnn.conv.fp32_precision = 'ieee'\n"
+        "torch.backends.cuda.matmul.fp32_precision = 'ieee'\n"
+        "with NetEval(tf32=True).numerics():\n"
+        "    assert torch.backends.cudnn.conv.fp32_precision == 'tf32'\n"
+        "    assert torch.backends.cuda.matmul.fp32_precision == 'tf32'\n"
+        "    with NetEval().at(0.5, True).numerics():\n"
+        "        assert torch.backends.cudnn.conv.fp32_precision == 'ieee'\n"
+        "    assert torch.backends.cudnn.conv.fp32_precision == 'tf32'\n"
+        "assert torch.backends.cudnn.conv.fp32_precision == 'ieee'\n"
+        "assert torch.backends.cuda.matmul.fp32_precision == 'ieee'\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
