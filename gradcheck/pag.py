@@ -217,6 +217,22 @@ def _to_rgb(x: np.ndarray) -> np.ndarray:
     return np.clip((np.asarray(x).transpose(1, 2, 0) + 1) / 2, 0, 1)
 
 
+def _image_grid(n_rows: int, n_cols: int, size: tuple[float, float], hspace: float,
+                bottom: float, top: float) -> tuple[Figure, np.ndarray]:
+    """A figure of ``size`` inches with (n_rows, n_cols) tickless image axes, 0.6 inch on the
+    left for row labels and ``bottom`` / ``top`` inches of margin. A fixed grid: constrained
+    layout costs seconds for ~100 image axes and gains nothing here."""
+    width, height = size
+    fig = Figure(figsize=size)
+    axes = fig.subplots(n_rows, n_cols, squeeze=False,
+                        gridspec_kw=dict(wspace=0.05, hspace=hspace, left=0.6 / width, right=0.99,
+                                         bottom=bottom / height, top=1 - top / height))
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return fig, axes
+
+
 def gradient_map_figure(
     images: np.ndarray,
     maps: dict[str, np.ndarray],
@@ -227,12 +243,8 @@ def gradient_map_figure(
     min-max normalised per map; one column per (source, t)."""
     n_rows, n_t = images.shape[0], len(timesteps)
     n_cols = 1 + n_t * len(maps)
-    width, height = 0.9 * n_cols + 0.6, 0.95 * n_rows + 0.9
-    fig = Figure(figsize=(width, height))
-    # A fixed grid: constrained layout costs seconds for ~100 image axes and gains nothing here.
-    axes = fig.subplots(n_rows, n_cols, squeeze=False,
-                        gridspec_kw=dict(wspace=0.05, hspace=0.05, left=0.6 / width, right=0.99,
-                                         bottom=0.1 / height, top=1 - 0.9 / height))
+    fig, axes = _image_grid(n_rows, n_cols, (0.9 * n_cols + 0.6, 0.95 * n_rows + 0.9),
+                            hspace=0.05, bottom=0.1, top=0.9)
     for r in range(n_rows):
         axes[r, 0].imshow(_to_rgb(images[r]))
         axes[r, 0].set_ylabel(row_labels[r], fontsize=8)
@@ -244,9 +256,6 @@ def gradient_map_figure(
                 if r == 0:
                     ax.set_title(f"{name}\nt={t}", fontsize=7)
     axes[0, 0].set_title("image", fontsize=7)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
     title = r"$\nabla_x \log p(y \mid x_t)$ on the true class, min-max normalised per map"
     if ORACLE in maps:
         title += ("\noracle: the exact gradient (D8); at small t its posterior is one-hot on the "
@@ -270,11 +279,8 @@ def pgd_figure(
     target columns per model."""
     s, c = images.shape[0], len(class_names)
     n_cols = 1 + c * len(adversarial)
-    width, height = 0.95 * n_cols + 0.6, 1.1 * s + 1.2
-    fig = Figure(figsize=(width, height))
-    axes = fig.subplots(s, n_cols, squeeze=False,
-                        gridspec_kw=dict(wspace=0.05, hspace=0.3, left=0.6 / width, right=0.99,
-                                         bottom=0.25 / height, top=1 - 1.0 / height))
+    fig, axes = _image_grid(s, n_cols, (0.95 * n_cols + 0.6, 1.1 * s + 1.2), hspace=0.3,
+                            bottom=0.25, top=1.0)
     for i in range(s):
         axes[i, 0].imshow(_to_rgb(images[i]))
         axes[i, 0].set_ylabel(row_labels[i], fontsize=7)
@@ -286,9 +292,6 @@ def pgd_figure(
                 if i == 0:
                     ax.set_title(f"{name}\n-> {class_names[j]}", fontsize=7)
     axes[0, 0].set_title("source", fontsize=7)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
     rms = eps / math.sqrt(math.prod(images.shape[1:]))
     fig.suptitle(
         f"targeted L2 PGD at t=0 towards each class: eps = {eps:.1f} (per-pixel RMS {rms:.3f}; "

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -294,7 +295,8 @@ def _sample_lanes(
         for members in sources.values():
             source = lanes[members[0]].guidance
             call = net.at(abar, through_unet=source.x0_estimate)
-            with call.numerics():
+            # The run's own settings are already in force (sample_lanes); switch only for auto.
+            with call.numerics() if call is not net else nullcontext():
                 out = source(eps_fn_for(call), rows_of(x, members), t, abar, rows_of(y, members),
                              net=call, eps=None if source.x0_estimate else rows_of(eps, members))
             eps = place(eps, out.eps, members)
