@@ -5,6 +5,8 @@ Measured, each the median of ``repeats`` timed repetitions after an untimed warm
 - data set generation (images/s), through :func:`gradcheck.data.generate_dataset` itself;
 - DDPM training (images/s), eager and compiled, through the real training step
   (:func:`gradcheck.train_ddpm.benchmark_training`, EMA update included);
+- the UNet alone, forward and forward + backward to the input, per precision, memory layout and
+  cuDNN autotuning: what the sampler could gain from each setting;
 - guided sampling (steps/s) at two batch sizes for the three modes (unguided, guided on x_t,
   guided through the x0-estimate), each with the recorder off, ``subset`` and ``all``: the
   recorder's overhead is the ratio to "off"; peak GPU memory; achieved TFLOP/s (FLOPs counted by
@@ -19,6 +21,8 @@ Measured, each the median of ``repeats`` timed repetitions after an untimed warm
 
 ``--quick`` uses the tiny UNet preset at 32 x 32 and small batches so the whole bench runs in
 about a minute on a 2-core CPU; it skips compilation (about a minute of compiling alone there).
+``--full`` takes minutes on a GPU (on an H100 the training section alone 193 s, 151 of them
+compiling), so ``sections`` runs a part, and every measurement is reported as it is taken.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import math
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +44,11 @@ from gradcheck.utils import GradcheckError, check_choice, resolve_device, run_me
 
 SAMPLING_MODES = ("unguided", "guided-xt", "guided-x0")
 RECORDER_MODES = ("off", "subset", "all")
+SECTIONS = ("dataset", "training", "unet", "sampling", "pipeline", "fid", "table1-mini")
+"""What ``run_bench`` measures by default, in order (``--table1`` adds the full protocol)."""
+UNET_PRECISIONS = ("fp32", "tf32", "bf16")
+UNET_LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+UNET_PASSES = ("forward", "forward+grad")
 
 PEAK_TFLOPS = (
     # Dense tensor-core peaks (bf16, tf32) and the plain fp32 peak, TFLOP/s, from the vendors'
@@ -71,7 +80,7 @@ class BenchSizes:
 QUICK = BenchSizes(preset="tiny", batches=(4, 8), sampling_steps=10, train_batch=16,
                    train_steps=5, compile=False, dataset_images=2000, table1_samples=2,
                    table1_steps=4)
-FULL = BenchSizes(preset="paper", batches=(64, 256), sampling_steps=20, train_batch=256,
+FULL = BenchSizes(preset="paper", batches=(64, 256), sampling_steps=10, train_batch=256,
                   train_steps=30, compile=True, dataset_images=20000, table1_samples=8,
                   table1_steps=20)
 
@@ -176,6 +185,7 @@ def bench_training(sizes: BenchSizes, device: torch.device) -> dict[str, Any]:
         key = "compiled" if compiled else "eager"
         out[f"{key}_images_per_s"] = r["images_per_s"]
         out[f"{key}_peak_memory_gib"] = r["peak_memory_gib"]
+        out[f"{key}_warmup_s"] = r["warmup_s"]  # compiled: compilation included
     if not sizes.compile:
         out["compiled_images_per_s"] = None
         out["compiled_note"] = "skipped by --quick (compiling alone takes about a minute on a CPU)"
@@ -209,10 +219,94 @@ def _step_flops(unet: nn.Module, clf: nn.Module, mode: str, batch: int, size: in
     return float(counter.get_total_flops())
 
 
+def bench_unet(
+    sizes: BenchSizes, device: torch.device, repeats: int,
+    say: Callable[[str], None] = lambda _: None,
+) -> list[dict[str, Any]]:
+    """The UNet alone, per (batch, precision, memory layout, cuDNN autotuning, pass): ms per call,
+    images/s and TFLOP/s. ``forward+grad`` is the forward plus the backward to the input that
+    the x0-estimate needs (no weight gradients). TF32 and autotuning exist on CUDA only. What the
+    sampler could gain from each setting, before it adopts one."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from gradcheck.guidance import NetEval
+
+    unet, _, _, origin = _models(sizes, device)
+    size = unet.config.sample_size
+    cuda = device.type == "cuda"
+    precisions = [p for p in UNET_PRECISIONS if cuda or p != "tf32"]
+    rows: list[dict[str, Any]] = []
+    saved_benchmark = torch.backends.cudnn.benchmark
+    try:
+        for batch in sizes.batches:
+            gen = torch.Generator(device).manual_seed(0)
+            x = torch.randn(batch, 3, size, size, generator=gen, device=device)
+            t = torch.full((batch,), 500, dtype=torch.long, device=device)
+            counter = FlopCounterMode(display=False)
+            with counter, torch.no_grad():
+                unet(x, t)
+            forward_flops = float(counter.get_total_flops())
+            for precision in precisions:
+                net = NetEval.for_precision(precision)
+                peak = device_peak_tflops(device, precision)
+                for layout, memory_format in UNET_LAYOUTS.items():
+                    unet.to(memory_format=memory_format)
+                    x_in = x.contiguous(memory_format=memory_format)
+                    for autotune in ((False, True) if cuda else (False,)):
+                        torch.backends.cudnn.benchmark = autotune
+                        for kind in UNET_PASSES:
+
+                            def call(kind: str = kind, x_in: torch.Tensor = x_in,
+                                     t: torch.Tensor = t, net: NetEval = net) -> None:
+                                with net.numerics(), net.unet_autocast(device):
+                                    if kind == "forward":
+                                        with torch.no_grad():
+                                            unet(x_in, t)
+                                        return
+                                    xg = x_in.detach().requires_grad_(True)
+                                    eps = unet(xg, t).sample
+                                    torch.autograd.grad(eps.float().sum(), xg)
+
+                            seconds = _median_time(call, device, repeats)
+                            # The backward to the input (no weight gradients) costs about one
+                            # forward: the counter gives 41.6 vs 18.7 GFLOP for a whole
+                            # x0-estimate step, classifier included.
+                            flops = forward_flops * (1 if kind == "forward" else 2)
+                            row = {"batch": batch, "precision": precision, "layout": layout,
+                                   "cudnn_benchmark": autotune, "pass": kind,
+                                   "ms": 1e3 * seconds, "images_per_s": batch / seconds,
+                                   "tflops": flops / seconds / 1e12,
+                                   "peak_fraction": flops / seconds / 1e12 / peak if peak else None,
+                                   "models": origin}
+                            rows.append(row)
+                            say(_unet_line(row))
+    finally:
+        torch.backends.cudnn.benchmark = saved_benchmark
+        unet.to(memory_format=torch.contiguous_format)
+    return rows
+
+
+def _unet_line(r: dict[str, Any]) -> str:
+    frac = f"{r['peak_fraction']:.1%}" if r["peak_fraction"] else "n/a"
+    return (f"UNet {r['pass']:<12} batch {r['batch']:>4} {r['precision']:<4} {r['layout']} "
+            f"autotune {'on ' if r['cudnn_benchmark'] else 'off'}  {r['ms']:9.1f} ms  "
+            f"{r['images_per_s']:9.1f} images/s  {r['tflops']:7.2f} TFLOP/s ({frac} of peak)")
+
+
+def _sampling_line(r: dict[str, Any]) -> str:
+    frac = f"{r['peak_fraction']:.1%}" if r["peak_fraction"] else "n/a"
+    mem = f"{r['peak_memory_gib']:.2f}" if not math.isnan(r["peak_memory_gib"]) else "n/a"
+    over = f"{r['recorder_overhead']:+.1%}" if r["recorder"] != "off" else ""
+    return (f"{r['batch']:>5}  {r['mode']:<10} {r['recorder']:<8} {r['steps_per_s']:>9.2f} "
+            f"{r['ms_per_step']:>9.1f} {over:>9} {mem:>9} {r['tflops']:>8.3f} {frac:>8}")
+
+
 def bench_sampling(
     sizes: BenchSizes, device: torch.device, repeats: int, precision: str,
+    recorders: tuple[str, ...] = RECORDER_MODES, say: Callable[[str], None] = lambda _: None,
 ) -> list[dict[str, Any]]:
-    """Steps/s, recorder overhead, peak memory and TFLOP/s per (batch, mode, recorder)."""
+    """Steps/s, recorder overhead, peak memory and TFLOP/s per (batch, mode, recorder); the
+    recorder's overhead is against "off", which is always measured first."""
     from gradcheck.guidance import NetEval
     from gradcheck.recorder import StepRecorder
     from gradcheck.sampler import sample_guided
@@ -229,7 +323,7 @@ def bench_sampling(
             guidance = _guidance(mode, clf)
             flops = _step_flops(unet, clf, mode, batch, size, device)
             base_s = math.nan
-            for record in RECORDER_MODES:
+            for record in ("off", *(r for r in recorders if r != "off")):
 
                 def chain(record: str = record, guidance=guidance, batch: int = batch,
                           net: NetEval = net) -> None:
@@ -257,6 +351,7 @@ def bench_sampling(
                     "peak_fraction": flops * steps_per_s / 1e12 / peak if peak else None,
                     "precision": precision, "models": origin,
                 })
+                say(_sampling_line(rows[-1]))
     return rows
 
 
@@ -390,8 +485,13 @@ def _mini_table1_base(sizes: BenchSizes, tmp: Path, device: torch.device, precis
 def run_bench(
     quick: bool = False, device: str = "auto", repeats: int | None = None,
     precision: str = "fp32", table1: bool = False, progress: Callable[[str], None] | None = None,
+    sections: Sequence[str] | None = None, batches: Sequence[int] | None = None,
+    steps: int | None = None, recorders: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Every section above; a JSON-ready dict."""
+    """The ``sections`` (default: all of :data:`SECTIONS`) as a JSON-ready dict; ``progress``
+    gets each section's name and each measurement's line as soon as it is taken, so a bench
+    cut short still shows what it measured. ``batches``, ``steps`` and ``recorders`` replace
+    the preset's sampling batch sizes, timed steps and recorder settings."""
     dev = resolve_device(device)
     sizes = QUICK if quick else FULL
     repeats = repeats if repeats is not None else 3
@@ -402,30 +502,60 @@ def run_bench(
     check_choice("precision", precision, PRECISIONS)
     if precision == "tf32" and dev.type != "cuda":
         raise GradcheckError("precision tf32 needs a CUDA device; use fp32 or bf16")
+    sections = tuple(SECTIONS if sections is None else sections)
+    for name in sections:
+        check_choice("bench section", name, SECTIONS)
+    if not sections and not table1:
+        raise GradcheckError("nothing to measure: --sections names no section and --table1 is "
+                             f"off; sections: {', '.join(SECTIONS)}")
+    recorders = tuple(RECORDER_MODES if recorders is None else recorders)
+    for name in recorders:
+        check_choice("recorder setting", name, RECORDER_MODES)
+    if batches is not None:
+        if not batches or any(b < 1 for b in batches):
+            raise GradcheckError(f"batches must be positive integers, got {list(batches)}")
+        sizes = dataclasses.replace(sizes, batches=tuple(batches))
+    if steps is not None:
+        if steps < 1:
+            raise GradcheckError(f"steps must be >= 1, got {steps}")
+        sizes = dataclasses.replace(sizes, sampling_steps=steps)
     say = progress or (lambda _: None)
     result: dict[str, Any] = {
         "quick": quick, "repeats": repeats, "precision": precision, "sizes":
-        dataclasses.asdict(sizes), "device": str(dev),
+        dataclasses.asdict(sizes), "sections": list(sections), "device": str(dev),
         "peak_tflops": device_peak_tflops(dev, precision),
         **{k: v for k, v in run_metadata(dev).items() if k in ("hardware", "torch", "diffusers")},
     }
     start = time.perf_counter()
-    say("data set generation")
-    result["dataset"] = bench_dataset(sizes)
-    say("DDPM training")
-    result["training"] = bench_training(sizes, dev)
-    say("sampling")
-    result["sampling"] = bench_sampling(sizes, dev, repeats, precision)
-    say("diffusers DDPMPipeline baseline")
-    result["pipeline"] = bench_pipeline(sizes, dev, repeats, precision)
-    for row in result["pipeline"]:
-        ours = next(r for r in result["sampling"] if r["batch"] == row["batch"]
-                    and r["mode"] == "unguided" and r["recorder"] == "off")
-        row["gradcheck_unguided_ratio"] = ours["steps_per_s"] / row["steps_per_s"]
-    say("FID 64 vs 64")
-    result["fid"] = bench_fid(dev, repeats)
-    say("Table 1 configurations together vs one by one")
-    result["table1_mini"] = bench_table1(sizes, dev, precision, full=False)
+    if "dataset" in sections:
+        say("data set generation")
+        result["dataset"] = bench_dataset(sizes)
+        say(_dataset_line(result["dataset"]))
+    if "training" in sections:
+        say("DDPM training")
+        result["training"] = bench_training(sizes, dev)
+        say(_training_line(result["training"]))
+    if "unet" in sections:
+        say("the UNet alone, per precision, layout, autotuning and pass")
+        result["unet"] = bench_unet(sizes, dev, repeats, say)
+    if "sampling" in sections:
+        say("sampling")
+        result["sampling"] = bench_sampling(sizes, dev, repeats, precision, recorders, say)
+    if "pipeline" in sections:
+        say("diffusers DDPMPipeline baseline")
+        result["pipeline"] = bench_pipeline(sizes, dev, repeats, precision)
+        for row in result["pipeline"]:
+            ours = next((r for r in result.get("sampling", []) if r["batch"] == row["batch"]
+                         and r["mode"] == "unguided" and r["recorder"] == "off"), None)
+            row["gradcheck_unguided_ratio"] = (ours["steps_per_s"] / row["steps_per_s"]
+                                               if ours else None)
+            say(_pipeline_line(row))
+    if "fid" in sections:
+        say("FID 64 vs 64")
+        result["fid"] = bench_fid(dev, repeats)
+    if "table1-mini" in sections:
+        say("Table 1 configurations together vs one by one")
+        result["table1_mini"] = bench_table1(sizes, dev, precision, full=False)
     if table1:
         say("Table 1 protocol (64 samples x 1,000 steps, 8 configurations, metrics)")
         result["table1"] = bench_table1(sizes, dev, precision, full=True)
@@ -433,37 +563,50 @@ def run_bench(
     return result
 
 
+def _dataset_line(d: dict[str, Any]) -> str:
+    return f"data set generation   {d['images_per_s']:,.0f} images/s ({d['images']} images)"
+
+
+def _training_line(t: dict[str, Any]) -> str:
+    compiled = (f"{t['compiled_images_per_s']:,.1f}" if t.get("compiled_images_per_s")
+                else t.get("compiled_note", "n/a"))
+    warm = (f", compiling and warm-up {t['compiled_warmup_s']:.0f} s"
+            if t.get("compiled_warmup_s") is not None else "")
+    return (f"DDPM training         {t['eager_images_per_s']:,.1f} images/s eager, "
+            f"compiled: {compiled}  ({t['preset']} preset, batch {t['batch_size']}{warm})")
+
+
+def _pipeline_line(p: dict[str, Any]) -> str:
+    ratio = p["gradcheck_unguided_ratio"]
+    return (f"diffusers DDPMPipeline, batch {p['batch']}: {p['steps_per_s']:.2f} steps/s"
+            + (f"; gradcheck unguided is {ratio:.2f}x that" if ratio else ""))
+
+
 def format_report(result: dict[str, Any]) -> str:
-    """The bench as a terminal table."""
+    """The bench as a terminal table (the sections it ran)."""
     lines = [f"gradcheck bench ({'quick' if result['quick'] else 'full'}) on {result['hardware']}"
              f", torch {result['torch']}, {result['precision']} UNet, median of "
              f"{result['repeats']}"]
-    d, t = result["dataset"], result["training"]
-    lines.append(f"data set generation   {d['images_per_s']:,.0f} images/s ({d['images']} images)")
-    compiled = (f"{t['compiled_images_per_s']:,.1f}" if t.get("compiled_images_per_s")
-                else t.get("compiled_note", "n/a"))
-    lines.append(f"DDPM training         {t['eager_images_per_s']:,.1f} images/s eager, "
-                 f"compiled: {compiled}  ({t['preset']} preset, batch {t['batch_size']})")
-    lines.append("")
-    lines.append(f"{'batch':>5}  {'mode':<10} {'recorder':<8} {'steps/s':>9} {'ms/step':>9} "
-                 f"{'overhead':>9} {'peak GiB':>9} {'TFLOP/s':>8} {'of peak':>8}")
-    for r in result["sampling"]:
-        frac = f"{r['peak_fraction']:.1%}" if r["peak_fraction"] else "n/a"
-        mem = f"{r['peak_memory_gib']:.2f}" if not math.isnan(r["peak_memory_gib"]) else "n/a"
-        over = f"{r['recorder_overhead']:+.1%}" if r["recorder"] != "off" else ""
-        lines.append(f"{r['batch']:>5}  {r['mode']:<10} {r['recorder']:<8} "
-                     f"{r['steps_per_s']:>9.2f} {r['ms_per_step']:>9.1f} {over:>9} {mem:>9} "
-                     f"{r['tflops']:>8.3f} {frac:>8}")
-    for p in result["pipeline"]:
-        lines.append(f"diffusers DDPMPipeline, batch {p['batch']}: {p['steps_per_s']:.2f} steps/s;"
-                     f" gradcheck unguided is {p['gradcheck_unguided_ratio']:.2f}x that")
-    f = result["fid"]
-    lines.append(f"FID + KID {f['n']} ({f['extractor']} features): {f['seconds']:.2f} s")
-    m = result["table1_mini"]
-    lines.append(f"Table 1 miniature ({m['configurations']} configurations x {m['num_samples']} "
-                 f"samples x {m['steps']} steps): together {m['together_s']:.1f} s, one by one "
-                 f"{m['one_by_one_s']:.1f} s ({m['speedup']:.2f}x), identical samples: "
-                 f"{m['identical_samples']}")
+    if "dataset" in result:
+        lines.append(_dataset_line(result["dataset"]))
+    if "training" in result:
+        lines.append(_training_line(result["training"]))
+    if "unet" in result:
+        lines += ["", *map(_unet_line, result["unet"])]
+    if "sampling" in result:
+        lines += ["", f"{'batch':>5}  {'mode':<10} {'recorder':<8} {'steps/s':>9} {'ms/step':>9} "
+                  f"{'overhead':>9} {'peak GiB':>9} {'TFLOP/s':>8} {'of peak':>8}"]
+        lines += map(_sampling_line, result["sampling"])
+    lines += map(_pipeline_line, result.get("pipeline", []))
+    if "fid" in result:
+        f = result["fid"]
+        lines.append(f"FID + KID {f['n']} ({f['extractor']} features): {f['seconds']:.2f} s")
+    if "table1_mini" in result:
+        m = result["table1_mini"]
+        lines.append(f"Table 1 miniature ({m['configurations']} configurations x "
+                     f"{m['num_samples']} samples x {m['steps']} steps): together "
+                     f"{m['together_s']:.1f} s, one by one {m['one_by_one_s']:.1f} s "
+                     f"({m['speedup']:.2f}x), identical samples: {m['identical_samples']}")
     if "table1" in result:
         p = result["table1"]
         lines.append(f"Table 1 protocol ({p['configurations']} configurations x "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -284,3 +285,18 @@ def test_step_loop_never_waits_for_the_gpu():
         torch.cuda.set_sync_debug_mode(0)
     assert all(torch.isfinite(x).all() for x in xs)
     assert all(len(r.frame()) == 2 * steps for r in recorders)
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("clang++") or shutil.which("c++")),
+                    reason="torch.compile on a CPU needs a C++ compiler")
+def test_compiled_unet_gives_the_same_samples(unet, clf):
+    """`--compile` (runner: torch.compile of the sampling UNet) through the x0-estimate, where
+    the gradient runs back through the compiled UNet: the samples agree with eager ones within
+    float32 reordering (measured: mean 1e-7 and at most about 1e-4 after 4 steps)."""
+    sched = make_scheduler()
+    guidance = ClassifierGuidance(clf, x0_estimate=True)
+    kwargs = dict(steps=4, net=NetEval(rows=4), stabilizer="adam")
+    eager = sample_guided(unet, sched, guidance, gens(range(4)), **kwargs)
+    compiled = sample_guided(torch.compile(unet), sched, guidance, gens(range(4)), **kwargs)
+    diff = (compiled - eager).abs()
+    assert diff.mean().item() < 1e-5 and diff.max().item() < 1e-3
