@@ -225,8 +225,10 @@ def bench_unet(
 ) -> list[dict[str, Any]]:
     """The UNet alone, per (batch, precision, memory layout, cuDNN autotuning, pass): ms per call,
     images/s and TFLOP/s. ``forward+grad`` is the forward plus the backward to the input that
-    the x0-estimate needs (no weight gradients). TF32 and autotuning exist on CUDA only. What the
-    sampler could gain from each setting, before it adopts one."""
+    the x0-estimate needs (no weight gradients). On a CPU only fp32 without autotuning (TF32 and
+    autotuning are CUDA's; bf16 there says nothing about a GPU). Independent of the bench's
+    ``precision``: it compares them. What the sampler could gain from each setting, before it
+    adopts one."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from gradcheck.guidance import NetEval
@@ -234,7 +236,7 @@ def bench_unet(
     unet, _, _, origin = _models(sizes, device)
     size = unet.config.sample_size
     cuda = device.type == "cuda"
-    precisions = [p for p in UNET_PRECISIONS if cuda or p != "tf32"]
+    precisions = UNET_PRECISIONS if cuda else ("fp32",)  # TF32 and fast bf16 are GPU things
     rows: list[dict[str, Any]] = []
     saved_benchmark = torch.backends.cudnn.benchmark
     try:
@@ -242,10 +244,16 @@ def bench_unet(
             gen = torch.Generator(device).manual_seed(0)
             x = torch.randn(batch, 3, size, size, generator=gen, device=device)
             t = torch.full((batch,), 500, dtype=torch.long, device=device)
-            counter = FlopCounterMode(display=False)
-            with counter, torch.no_grad():
-                unet(x, t)
-            forward_flops = float(counter.get_total_flops())
+            pass_flops = {}
+            for kind in UNET_PASSES:  # counted with backward(): the counter refuses autograd.grad
+                counter = FlopCounterMode(display=False)
+                with counter:
+                    if kind == "forward":
+                        with torch.no_grad():
+                            unet(x, t)
+                    else:
+                        unet(x.detach().requires_grad_(True), t).sample.sum().backward()
+                pass_flops[kind] = float(counter.get_total_flops())
             for precision in precisions:
                 net = NetEval.for_precision(precision)
                 peak = device_peak_tflops(device, precision)
@@ -268,10 +276,7 @@ def bench_unet(
                                     torch.autograd.grad(eps.float().sum(), xg)
 
                             seconds = _median_time(call, device, repeats)
-                            # The backward to the input (no weight gradients) costs about one
-                            # forward: the counter gives 41.6 vs 18.7 GFLOP for a whole
-                            # x0-estimate step, classifier included.
-                            flops = forward_flops * (1 if kind == "forward" else 2)
+                            flops = pass_flops[kind]
                             row = {"batch": batch, "precision": precision, "layout": layout,
                                    "cudnn_benchmark": autotune, "pass": kind,
                                    "ms": 1e3 * seconds, "images_per_s": batch / seconds,
@@ -290,7 +295,11 @@ def _unet_line(r: dict[str, Any]) -> str:
     frac = f"{r['peak_fraction']:.1%}" if r["peak_fraction"] else "n/a"
     return (f"UNet {r['pass']:<12} batch {r['batch']:>4} {r['precision']:<4} {r['layout']} "
             f"autotune {'on ' if r['cudnn_benchmark'] else 'off'}  {r['ms']:9.1f} ms  "
-            f"{r['images_per_s']:9.1f} images/s  {r['tflops']:7.2f} TFLOP/s ({frac} of peak)")
+            f"{r['images_per_s']:9.1f} images/s  {r['tflops']:8.3f} TFLOP/s ({frac} of peak)")
+
+
+SAMPLING_HEADER = (f"{'batch':>5}  {'mode':<10} {'recorder':<8} {'steps/s':>9} {'ms/step':>9} "
+                   f"{'overhead':>9} {'peak GiB':>9} {'TFLOP/s':>8} {'of peak':>8}")
 
 
 def _sampling_line(r: dict[str, Any]) -> str:
@@ -316,6 +325,7 @@ def bench_sampling(
     peak = device_peak_tflops(device, precision)
     rows: list[dict[str, Any]] = []
     n_steps = sizes.sampling_steps
+    say(SAMPLING_HEADER)
     size = unet.config.sample_size
     for batch in sizes.batches:
         net = NetEval.for_precision(precision, rows=batch)
@@ -502,18 +512,20 @@ def run_bench(
     check_choice("precision", precision, PRECISIONS)
     if precision == "tf32" and dev.type != "cuda":
         raise GradcheckError("precision tf32 needs a CUDA device; use fp32 or bf16")
-    sections = tuple(SECTIONS if sections is None else sections)
-    for name in sections:
+    asked = SECTIONS if sections is None else sections
+    for name in asked:
         check_choice("bench section", name, SECTIONS)
+    sections = tuple(name for name in SECTIONS if name in asked)  # always in this order
     if not sections and not table1:
-        raise GradcheckError("nothing to measure: --sections names no section and --table1 is "
-                             f"off; sections: {', '.join(SECTIONS)}")
-    recorders = tuple(RECORDER_MODES if recorders is None else recorders)
-    for name in recorders:
+        raise GradcheckError("nothing to measure: no section named and the full Table 1 not "
+                             f"asked for; sections: {', '.join(SECTIONS)}")
+    asked = RECORDER_MODES if recorders is None else recorders
+    for name in asked:
         check_choice("recorder setting", name, RECORDER_MODES)
+    recorders = tuple(name for name in RECORDER_MODES if name in asked)
     if batches is not None:
-        if not batches or any(b < 1 for b in batches):
-            raise GradcheckError(f"batches must be positive integers, got {list(batches)}")
+        if not batches or any(b < 1 for b in batches) or len(set(batches)) != len(batches):
+            raise GradcheckError(f"batches must be distinct positive integers, got {list(batches)}")
         sizes = dataclasses.replace(sizes, batches=tuple(batches))
     if steps is not None:
         if steps < 1:
@@ -548,7 +560,7 @@ def run_bench(
             ours = next((r for r in result.get("sampling", []) if r["batch"] == row["batch"]
                          and r["mode"] == "unguided" and r["recorder"] == "off"), None)
             row["gradcheck_unguided_ratio"] = (ours["steps_per_s"] / row["steps_per_s"]
-                                               if ours else None)
+                                               if ours else None)  # needs "sampling" too
             say(_pipeline_line(row))
     if "fid" in sections:
         say("FID 64 vs 64")
@@ -594,8 +606,7 @@ def format_report(result: dict[str, Any]) -> str:
     if "unet" in result:
         lines += ["", *map(_unet_line, result["unet"])]
     if "sampling" in result:
-        lines += ["", f"{'batch':>5}  {'mode':<10} {'recorder':<8} {'steps/s':>9} {'ms/step':>9} "
-                  f"{'overhead':>9} {'peak GiB':>9} {'TFLOP/s':>8} {'of peak':>8}"]
+        lines += ["", SAMPLING_HEADER]
         lines += map(_sampling_line, result["sampling"])
     lines += map(_pipeline_line, result.get("pipeline", []))
     if "fid" in result:

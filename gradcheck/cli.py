@@ -607,12 +607,14 @@ def bench_cmd(
         False, "--table1", help="Also time the full Table 1 protocol (8 configurations x 64 "
         "samples x 1,000 steps, metrics) on the shipped checkpoints: minutes on a GPU."),
     sections: str | None = typer.Option(
-        None, help="Comma-separated sections to run [default: all]: dataset, training, unet, "
-        "sampling, pipeline, fid, table1-mini."),
+        None, help="Comma-separated sections to run, in this order [default: all]: dataset, "
+        "training, unet (compares fp32, tf32 and bf16 itself), sampling, pipeline (its ratio "
+        "needs sampling), fid, table1-mini."),
     batches: str | None = typer.Option(
-        None, help="Comma-separated sampling batch sizes [default: the preset's, 4,8 or 64,256]."),
+        None, help="Comma-separated batch sizes of the unet, sampling and pipeline sections "
+        "[default: the preset's, 4,8 or 64,256]."),
     steps: int | None = typer.Option(
-        None, help="Timed sampling steps per measurement [default: the preset's, 10 or 20]."),
+        None, help="Timed sampling steps per measurement [default: the preset's, 10]."),
     recorders: str | None = typer.Option(
         None, help="Comma-separated recorder settings to time: off, subset, all [default: all "
         "three; off is always measured, as the overhead's baseline]."),

@@ -29,7 +29,8 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +165,23 @@ def _speed_flags(device: torch.device) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
+
+
+@contextmanager
+def _global_flags_restored() -> Iterator[None]:
+    """Put PyTorch's TF32 and cuDNN autotuning flags back afterwards (a benchmark in a longer
+    program must not leave :func:`_speed_flags` behind)."""
+    benchmark = torch.backends.cudnn.benchmark
+    try:
+        tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    except RuntimeError:  # the program uses torch's newer fp32_precision settings instead
+        tf32 = None
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+        if tf32 is not None:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
 def _make_optimizer(
@@ -714,51 +732,52 @@ def benchmark_training(
     check_positive("steps", steps)
     check_positive("batch_size", batch_size)
     dev = resolve_device(device)
-    _speed_flags(dev)
-    cfg = TrainDDPMConfig(preset=preset, batch_size=batch_size, max_steps=steps)
-    torch.manual_seed(seed)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    unet = make_unet(preset).to(dev, memory_format=memory_format).train()
-    size = unet.config.sample_size
-    generator = torch.Generator(dev).manual_seed(seed)
-    images = torch.randint(0, 256, (4096, 3, size, size), generator=generator, device=dev,
-                           dtype=torch.uint8)
-    ema = EMA(unet, cfg.ema_decay)
-    optimizer = _make_optimizer(unet, cfg, dev)
-    model = torch.compile(unet) if compile else unet
-    scheduler = make_scheduler()
-    step_fn = TrainStep(
-        model, optimizer, images, scheduler.alphas_cumprod,
-        min_snr_weights(scheduler.alphas_cumprod, cfg.min_snr_gamma), cfg.multiscale_weight,
-        generator, batch_size, cfg.hflip, cfg.grad_clip,
-        mixed_precision == "bf16" and dev.type == "cuda", channels_last,
-    )
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
+    with _global_flags_restored():
+        _speed_flags(dev)
+        cfg = TrainDDPMConfig(preset=preset, batch_size=batch_size, max_steps=steps)
+        torch.manual_seed(seed)
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        unet = make_unet(preset).to(dev, memory_format=memory_format).train()
+        size = unet.config.sample_size
+        generator = torch.Generator(dev).manual_seed(seed)
+        images = torch.randint(0, 256, (4096, 3, size, size), generator=generator, device=dev,
+                               dtype=torch.uint8)
+        ema = EMA(unet, cfg.ema_decay)
+        optimizer = _make_optimizer(unet, cfg, dev)
+        model = torch.compile(unet) if compile else unet
+        scheduler = make_scheduler()
+        step_fn = TrainStep(
+            model, optimizer, images, scheduler.alphas_cumprod,
+            min_snr_weights(scheduler.alphas_cumprod, cfg.min_snr_gamma), cfg.multiscale_weight,
+            generator, batch_size, cfg.hflip, cfg.grad_clip,
+            mixed_precision == "bf16" and dev.type == "cuda", channels_last,
+        )
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
 
-    def run(n: int, offset: int) -> float:
-        sync()
-        start = time.perf_counter()
-        for i in range(n):
-            step_fn(cfg.lr)
-            ema.update(unet, offset + i)
-        sync()
-        return time.perf_counter() - start
+        def run(n: int, offset: int) -> float:
+            sync()
+            start = time.perf_counter()
+            for i in range(n):
+                step_fn(cfg.lr)
+                ema.update(unet, offset + i)
+            sync()
+            return time.perf_counter() - start
 
-    warmup_s = run(warmup, 0)
-    seconds = run(steps, warmup)
-    return {
-        "preset": preset,
-        "batch_size": batch_size,
-        "compile": compile,
-        "channels_last": channels_last,
-        "mixed_precision": mixed_precision if dev.type == "cuda" else "no",
-        "it_per_s": steps / seconds,
-        "images_per_s": steps * batch_size / seconds,
-        "warmup_s": warmup_s,
-        "peak_memory_gib": torch.cuda.max_memory_allocated(dev) / 2**30
-        if dev.type == "cuda" else math.nan,
-        "device": str(dev),
-        "hardware": run_metadata(dev)["hardware"],
-    }
+        warmup_s = run(warmup, 0)
+        seconds = run(steps, warmup)
+        return {
+            "preset": preset,
+            "batch_size": batch_size,
+            "compile": compile,
+            "channels_last": channels_last,
+            "mixed_precision": mixed_precision if dev.type == "cuda" else "no",
+            "it_per_s": steps / seconds,
+            "images_per_s": steps * batch_size / seconds,
+            "warmup_s": warmup_s,
+            "peak_memory_gib": torch.cuda.max_memory_allocated(dev) / 2**30
+            if dev.type == "cuda" else math.nan,
+            "device": str(dev),
+            "hardware": run_metadata(dev)["hardware"],
+        }

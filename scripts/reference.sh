@@ -60,7 +60,7 @@ stage4)
   # Not run yet: the shipped DDPM misses the white-border bar (30%); the multiscale loss targets
   # exactly its tinted backgrounds (train_ddpm.py's docstring; its mean-colour slope is 0.21 of
   # the ideal 1). Compiled: 1,669 images/s against 923 eager on an H100, after 151 s of
-  # compiling (reports/bench/bench-training-h100.json), so it pays off past 3 minutes.
+  # compiling (reports/bench/bench-training-h100.json): it pays off past about 5 minutes.
   $G train-ddpm --preset paper --init-from $CK/ddpm --name sportballs-v1-sitting4 --compile \
     --multiscale-weight 0.02 --max-minutes "${DDPM_MINUTES:-8}" --batch-size 256 \
     --sample-every 0 --checkpoint-every 0 --no-progress --overwrite 2>&1 | tee "$LOG/ddpm4.log"
@@ -114,8 +114,9 @@ EOF
 table1)
   # The Table 1 protocol (8 configurations x 64 samples x 1,000 steps, metrics included) as a
   # user runs it, timed end to end: one sweep seed (SEEDS=n for more) into runs/table1-P, its
-  # report into reports/bench/table1-P. About 17 minutes in auto on an H100 (table1-probe), more
-  # than one 10-minute sitting: run it where sittings are longer. Replaces runs/table1-P.
+  # report into reports/bench/table1-P. On an H100 about 17 minutes in auto (table1-probe) and
+  # about 22 in fp32 (the default here), more than one 10-minute sitting: run it where sittings
+  # are longer. Replaces runs/table1-P.
   p=${2:-fp32}
   shift $(( $# < 2 ? $# : 2 ))
   mkdir -p reports/bench
@@ -125,8 +126,9 @@ table1)
     --out "runs/table1-$p" --no-progress "$@" 2>&1 | tee "$LOG/table1-$p.log"
   end=$(date +%s.%N)
   python3 -c 'import json, sys, torch; json.dump({"precision": sys.argv[1], "seeds": int(sys.argv[2]),
-    "wall_s": float(sys.argv[4]) - float(sys.argv[3]), "hardware": torch.cuda.get_device_name(),
-    "torch": torch.__version__}, open(sys.argv[5], "w"), indent=1)' \
+    "wall_s": float(sys.argv[4]) - float(sys.argv[3]), "torch": torch.__version__, "hardware":
+    torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"},
+    open(sys.argv[5], "w"), indent=1)' \
     "$p" "${SEEDS:-1}" "$start" "$end" "reports/bench/table1-$p.json"
   cat "reports/bench/table1-$p.json"
   $G report "runs/table1-$p" --out "reports/bench/table1-$p" --overwrite --no-progress 2>&1 \
