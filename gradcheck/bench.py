@@ -33,6 +33,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -192,31 +193,50 @@ def bench_training(sizes: BenchSizes, device: torch.device) -> dict[str, Any]:
     return out
 
 
-def _step_flops(unet: nn.Module, clf: nn.Module, mode: str, batch: int, size: int,
-                device: torch.device) -> float:
-    """FLOPs (``torch.utils.flop_counter``) of one sampling step's network work: the UNet
-    forward; for guidance the classifier forward and backward to the input, twice for x_t (the
-    gradient and the x0 diagnostic pass), and for the x0-estimate also the UNet backward.
-    (Counted with ``backward()``: the counter's module hooks refuse ``autograd.grad``.)"""
+def _counted_flops(fn: Callable[[], Any]) -> float:
+    """FLOPs of ``fn()`` by ``torch.utils.flop_counter`` (whose module hooks refuse
+    ``autograd.grad``: count passes written with ``backward()``)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    x = torch.randn(batch, 3, size, size, device=device)
-    t = torch.full((), 500, dtype=torch.long, device=device)
     counter = FlopCounterMode(display=False)
     with counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def _step_flops(unet: nn.Module, clf: nn.Module, mode: str, batch: int, size: int,
+                device: torch.device) -> float:
+    """FLOPs of one sampling step's network work: the UNet forward; for guidance the classifier
+    forward and backward to the input, twice for x_t (the gradient and the x0 diagnostic pass),
+    and for the x0-estimate also the UNet backward."""
+    x = torch.randn(batch, 3, size, size, device=device)
+    t = torch.full((), 500, dtype=torch.long, device=device)
+
+    def step() -> None:
         if mode == "guided-x0":
             x.requires_grad_(True)
             eps = unet(x, t).sample
             clf(x - eps).logsumexp(1).sum().backward()
-        else:
+            return
+        with torch.no_grad():
+            unet(x, t)
+        if mode == "guided-xt":
+            x.requires_grad_(True)
+            clf(x).logsumexp(1).sum().backward()
             with torch.no_grad():
-                unet(x, t)
-            if mode == "guided-xt":
-                x.requires_grad_(True)
-                clf(x).logsumexp(1).sum().backward()
-                with torch.no_grad():
-                    clf(x)
-    return float(counter.get_total_flops())
+                clf(x)
+
+    return _counted_flops(step)
+
+
+def _unet_pass(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, kind: str) -> None:
+    """One UNet call of :data:`UNET_PASSES`: the forward alone, or the forward plus the backward
+    to a fresh copy of the input (the x0-estimate's work; the UNet's weights are frozen)."""
+    if kind == "forward":
+        with torch.no_grad():
+            unet(x, t)
+        return
+    unet(x.detach().requires_grad_(True), t).sample.float().sum().backward()
 
 
 def bench_unet(
@@ -229,8 +249,6 @@ def bench_unet(
     autotuning are CUDA's; bf16 there says nothing about a GPU). Independent of the bench's
     ``precision``: it compares them. What the sampler could gain from each setting, before it
     adopts one."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     from gradcheck.guidance import NetEval
 
     unet, _, _, origin = _models(sizes, device)
@@ -244,16 +262,8 @@ def bench_unet(
             gen = torch.Generator(device).manual_seed(0)
             x = torch.randn(batch, 3, size, size, generator=gen, device=device)
             t = torch.full((batch,), 500, dtype=torch.long, device=device)
-            pass_flops = {}
-            for kind in UNET_PASSES:  # counted with backward(): the counter refuses autograd.grad
-                counter = FlopCounterMode(display=False)
-                with counter:
-                    if kind == "forward":
-                        with torch.no_grad():
-                            unet(x, t)
-                    else:
-                        unet(x.detach().requires_grad_(True), t).sample.sum().backward()
-                pass_flops[kind] = float(counter.get_total_flops())
+            pass_flops = {kind: _counted_flops(partial(_unet_pass, unet, x, t, kind))
+                          for kind in UNET_PASSES}
             for precision in precisions:
                 net = NetEval.for_precision(precision)
                 peak = device_peak_tflops(device, precision)
@@ -267,13 +277,7 @@ def bench_unet(
                             def call(kind: str = kind, x_in: torch.Tensor = x_in,
                                      t: torch.Tensor = t, net: NetEval = net) -> None:
                                 with net.numerics(), net.unet_autocast(device):
-                                    if kind == "forward":
-                                        with torch.no_grad():
-                                            unet(x_in, t)
-                                        return
-                                    xg = x_in.detach().requires_grad_(True)
-                                    eps = unet(xg, t).sample
-                                    torch.autograd.grad(eps.float().sum(), xg)
+                                    _unet_pass(unet, x_in, t, kind)
 
                             seconds = _median_time(call, device, repeats)
                             flops = pass_flops[kind]

@@ -403,13 +403,13 @@ def _split(value: str | None) -> tuple[str, ...] | None:
     return None if value is None else tuple(v.strip() for v in value.split(",") if v.strip())
 
 
-def _ints(option: str, value: str | None) -> tuple[int, ...] | None:
+def _ints(option: str, value: str | None, example: str = "64,256") -> tuple[int, ...] | None:
     """'64,256' -> (64, 256); a clear error for anything else."""
     try:
         return None if value is None else tuple(int(v) for v in _split(value) or ())
     except ValueError:
         raise GradcheckError(f"--{option} {value!r} is not a comma-separated list of integers; "
-                             "e.g. 64,256") from None
+                             f"e.g. {example}") from None
 
 
 @app.command("pag")
@@ -671,11 +671,7 @@ def precision_cmd(
     from gradcheck.precision import format_agreement, measure_precision
     from gradcheck.utils import atomic_output_file, check_output_file
 
-    try:
-        ts = [int(v) for v in timesteps.split(",") if v.strip()]
-    except ValueError:
-        raise GradcheckError(f"--timesteps {timesteps!r} is not a comma-separated list of "
-                             "integers; e.g. 999,900,500") from None
+    ts = list(_ints("timesteps", timesteps, example="999,900,500"))
     if out is not None:
         check_output_file(out, overwrite)
     table = measure_precision(
