@@ -47,13 +47,14 @@ SAMPLING_MODES = ("unguided", "guided-xt", "guided-x0")
 RECORDER_MODES = ("off", "subset", "all")
 SECTIONS = ("dataset", "training", "unet", "sampling", "pipeline", "fid", "table1-mini")
 """What ``run_bench`` measures by default, in order (``--table1`` adds the full protocol)."""
-UNET_PRECISIONS = ("fp32", "tf32", "bf16")
+UNET_PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 UNET_LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 UNET_PASSES = ("forward", "forward+grad")
 
 PEAK_TFLOPS = (
     # Dense tensor-core peaks (bf16, tf32) and the plain fp32 peak, TFLOP/s, from the vendors'
     # data sheets (SXM boards unless named); the first name contained in the device's wins.
+    # float16's tensor-core peak is bf16's on all of these.
     ("H100 PCIe", {"bf16": 756.0, "tf32": 378.0, "fp32": 51.2}),
     ("H100", {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9}),
     ("H200", {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9}),
@@ -87,12 +88,13 @@ FULL = BenchSizes(preset="paper", batches=(64, 256), sampling_steps=10, train_ba
 
 
 def device_peak_tflops(device: torch.device, precision: str = "bf16") -> float | None:
-    """The device's peak TFLOP/s at a precision (fp32 | tf32 | bf16); None when unknown (CPUs,
-    GPUs not in :data:`PEAK_TFLOPS`) and for auto, which mixes float32 and TF32 by step."""
+    """The device's peak TFLOP/s at a precision (fp32 | tf32 | bf16 | fp16); None when unknown
+    (CPUs, GPUs not in :data:`PEAK_TFLOPS`) and for auto, which mixes precisions by step."""
     if device.type != "cuda" or precision == "auto":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((peaks[precision] for key, peaks in PEAK_TFLOPS if key in name), None)
+    key = "bf16" if precision == "fp16" else precision
+    return next((peaks[key] for name_part, peaks in PEAK_TFLOPS if name_part in name), None)
 
 
 def _sync(device: torch.device) -> None:
@@ -254,7 +256,7 @@ def bench_unet(
     unet, _, _, origin = _models(sizes, device)
     size = unet.config.sample_size
     cuda = device.type == "cuda"
-    precisions = UNET_PRECISIONS if cuda else ("fp32",)  # TF32 and fast bf16 are GPU things
+    precisions = UNET_PRECISIONS if cuda else ("fp32",)  # TF32 and fast 16-bit are GPU things
     rows: list[dict[str, Any]] = []
     saved_benchmark = torch.backends.cudnn.benchmark
     try:
@@ -332,7 +334,7 @@ def bench_sampling(
     say(SAMPLING_HEADER)
     size = unet.config.sample_size
     for batch in sizes.batches:
-        net = NetEval.for_precision(precision, rows=batch)
+        net = NetEval.for_precision(precision, rows=batch, cuda=device.type == "cuda")
         for mode in SAMPLING_MODES:
             guidance = _guidance(mode, clf)
             flops = _step_flops(unet, clf, mode, batch, size, device)
@@ -380,7 +382,7 @@ def bench_pipeline(
 
     unet, scheduler, _, _ = _models(sizes, device)
     pipe = DDPMPipeline(unet=unet, scheduler=scheduler)
-    numerics = NetEval.for_precision(precision)
+    numerics = NetEval.for_precision(precision, cuda=device.type == "cuda")
     pipe.set_progress_bar_config(disable=True)
     rows = []
     for batch in sizes.batches:
@@ -515,7 +517,7 @@ def run_bench(
 
     check_choice("precision", precision, PRECISIONS)
     if precision == "tf32" and dev.type != "cuda":
-        raise GradcheckError("precision tf32 needs a CUDA device; use fp32 or bf16")
+        raise GradcheckError("precision tf32 needs a CUDA device; use fp32, bf16, fp16 or auto")
     asked = SECTIONS if sections is None else sections
     for name in asked:
         check_choice("bench section", name, SECTIONS)

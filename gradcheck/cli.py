@@ -299,9 +299,10 @@ def run_cmd(
         "(64 x 1000) | reduced (8 x 50)."),
     metrics: bool = typer.Option(True, "--metrics/--no-metrics", help="Compute metrics.json."),
     precision: str = typer.Option(
-        "fp32", help="fp32 (true float32; TF32 off on a GPU) | tf32 (GPU) | bf16 (UNet "
-        "autocast) | auto (TF32, but x0-estimate gradients at t >= 700 in float32; fp32 on a "
-        "CPU). tf32/bf16 corrupt x0-estimate gradients at high noise: `gradcheck precision`."),
+        "fp32", help="fp32 (true float32; TF32 off on a GPU) | tf32 (GPU) | bf16 | fp16 (UNet "
+        "autocast) | auto (fp16 UNet and TF32, but x0-estimate gradients at t >= 700 in "
+        "float32; fp32 on a CPU). tf32/bf16/fp16 corrupt x0-estimate gradients at high noise: "
+        "`gradcheck precision`."),
     net_batch: int | None = typer.Option(
         None, help="Rows per network call, padded: samples are identical for every batch size "
         "[default: 64 on a GPU, 8 on a CPU]."),
@@ -486,7 +487,8 @@ def sweep_cmd(
     record_vectors: str | None = typer.Option(None, help="none | subset | all."),
     metrics: bool | None = typer.Option(
         None, "--metrics/--no-metrics", help="Compute metrics.json per run (default: on)."),
-    precision: str | None = typer.Option(None, help="fp32 | tf32 | bf16 | auto (see `run`)."),
+    precision: str | None = typer.Option(
+        None, help="fp32 | tf32 | bf16 | fp16 | auto (see `run`)."),
     net_batch: int | None = typer.Option(None, help="Rows per network call (see `run`)."),
     compile: bool | None = typer.Option(
         None, "--compile/--no-compile", help="torch.compile the UNet (see `run`)."),
@@ -602,7 +604,7 @@ def bench_cmd(
     repeats: int | None = typer.Option(
         None, help="Timed repetitions per measurement, the median reported [default: 3]."),
     precision: str = typer.Option(
-        "fp32", help="UNet precision: fp32 | tf32 | bf16 | auto (see `run`)."),
+        "fp32", help="UNet precision: fp32 | tf32 | bf16 | fp16 | auto (see `run`)."),
     table1: bool = typer.Option(
         False, "--table1", help="Also time the full Table 1 protocol (8 configurations x 64 "
         "samples x 1,000 steps, metrics) on the shipped checkpoints: minutes on a GPU."),
@@ -652,7 +654,8 @@ def precision_cmd(
     classifiers: str = typer.Option(
         "nonrobust,robust", help="Comma-separated guiding classifiers (names or folders)."),
     modes: str = typer.Option(
-        "fp64,tf32,bf16,auto", help="Precisions compared with float32: fp64 | tf32 | bf16 | auto."),
+        "fp64,tf32,bf16,fp16,auto",
+        help="Precisions compared with float32: fp64 | tf32 | bf16 | fp16 | auto."),
     x0_estimate: bool = typer.Option(
         True, "--x0-estimate/--no-x0-estimate",
         help="Gradient through the x0-estimate (D2; the sensitive one) or on x_t."),

@@ -188,10 +188,11 @@ class RunConfig:
     protocol: str = "auto"  # auto | paper (64 x 1000) | reduced (8 x 50; CPU default, see runner)
     metrics: bool = True  # metrics.json via gradcheck.metrics at the end of the run
     # How the networks run (guidance.NetEval). fp32 = true float32 (TF32 off on a GPU); tf32
-    # (GPU) and bf16 (UNet autocast) are faster but corrupt x0-estimate gradients at high noise;
-    # auto = TF32 except x0-estimate gradients where D2 amplifies rounding (t >= 700), which stay
-    # float32 (NetEval's docstring has the numbers). Guidance maths are always fp32/fp64.
-    precision: str = "fp32"  # fp32 | tf32 | bf16 | auto
+    # (GPU), bf16 and fp16 (UNet autocast) are faster but corrupt x0-estimate gradients at high
+    # noise; auto = float16 UNet and TF32 except x0-estimate gradients where D2 amplifies
+    # rounding (t >= 700), which stay float32; float32 on a CPU (NetEval's docstring has the
+    # numbers). Guidance maths are always fp32/fp64.
+    precision: str = "fp32"  # fp32 | tf32 | bf16 | fp16 | auto
     # Rows per network call (pieces padded to it): samples are bit-identical for every batch
     # size and for configurations sampled together. None = 64 on a GPU, 8 on a CPU.
     net_batch: int | None = None

@@ -33,6 +33,10 @@ AUTO_FP32_GAIN = 12.0
 elsewhere. Emulated TF32 turns the non-robust gradient to cosines of 0.22-0.93 at t = 800-999
 but keeps >= 0.95 from t = 700 down, in two draws of 4 images (NetEval's table)."""
 
+UNET_DTYPES: dict[str, torch.dtype | None] = {
+    "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""Autocast dtypes of UNet calls (:class:`NetEval`); fp32 = no autocast."""
+
 EpsFn = Callable[[torch.Tensor], torch.Tensor]
 """x_t (B, 3, H, W) -> eps_theta(x_t, t) (B, 3, H, W) at the current step's t."""
 
@@ -159,40 +163,62 @@ class NetEval:
     TF32, robust                1.0000  0.993   0.9999  0.9999  1.0000  0.9997  0.9991
     bf16 UNet, non-robust       0.01    0.18    0.02    0.74    0.87    0.92    0.98
     bf16 UNet, robust           -0.67   0.66    0.995   0.995   0.997   0.9997  0.9999
-    auto, non-robust            1       1       1       1       0.991   0.996   0.997
+    fp16 UNet, non-robust       0.28    0.56    0.88    0.992   0.984   0.994   0.995
+    fp16 UNet, robust           0.9992  0.88    0.9999  0.9998  1.0000  0.9997  0.9991
+    auto, non-robust            1       1       1       1       0.984   0.992   0.994
     auto, robust                1       1       1       1       1.0000  0.9997  0.9991
     ==========================  ======  ======  ======  ======  ======  ======  ======
 
     Minima over 4 images move with the draw: another draw gave TF32 0.54 at t = 999 and
-    0.95-0.99 at t <= 700 (non-robust).
+    0.95-0.99 at t <= 700, float16 0.92 at t = 700 and auto 0.98-0.99 below (non-robust).
+    float16 is real on the CPU, whose autocast also keeps GroupNorm outputs in float16 (CUDA's
+    makes them float32): if anything, pessimistic. The TF32 emulation agrees with real TF32 on
+    an H100 (README).
 
-    So ``unet_bf16`` and ``tf32`` are opt-in speed settings, fit for unguided and x_t-guided
-    sampling (whose gradient never passes through the UNet) but not for measuring x0-estimate
-    gradients. ``precision="auto"`` (:meth:`for_precision`) is the middle way: TF32 everywhere
-    except calls that differentiate through the UNet at steps with a gain above
-    :data:`AUTO_FP32_GAIN` (t >= 700, 30% of the steps, ~21% of Table 1's FLOPs), which run
-    in true float32 (:meth:`at`). What remains below the gain is the non-robust classifier's own
-    sensitivity (cosine >= 0.95 in both draws), small next to the step-to-step change the
-    study measures (mean cos_prev of its raw gradients ~0.03). Whole chains are compared on
-    metrics, not pixels: the non-robust x0-estimate + ADAM chain is chaotic (UNet weights moved
-    by +-1 ulp give unrelated samples; judge accuracy and mean cos_prev stay put, README). On a
-    CPU, TF32 does not exist and auto is float32. The guidance maths (norms, cosines, stabiliser
-    moments, the DDPM step) are always float32/float64; the oracle is float64.
+    So ``tf32``, ``bf16`` and ``fp16`` are opt-in speed settings, fit for unguided and
+    x_t-guided sampling (whose gradient never passes through the UNet) but not for measuring
+    x0-estimate gradients at high noise. float16 keeps 3 more mantissa bits than bf16: below
+    the gain it does as well as TF32 at the tensor cores' 16-bit rate, once each sample's
+    gradient is rescaled before the UNet's backward pass (:attr:`scaled_backward`; unscaled, the
+    robust classifier's small gradients underflow: cosine 0.51 at t = 700). ``precision="auto"``
+    (:meth:`for_precision`) is the middle way: a float16 UNet and TF32 elsewhere, except calls
+    that differentiate through the UNet at steps with a gain above :data:`AUTO_FP32_GAIN`
+    (t >= 700, 30% of the steps, ~21% of Table 1's FLOPs), which run in true float32
+    (:meth:`at`). What remains below the gain is the non-robust classifier's own sensitivity
+    (cosine >= 0.95 in both draws), small next to the step-to-step change the study measures
+    (mean cos_prev of its raw gradients ~0.03). Whole chains are compared on metrics, not
+    pixels: the non-robust x0-estimate + ADAM chain is chaotic (UNet weights moved by +-1 ulp
+    give unrelated samples; judge accuracy and mean cos_prev stay put, README). On a CPU,
+    TF32 does not exist, float16 is slower than float32, and auto is float32. The guidance
+    maths (norms, cosines, stabiliser moments, the DDPM step) are always float32/float64; the
+    oracle is float64.
     """
 
     rows: int | None = None
-    unet_bf16: bool = False
+    unet_dtype: str = "fp32"  # autocast of UNet calls: fp32 (none) | bf16 | fp16 (UNET_DTYPES)
     tf32: bool = False
     # Calls that differentiate through the UNet (the x0-estimate) at steps whose D2 gain exceeds
-    # this run in true float32 (TF32 and bf16 off); None = never.
+    # this run in true float32 (TF32 and autocast off); None = never.
     fp32_above_gain: float | None = None
 
+    def __post_init__(self) -> None:
+        check_choice("UNet dtype", self.unet_dtype, tuple(UNET_DTYPES))
+
     @classmethod
-    def for_precision(cls, precision: str, rows: int | None = None) -> NetEval:
-        """The settings of a ``--precision`` value: fp32 | tf32 | bf16 | auto."""
-        settings = {"fp32": {}, "tf32": {"tf32": True}, "bf16": {"unet_bf16": True},
-                    "auto": {"tf32": True, "fp32_above_gain": AUTO_FP32_GAIN}}
+    def for_precision(cls, precision: str, rows: int | None = None, cuda: bool = True) -> NetEval:
+        """The settings of a ``--precision`` value: fp32 | tf32 | bf16 | fp16 | auto.
+
+        ``cuda=False`` (a CPU run): ``auto`` is plain float32, since TF32 does not exist there
+        and a CPU runs float16 slower than float32. ``gradcheck precision`` keeps the GPU
+        settings on a CPU, to measure them (TF32 emulated, float16 real).
+        """
+        settings = {"fp32": {}, "tf32": {"tf32": True}, "bf16": {"unet_dtype": "bf16"},
+                    "fp16": {"unet_dtype": "fp16"},
+                    "auto": {"unet_dtype": "fp16", "tf32": True,
+                             "fp32_above_gain": AUTO_FP32_GAIN}}
         check_choice("precision", precision, tuple(settings))
+        if precision == "auto" and not cuda:
+            return cls(rows=rows)
         return cls(rows=rows, **settings[precision])
 
     def at(self, abar: torch.Tensor | float, through_unet: bool) -> NetEval:
@@ -200,12 +226,19 @@ class NetEval:
         where D2's gain exceeds ``fp32_above_gain``, these settings otherwise."""
         if (through_unet and self.fp32_above_gain is not None
                 and d2_gain(abar) > self.fp32_above_gain):
-            return replace(self, unet_bf16=False, tf32=False, fp32_above_gain=None)
+            return replace(self, unet_dtype="fp32", tf32=False, fp32_above_gain=None)
         return self
 
     def unet_autocast(self, device: torch.device):
         """The autocast context for UNet calls."""
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.unet_bf16)
+        dtype = UNET_DTYPES[self.unet_dtype]
+        return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+    @property
+    def scaled_backward(self) -> bool:
+        """Whether gradients through the UNet are rescaled per sample before its backward pass
+        (float16, whose range is narrow: :class:`ClassifierGuidance`)."""
+        return self.unet_dtype == "fp16"
 
     @contextmanager
     def numerics(self) -> Iterator[None]:
@@ -335,9 +368,20 @@ class ClassifierGuidance(GuidanceSource):
             x = x.detach().requires_grad_(True)
             with torch.enable_grad():
                 e = eps_fn(x)
-                lp = classifier_log_probs(clf, x0_from_eps(x, e, abar), 0)
-                (g,) = torch.autograd.grad(picked(lp, yy).sum(), x)
-            return e.detach(), g, lp.detach()
+                x0 = x0_from_eps(x, e, abar)
+                lp = classifier_log_probs(clf, x0, 0)
+                if not net.scaled_backward:
+                    (g,) = torch.autograd.grad(picked(lp, yy).sum(), x)
+                    return e.detach(), g, lp.detach()
+                # float16 UNet: its backward would underflow for small gradients (robust
+                # classifiers) and overflow for large ones. The vector-Jacobian product is
+                # linear, so each sample's gradient w.r.t. x0_hat enters it at RMS 1 and the
+                # result is scaled back, all on the device (GradScaler's idea, per sample).
+                (v,) = torch.autograd.grad(picked(lp, yy).sum(), x0, retain_graph=True)
+                rms = flat_norm(v) / math.sqrt(v[0].numel())
+                k = _per_sample(torch.where(rms > 0, rms, torch.ones_like(rms)))
+                (g,) = torch.autograd.grad(x0, x, grad_outputs=v / k)
+            return e.detach(), g * k, lp.detach()
 
         def xt_piece(x: torch.Tensor, yy: torch.Tensor):
             x = x.detach().requires_grad_(True)

@@ -39,7 +39,7 @@ from gradcheck.utils import (
 TF32_DROPPED_BITS = 13
 """float32 keeps 23 explicit mantissa bits, TF32 keeps 10: the lowest 13 are rounded away."""
 
-MODES = ("fp64", "tf32", "bf16", "auto")
+MODES = ("fp64", "tf32", "bf16", "fp16", "auto")
 """Precisions :func:`gradient_agreement` compares with float32 (see ``gradcheck precision``)."""
 
 

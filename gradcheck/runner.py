@@ -51,7 +51,7 @@ CLASSIFIER_KINDS = ("nonrobust", "robust", "adversarial")
 """Guiding classifiers shipped in the reference checkpoints (paths.default_classifier)."""
 CLASSIFIER_CHOICES = (*CLASSIFIER_KINDS, "oracle")
 PROTOCOLS = ("auto", "paper", "reduced")
-PRECISIONS = ("fp32", "tf32", "bf16", "auto")
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16", "auto")
 SHARED_FIELDS = ("num_samples", "batch_size", "steps", "seed", "device", "ddpm", "judge",
                  "data_root", "precision", "net_batch", "compile")
 """Fields that configurations sampled together (:func:`run_many`) must share."""
@@ -120,7 +120,7 @@ def resolve_config(cfg: RunConfig) -> RunConfig:
         sizes = REDUCED_SIZE
     gpu = resolve_device(cfg.device).type == "cuda"
     if cfg.precision == "tf32" and not gpu:
-        raise GradcheckError("precision tf32 needs a CUDA device; use fp32 or bf16")
+        raise GradcheckError("precision tf32 needs a CUDA device; use fp32, bf16, fp16 or auto")
     net_batch = cfg.net_batch if cfg.net_batch is not None else (64 if gpu else 8)
     return dataclasses.replace(cfg, num_samples=sizes[0], steps=sizes[1], net_batch=net_batch)
 
@@ -321,7 +321,7 @@ def run_many(
         check_sampling_args(scheduler, c.steps, c.scale, c.target)
     unet = _frozen(unet.to(device))
     sampling_unet = torch.compile(unet) if base.compile else unet
-    net = NetEval.for_precision(base.precision, rows=base.net_batch)
+    net = NetEval.for_precision(base.precision, rows=base.net_batch, cuda=device.type == "cuda")
     models: dict[str, tuple[nn.Module, dict]] = {}  # guiding model and config, by name
     sources: dict[tuple[str, bool], ClassifierGuidance] = {}
     oracle = None

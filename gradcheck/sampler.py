@@ -180,7 +180,7 @@ def sample_guided(
     sample does not depend on its batch, and runs sharing the generators' seeds are paired:
     ``scale=0`` gives exactly the unguided sample. ``guidance=None`` samples unguided (g = 0).
     ``steps`` < T respaces the chain with ``scheduler.set_timesteps``. ``net`` says how the
-    networks are evaluated (fixed row pieces, bf16 UNet): see :class:`NetEval`.
+    networks are evaluated (fixed row pieces, precision): see :class:`NetEval`.
     """
     lane = Lane(guidance=guidance, target=target, scale=scale, normalize=normalize,
                 stabilizer=stabilizer, observers=observers)

@@ -61,6 +61,9 @@ stage4)
   # exactly its tinted backgrounds (train_ddpm.py's docstring; its mean-colour slope is 0.21 of
   # the ideal 1). Compiled: 1,669 images/s against 923 eager on an H100, after 151 s of
   # compiling (reports/bench/bench-training-h100.json): it pays off past about 5 minutes.
+  # A CPU probe (the shipped model, 40 fine-tuning steps of batch 8 at t >= 900): with weight
+  # 0.02 the gradient norm was 1.8-6.1 against 0.06-0.21 without, so clipping at 1.0 binds, and
+  # the slope went 0.21 -> 0.28 against 0.21 -> 0.22. Watch grad_norm in train_log.parquet.
   $G train-ddpm --preset paper --init-from $CK/ddpm --name sportballs-v1-sitting4 --compile \
     --multiscale-weight 0.02 --max-minutes "${DDPM_MINUTES:-8}" --batch-size 256 \
     --sample-every 0 --checkpoint-every 0 --no-progress --overwrite 2>&1 | tee "$LOG/ddpm4.log"
@@ -68,7 +71,8 @@ stage4)
     --judge $CK/classifiers/judge --no-progress 2>&1 | tee "$LOG/eval_ddpm4.log"
   ;;
 precision)
-  # About a minute: the same table as on a CPU, with real TF32 instead of the emulation.
+  # About a minute: the same table as on a CPU, with real TF32 instead of the emulation (and
+  # CUDA's float16 autocast, which keeps GroupNorm outputs in float32).
   mkdir -p reports/bench
   $G precision --device cuda --timesteps 999,900,800,700,500,300,100 \
     --out reports/bench/precision-gpu.parquet --overwrite 2>&1 | tee "$LOG/precision.log"
@@ -84,7 +88,8 @@ bench)
 table1-probe)
   # The Table 1 grid (8 configurations x 64 samples, metrics and oracle included) at 10 and 50
   # steps: the difference is the cost per step, the rest fixed. About 2 minutes; on an H100 in
-  # auto it gave 1.00 s per step + 32 s, so about 17 minutes for the protocol's 1,000 steps.
+  # auto with a TF32 UNet it gave 1.00 s per step + 32 s, so about 17 minutes for the protocol's
+  # 1,000 steps (auto's float16 UNet: about 0.72 s per step expected).
   p=${2:-auto}
   shift $(( $# < 2 ? $# : 2 ))
   mkdir -p reports/bench
@@ -114,9 +119,10 @@ EOF
 table1)
   # The Table 1 protocol (8 configurations x 64 samples x 1,000 steps, metrics included) as a
   # user runs it, timed end to end: one sweep seed (SEEDS=n for more) into runs/table1-P, its
-  # report into reports/bench/table1-P. On an H100 about 17 minutes in auto (table1-probe) and
-  # about 22 in fp32 (the default here), more than one 10-minute sitting: run it where sittings
-  # are longer. Replaces runs/table1-P.
+  # report into reports/bench/table1-P. On an H100 about 17 minutes in auto with a TF32 UNet
+  # (table1-probe; about 12.5 expected with float16) and about 22 in fp32 (the default here),
+  # more than one 10-minute command: start it with setsid where commands are cut off, and poll.
+  # Replaces runs/table1-P.
   p=${2:-fp32}
   shift $(( $# < 2 ? $# : 2 ))
   mkdir -p reports/bench
