@@ -267,7 +267,7 @@ def bench_unet(
             pass_flops = {kind: _counted_flops(partial(_unet_pass, unet, x, t, kind))
                           for kind in UNET_PASSES}
             for precision in precisions:
-                net = NetEval.for_precision(precision)
+                net = NetEval.for_precision(precision, cuda=True)
                 peak = device_peak_tflops(device, precision)
                 for layout, memory_format in UNET_LAYOUTS.items():
                     unet.to(memory_format=memory_format)

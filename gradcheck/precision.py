@@ -133,7 +133,9 @@ def _gradient(mode: str, unet: nn.Module, clf: nn.Module, x_t: torch.Tensor, t: 
     """g_t (D3) under one mode, with the call settings the sampler would use at this t (fp64:
     float64 models given, x_t converted)."""
     device = x_t.device
-    call = NetEval.for_precision("fp32" if mode == "fp64" else mode).at(abar, x0_estimate)
+    # The GPU's settings on any device: TF32 is emulated on a CPU, float16 runs for real.
+    call = NetEval.for_precision("fp32" if mode == "fp64" else mode, cuda=True).at(
+        abar, x0_estimate)
     t_dev = torch.full((), t, dtype=torch.long, device=device)
     if mode == "fp64":
         x_t = x_t.double()

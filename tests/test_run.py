@@ -217,7 +217,7 @@ def test_batch_size_does_not_change_run_files(ckpt, tmp_path):
 
 
 def test_auto_precision_is_float32_on_a_cpu(ckpt, tmp_path):
-    """TF32 exists only on NVIDIA GPUs: on a CPU, --precision auto gives fp32's files."""
+    """On a CPU (no TF32; float16 slower than float32), --precision auto gives fp32's files."""
     cfg = tiny_cfg(ckpt, x0_estimate=True, stabilizer="adam")
     a = run(cfg, out=tmp_path, name="fp32", progress=False)
     b = run(dataclasses.replace(cfg, precision="auto"), out=tmp_path, name="auto", progress=False)
