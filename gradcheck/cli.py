@@ -610,7 +610,7 @@ def bench_cmd(
         "samples x 1,000 steps, metrics) on the shipped checkpoints: minutes on a GPU."),
     sections: str | None = typer.Option(
         None, help="Comma-separated sections to run, in this order [default: all]: dataset, "
-        "training, unet (compares fp32, tf32 and bf16 itself), sampling, pipeline (its ratio "
+        "training, unet (compares fp32, tf32, bf16 and fp16 itself), sampling, pipeline (its ratio "
         "needs sampling), fid, table1-mini."),
     batches: str | None = typer.Option(
         None, help="Comma-separated batch sizes of the unet, sampling and pipeline sections "
@@ -678,10 +678,9 @@ def precision_cmd(
     if out is not None:
         check_output_file(out, overwrite)
     table = measure_precision(
-        ddpm=ddpm, classifiers=[c for c in classifiers.split(",") if c], data_root=data_root,
-        timesteps=ts, num_samples=num_samples, target=target,
-        modes=[m for m in modes.split(",") if m], x0_estimate=x0_estimate, device=device,
-        seed=seed)
+        ddpm=ddpm, classifiers=_split(classifiers), data_root=data_root, timesteps=ts,
+        num_samples=num_samples, target=target, modes=_split(modes), x0_estimate=x0_estimate,
+        device=device, seed=seed)
     typer.echo(format_agreement(table))
     if out is not None:
         with atomic_output_file(out, overwrite) as tmp:

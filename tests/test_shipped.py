@@ -83,7 +83,7 @@ def test_headline_run_on_shipped_checkpoints(tmp_path, data64):
 def test_auto_precision_keeps_the_shipped_x0_gradients(data64):
     """The finding behind --precision auto, on the shipped models (TF32 emulated): plain TF32
     turns the non-robust x0-estimate gradient at t = 999 (D2 gain 157), auto keeps it exact
-    there and within 0.95 cosine at t = 500, where it runs TF32."""
+    there and within 0.95 cosine at t = 500, where it runs a float16 UNet and TF32."""
     torch.set_num_threads(1)
     table = measure_precision(classifiers=("nonrobust",), data_root=str(data64),
                               timesteps=(999, 500), num_samples=2, modes=("tf32", "auto"),
