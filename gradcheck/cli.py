@@ -466,7 +466,8 @@ def sweep_cmd(
     grid: str = typer.Option("table1", help="table1 | scales | stabilizers | classifiers."),
     seeds: int = typer.Option(3, help="Seeds 0..SEEDS-1 of every configuration."),
     shard: str | None = typer.Option(
-        None, help="Run only shard i/n (0-based, round-robin). Default: the launcher's "
+        None, help="Run only shard i/n (0-based, round-robin over seeds with --batch-configs, "
+        "else over runs; --seeds 5 --shard k/5 runs seed k). Default: the launcher's "
         "(accelerate/torchrun RANK/WORLD_SIZE, SLURM array task), else all runs."),
     out: str = typer.Option("runs", help="Folder of the run folders."),
     scale: float | None = typer.Option(

@@ -7,8 +7,11 @@ sweep already holds every configuration of the first seeds. Each run's folder na
 atomically, so a folder that exists is a finished run and is skipped. A killed sweep therefore
 resumes by running the same command again, and never sees half a run.
 
-Shards split the ordered list round-robin: shard i of n (0-based, ``--shard i/n``) takes runs
-i, i + n, i + 2n, ... Without ``--shard``, a process started by ``accelerate launch`` / torchrun
+Shards split the ordered list round-robin: shard i of n (0-based, ``--shard i/n``) takes units
+i, i + n, i + 2n, ... A unit is a group of runs sampled together (with ``batch_configs``, the
+default: one seed's configurations, e.g. Table 1's eight), else a single run, so a shard never
+splits a group and loses its shared UNet calls; ``--seeds 5 --shard k/5`` runs seed k. Without
+``--shard``, a process started by ``accelerate launch`` / torchrun
 (``RANK``, ``WORLD_SIZE``) or as a SLURM array task (``SLURM_ARRAY_TASK_ID``,
 ``SLURM_ARRAY_TASK_COUNT``) takes its own shard; both together give array task x process.
 """
@@ -130,6 +133,17 @@ def shard(configs: Sequence[T], i: int, n: int) -> list[T]:
     return list(configs[i::n])
 
 
+def group_configs(configs: Sequence[RunConfig]) -> list[list[RunConfig]]:
+    """Consecutive-order groups of the configs :func:`runner.run_many` can sample together (equal
+    :func:`runner.shared_key`), in order of first appearance."""
+    from gradcheck import runner
+
+    groups: dict[tuple, list[RunConfig]] = {}
+    for c in configs:
+        groups.setdefault(runner.shared_key(c), []).append(c)
+    return list(groups.values())
+
+
 def is_finished(run_dir: Path) -> bool:
     """A run folder exists only once complete (the runner renames it into place at the end)."""
     return (run_dir / "config.json").is_file()
@@ -160,13 +174,18 @@ def run_sweep(
 ) -> SweepResult:
     """Run this process's shard of a sweep into ``out``, skipping finished runs.
 
-    The shard is ``cfg.shard`` ('i/n'), else the launcher's (:func:`shard_from_env`). A failing
-    run stops the sweep; finished runs stay, and the same command resumes after the fix.
+    The shard is ``cfg.shard`` ('i/n'), else the launcher's (:func:`shard_from_env`); with
+    ``cfg.batch_configs`` it takes whole groups (:func:`group_configs`), else single runs. A
+    failing run stops the sweep; finished runs stay, and the same command resumes after the fix.
     """
     from gradcheck import runner
 
     i, n = parse_shard(cfg.shard) if cfg.shard else shard_from_env()
-    configs = shard(grid_configs(cfg.grid, cfg.seeds, base), i, n)
+    configs = grid_configs(cfg.grid, cfg.seeds, base)
+    if cfg.batch_configs:
+        configs = [c for group in shard(group_configs(configs), i, n) for c in group]
+    else:
+        configs = shard(configs, i, n)
     out = Path(out)
     ids = [runner.default_run_id(c) for c in configs]
     if len(set(ids)) != len(ids):
@@ -180,19 +199,16 @@ def run_sweep(
         if is_finished(out / run_id):
             skipped.append(run_id)
         else:
-            todo.append((run_cfg, run_id))
+            todo.append(run_cfg)
     # Configurations of one seed (and sizes) are sampled together: same samples, fewer calls.
-    groups: dict[tuple, list[tuple[RunConfig, str]]] = {}
-    for run_cfg, run_id in todo:
-        key = (runner.shared_key(run_cfg) if cfg.batch_configs else run_id)
-        groups.setdefault(key, []).append((run_cfg, run_id))
+    groups = group_configs(todo) if cfg.batch_configs else [[c] for c in todo]
     bar = tqdm(total=len(todo), desc=f"sweep {cfg.grid} {i}/{n}", unit="run",
                disable=not progress)
-    for group in groups.values():
-        bar.set_postfix_str(group[0][1] if len(group) == 1 else f"{len(group)} runs together")
-        runner.run_many([c for c, _ in group], out=out, names=[r for _, r in group],
-                        overwrite=False, progress=False)
-        ran.extend(r for _, r in group)
+    for group in groups:
+        names = [runner.default_run_id(c) for c in group]
+        bar.set_postfix_str(names[0] if len(group) == 1 else f"{len(group)} runs together")
+        runner.run_many(group, out=out, names=names, overwrite=False, progress=False)
+        ran.extend(names)
         bar.update(len(group))
     bar.close()
     return SweepResult(tuple(ids), tuple(ran), tuple(skipped), (i, n))

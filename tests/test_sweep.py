@@ -129,10 +129,36 @@ def test_each_launched_process_runs_its_own_shard(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "3")
     base = RunConfig(device="cpu", num_samples=2, steps=10)
-    result = run_sweep(SweepConfig(grid="table1", seeds=2), base, out=tmp_path, progress=False)
+    sweep = SweepConfig(grid="table1", seeds=2, batch_configs=False)
+    result = run_sweep(sweep, base, out=tmp_path, progress=False)
     assert result.shard == (1, 3)
     assert ran == shard(grid_configs("table1", 2, base), 1, 3)
     assert list(result.ran) == [runner.default_run_id(c) for c in ran]
+
+
+def test_batched_shards_take_whole_seeds(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """With --batch-configs (the default) a shard never splits one seed's configurations, which
+    are sampled together: --seeds 5 --shard k/5 runs seed k's eight Table 1 runs."""
+    calls: list[list[RunConfig]] = []
+    monkeypatch.setattr(runner, "run_many", lambda cfgs, **kw: calls.append(list(cfgs)))
+    base = RunConfig(device="cpu", num_samples=2, steps=10)
+    everything = grid_configs("table1", 5, base)
+    for k in range(5):
+        calls.clear()
+        result = run_sweep(SweepConfig(grid="table1", seeds=5, shard=f"{k}/5"), base,
+                           out=tmp_path, progress=False)
+        assert len(calls) == 1 and calls[0] == [c for c in everything if c.seed == k]
+        assert len(result.planned) == 8
+    # More shards than seeds: the last shards have nothing to do.
+    calls.clear()
+    result = run_sweep(SweepConfig(grid="table1", seeds=2, shard="2/3"), base, out=tmp_path,
+                       progress=False)
+    assert calls == [] and result.planned == ()
+    # Three shards over five seeds: seeds 0, 3 | 1, 4 | 2, one call per seed.
+    calls.clear()
+    run_sweep(SweepConfig(grid="table1", seeds=5, shard="0/3"), base, out=tmp_path,
+              progress=False)
+    assert [[c.seed for c in call] for call in calls] == [[0] * 8, [3] * 8]
 
 
 # ---- real tiny sweeps ---------------------------------------------------------------------------
