@@ -293,7 +293,8 @@ def run_cmd(
         None, "--oracle/--no-oracle", help="Log cos_oracle against the exact gradient (D8) "
         "[default: on a GPU when the data set exists]."),
     record_vectors: str = typer.Option(
-        "subset", help="none | subset (8 samples, every 10th step, fp16) | all (float32)."),
+        "subset", help="none | subset (8 samples, every 10th step; x0-estimates in fp16) | "
+        "all (float32)."),
     protocol: str = typer.Option(
         "auto", help="auto (reduced 8 x 50 without a GPU unless sizes are given) | paper "
         "(64 x 1000) | reduced (8 x 50)."),

@@ -184,7 +184,7 @@ class RunConfig:
     judge: str = dataclasses.field(default_factory=_default_judge)  # DESIGN.md §5 judge folder
     data_root: str = "datasets/sportballs"  # paths.DEFAULT_DATA_ROOT: oracle and FID reference
     oracle: bool | None = None  # cos_oracle (D8); None = when the data set exists (GPU) or asked
-    record_vectors: str = "subset"  # none | subset (8 samples, every 10th step, fp16) | all
+    record_vectors: str = "subset"  # none | subset (8 samples, every 10th step) | all
     protocol: str = "auto"  # auto | paper (64 x 1000) | reduced (8 x 50; CPU default, see runner)
     metrics: bool = True  # metrics.json via gradcheck.metrics at the end of the run
     # How the networks run (guidance.NetEval). fp32 = true float32 (TF32 off on a GPU); tf32

@@ -239,12 +239,18 @@ def features_to_kid(
     features_1: torch.Tensor, features_2: torch.Tensor, subset_size: int,
     subsets: int = KID_SUBSETS, seed: int = 0,
 ) -> tuple[float, float]:
-    """(mean, std) of KID over ``subsets`` random subsets of ``subset_size`` (torch-fidelity)."""
+    """(mean, std) of KID over ``subsets`` random subsets of ``subset_size`` (torch-fidelity).
+
+    The std is NaN when the subsets are both whole sets (``subset_size`` equal to both sizes,
+    e.g. 64 samples vs 64 references): every subset then gives the same value, and torch-fidelity's
+    std of 0 would read as an exact KID. Use :func:`bootstrap_kid`'s interval there.
+    """
     out = kid_features_to_metric(
         features_1.double().cpu(), features_2.double().cpu(), kid_subsets=subsets,
         kid_subset_size=subset_size, rng_seed=seed, verbose=False,
     )
-    return float(out[KEY_METRIC_KID_MEAN]), float(out[KEY_METRIC_KID_STD])
+    whole = subset_size == len(features_1) == len(features_2)
+    return float(out[KEY_METRIC_KID_MEAN]), math.nan if whole else float(out[KEY_METRIC_KID_STD])
 
 
 def features_to_precision_recall(

@@ -67,9 +67,17 @@ def vector_selection(
     return list(range(min(SUBSET_SAMPLES, num_samples))), steps
 
 
-def vector_dtype(record_vectors: str) -> torch.dtype:
-    """fp16 for the subset (DESIGN.md §4); float32 for ``all`` (exact, for recomputation)."""
-    return torch.float32 if record_vectors == "all" else torch.float16
+def vector_dtype(record_vectors: str, key: str) -> torch.dtype:
+    """How a kept vector is stored: float32, except the subset's x0-estimates in float16.
+
+    Guidance gradients stay float32 in every mode: a classifier sure of its class has gradients
+    of norm 1e-8 and below, which float16 (smallest subnormal 6e-8) would store as zeros. The
+    x0-estimate is an image (values up to a few hundred at t = 999), well within float16.
+    """
+    check_choice("record_vectors", record_vectors, RECORD_VECTORS)
+    if record_vectors == "subset" and key == col.VEC_X0_HAT:
+        return torch.float16
+    return torch.float32
 
 
 def expected_vector_bytes(
@@ -77,8 +85,9 @@ def expected_vector_bytes(
 ) -> int:
     """Size of vectors.safetensors' tensor data for these settings, in bytes."""
     samples, steps = vector_selection(record_vectors, num_samples, num_steps)
-    per = int(np.prod(image_shape)) * vector_dtype(record_vectors).itemsize
-    return len(samples) * len(steps) * per * len(VECTOR_KEYS)
+    per = int(np.prod(image_shape))
+    return len(samples) * len(steps) * per * sum(vector_dtype(record_vectors, k).itemsize
+                                                 for k in VECTOR_KEYS)
 
 
 FLOAT_COLUMNS = (
@@ -155,16 +164,16 @@ class StepRecorder:
         if not local:
             return
         self._vec_t[step.step] = step.t
-        dtype = vector_dtype(self.record_vectors)
         if not self._vectors:
             shape = (len(self._vec_step), len(self._vec_sample), *step.grad_raw.shape[1:])
+            dtypes = {k: vector_dtype(self.record_vectors, k) for k in VECTOR_KEYS}
             # Pinned (page-locked) host memory makes the copies asynchronous; a larger store
             # stays in ordinary memory (its copies then wait for the device) so as not to lock
             # gigabytes of RAM (``all`` on the paper protocol is 9.4 GB per run).
-            size = math.prod(shape) * dtype.itemsize * len(VECTOR_KEYS)
+            size = math.prod(shape) * sum(d.itemsize for d in dtypes.values())
             pin = step.grad_raw.is_cuda and size <= PIN_LIMIT_BYTES
-            self._vectors = {k: torch.zeros(shape, dtype=dtype, pin_memory=pin)
-                             for k in VECTOR_KEYS}
+            self._vectors = {k: torch.zeros(shape, dtype=d, pin_memory=pin)
+                             for k, d in dtypes.items()}
         rows = [self._vec_sample[int(step.sample[i])] for i in local]
         # Samples of a batch are consecutive indices: then one contiguous block per key.
         if rows == list(range(rows[0], rows[0] + len(rows))) and \
@@ -175,7 +184,7 @@ class StepRecorder:
         for key, v in ((col.VEC_GRAD_RAW, step.grad_raw), (col.VEC_GRAD_APPLIED, step.grad_applied),
                        (col.VEC_X0_HAT, step.x0_hat)):
             for first, src in blocks:
-                block = v[src].to(dtype)
+                block = v[src].to(self._vectors[key].dtype)
                 self._vectors[key][j, first:first + block.shape[0]].copy_(block, non_blocking=True)
 
     def _sync(self) -> None:

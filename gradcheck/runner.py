@@ -77,7 +77,7 @@ def parse_target(value: str | int) -> int:
 
 def validate_config(cfg: RunConfig) -> None:
     """Raise a GradcheckError for any field the run cannot honour (before loading anything)."""
-    _classifier_folder(cfg.classifier)
+    _check_not_the_judge(_classifier_folder(cfg.classifier), cfg.judge)
     check_stabilizer(cfg.stabilizer)
     if isinstance(cfg.target, bool) or not isinstance(cfg.target, int):
         raise GradcheckError(f"target must be a class index, got {cfg.target!r}")
@@ -179,6 +179,24 @@ def _classifier_folder(classifier: str) -> Path | None:
         f"unknown classifier {classifier!r}; choose one of: {', '.join(CLASSIFIER_CHOICES)}, "
         "or pass a classifier folder (config.json + model.safetensors)"
     )
+
+
+def _check_not_the_judge(folder: Path | None, judge: str) -> None:
+    """DESIGN.md §5: the judge grades samples and never guides; a run guided by it (or by the
+    very folder that judges it) would grade itself."""
+    if folder is None or not folder.is_dir():
+        return
+    try:
+        kind = json.loads((folder / "config.json").read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):
+        kind = None  # load_classifier reports a missing or broken config.json
+    if kind == "judge":
+        raise GradcheckError(f"classifier {str(folder)!r} is a judge (kind 'judge'), which grades "
+                             "samples and never guides; choose one of: "
+                             f"{', '.join(CLASSIFIER_CHOICES)}, or another classifier folder")
+    if Path(judge).is_dir() and folder.resolve() == Path(judge).resolve():
+        raise GradcheckError(f"classifier {str(folder)!r} is also the run's judge; the judge "
+                             "must be independent of the guiding classifier (pass another --judge)")
 
 
 def _load_ddpm(folder: str) -> tuple[UNet2DModel, DDPMScheduler]:
@@ -493,7 +511,8 @@ def summary_table(row: dict[str, Any]) -> str:
             ("accuracy judge", _fmt(row, "accuracy_judge", pct=True)),
             ("FID", f"{_fmt(row, 'fid')}  ({row.get('extractor')} features, "
                     f"N={row.get('n_samples')} vs {row.get('n_reference')})"),
-            ("KID", f"{_fmt(row, 'kid_mean')} ± {_fmt(row, 'kid_std')}  (same features and N)"),
+            ("KID", f"{_fmt(row, 'kid_mean')} [{_fmt(row, 'kid_ci_low')}, "
+                    f"{_fmt(row, 'kid_ci_high')}]  (95% bootstrap; same features and N)"),
         ]
     else:
         lines.append(("metrics", "not computed (--no-metrics or gradcheck.metrics missing)"))

@@ -148,7 +148,7 @@ def test_scale_zero_runs_are_the_same_unguided_samples(ckpt, tmp_path):
     assert not np.array_equal(np.load(a / "samples.npy"), np.load(c / "samples.npy"))
 
 
-def test_subset_vectors_are_8_samples_every_10th_step_fp16(ckpt, tmp_path):
+def test_subset_vectors_are_8_samples_every_10th_step(ckpt, tmp_path):
     cfg = tiny_cfg(ckpt, num_samples=9, batch_size=4, steps=12, record_vectors="subset")
     folder = run(cfg, out=tmp_path, progress=False)
     vec = load_file(folder / "vectors.safetensors")
@@ -156,6 +156,13 @@ def test_subset_vectors_are_8_samples_every_10th_step_fp16(ckpt, tmp_path):
     assert vec[col.VEC_STEP].tolist() == [0, 10, 11]  # every 10th step, and the last one
     assert vec[col.VEC_X0_HAT].shape == (8, 3, 3, 32, 32)
     assert vec[col.VEC_X0_HAT].dtype == torch.float16
+    # Gradients stay float32: float16 would store a confident classifier's (norm <= 1e-8) as 0.
+    assert vec[col.VEC_GRAD_RAW].dtype == vec[col.VEC_GRAD_APPLIED].dtype == torch.float32
+    df = pd.read_parquet(folder / "steps.parquet").set_index([col.SAMPLE, col.STEP])
+    for i, s in enumerate(vec[col.VEC_SAMPLE].tolist()):
+        np.testing.assert_allclose(
+            vec[col.VEC_GRAD_RAW][i].flatten(1).norm(dim=1).numpy(),
+            df.loc[s, col.GRAD_NORM_RAW].to_numpy()[[0, 10, 11]], rtol=1e-6)
     ts = pd.read_parquet(folder / "steps.parquet").query("sample == 0")[col.T].to_numpy()
     assert vec[col.VEC_T].tolist() == ts[[0, 10, 11]].tolist()
     data_bytes = sum(vec[k].numel() * vec[k].element_size()
@@ -299,6 +306,18 @@ def test_bad_input_gives_clear_error_and_no_folder(ckpt, tmp_path, kwargs, messa
     out = tmp_path / "runs"
     with pytest.raises(GradcheckError, match=message):
         run(tiny_cfg(ckpt, **kwargs), out=out, progress=False)
+    assert _no_run_folder(out)
+
+
+def test_the_judge_never_guides(ckpt, tmp_path):
+    """DESIGN.md §5: the judge is independent of the guiding classifier."""
+    out = tmp_path / "runs"
+    judge = str(ckpt / "judge")
+    with pytest.raises(GradcheckError, match=r"is a judge \(kind 'judge'\), which grades "):
+        run(tiny_cfg(ckpt, classifier=judge, metrics=False), out=out, progress=False)
+    clf = str(ckpt / "clf")
+    with pytest.raises(GradcheckError, match="is also the run's judge"):
+        run(tiny_cfg(ckpt, classifier=clf, judge=clf), out=out, progress=False)
     assert _no_run_folder(out)
 
 
