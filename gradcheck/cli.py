@@ -27,6 +27,11 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+def _data_root_option(help: str) -> typer.models.OptionInfo:
+    """--data-root, defaulting to GRADCHECK_DATA when set (as make-dataset writes it)."""
+    return typer.Option("datasets/sportballs", envvar="GRADCHECK_DATA", help=help)
+
+
 @app.callback()
 def _root(
     version: bool = typer.Option(
@@ -72,7 +77,7 @@ def make_dataset(
 # [train-ddpm, eval-ddpm: train_ddpm.py]
 @app.command("train-ddpm")
 def train_ddpm_cmd(
-    data_root: str = typer.Option("datasets/sportballs", help="Data set root (train split)."),
+    data_root: str = _data_root_option("Data set root (train split)."),
     out: str = typer.Option("checkpoints", help="Root; writes OUT/NAME/ddpm and its train state."),
     name: str = typer.Option("sportballs-v1", help="Checkpoint set name."),
     preset: str = typer.Option("paper", help="UNet preset: paper (64x64) | tiny (32x32)."),
@@ -143,14 +148,14 @@ def train_ddpm_cmd(
 
 @app.command("eval-ddpm")
 def eval_ddpm_cmd(
-    folder: str = typer.Argument(
-        "checkpoints/sportballs-v1/ddpm", help="DDPM pipeline folder (default: shipped)."),
+    folder: str | None = typer.Argument(
+        None, help="DDPM pipeline folder [default: the shipped checkpoints/sportballs-v1/ddpm]."),
     num_samples: int = typer.Option(1000, help="Samples; sample i depends only on (seed, i)."),
     steps: int = typer.Option(1000, help="DDPM steps (fewer are respaced)."),
     batch_size: int = typer.Option(250, help="Batch size (memory only)."),
     judge: str | None = typer.Option(
         None, help="Judge classifier folder: class histogram, confidence, FID/KID features."),
-    data_root: str = typer.Option("datasets/sportballs", help="Data set root (test split)."),
+    data_root: str = _data_root_option("Data set root (test split)."),
     seed: int = typer.Option(0, help="Sampling seed."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     mixed_precision: str = typer.Option("bf16", help="bf16 | no (autocast on CUDA only)."),
@@ -161,11 +166,12 @@ def eval_ddpm_cmd(
     """Unconditional sample quality: white borders, judge classes, FID/KID -> eval.json."""
     from gradcheck.config import EvalDDPMConfig
     from gradcheck.eval_ddpm import evaluate_ddpm
+    from gradcheck.paths import default_ddpm
 
     s = evaluate_ddpm(EvalDDPMConfig(
-        folder=folder, num_samples=num_samples, steps=steps, batch_size=batch_size, judge=judge,
-        data_root=data_root, seed=seed, device=device, mixed_precision=mixed_precision, out=out,
-        overwrite=overwrite, progress=progress,
+        folder=folder or str(default_ddpm()), num_samples=num_samples, steps=steps,
+        batch_size=batch_size, judge=judge, data_root=data_root, seed=seed, device=device,
+        mixed_precision=mixed_precision, out=out, overwrite=overwrite, progress=progress,
     ))
     typer.echo(f"{s['num_samples']} samples, {s['steps']} steps: white border "
                f"{s['white_border_share']:.1%}, mean-colour slope at t=T-1 "
@@ -193,7 +199,7 @@ def train_classifier_cmd(
     ddpm: str | None = typer.Option(
         None, help="DDPM folder. Its scheduler config gives the noise schedule (required for "
         "robust and adversarial); its UNet, when present, adds x0-estimate (D2) evaluation."),
-    data_root: str = typer.Option("datasets/sportballs", help="Data set root."),
+    data_root: str = _data_root_option("Data set root."),
     out: str = typer.Option("checkpoints", help="Root; writes OUT/NAME/classifiers/KIND."),
     name: str = typer.Option("sportballs-v1", help="Checkpoint set name."),
     epochs: int = typer.Option(30, help="Maximum epochs (early stopping usually ends sooner)."),
@@ -234,7 +240,7 @@ def train_classifier_cmd(
 @app.command("eval-classifier")
 def eval_classifier_cmd(
     folder: str = typer.Argument(..., help="Classifier folder (config.json + model.safetensors)."),
-    data_root: str = typer.Option("datasets/sportballs", help="Data set root."),
+    data_root: str = _data_root_option("Data set root."),
     ddpm: str | None = typer.Option(None, help="DDPM folder: its UNet adds x0-estimate (D2) rows."),
     eval_samples: int = typer.Option(1000, help="Validation images in the table."),
     eval_pgd_eps: list[float] = typer.Option(
@@ -287,8 +293,8 @@ def run_cmd(
         None, help="DDPM pipeline folder [default: the shipped checkpoints/sportballs-v1/ddpm]."),
     judge: str | None = typer.Option(
         None, help="Judge classifier folder for the metrics [default: the shipped judge]."),
-    data_root: str = typer.Option(
-        "datasets/sportballs", help="Data set root (oracle and FID reference images)."),
+    data_root: str = _data_root_option(
+        "Data set root (oracle and FID reference images)."),
     oracle: bool | None = typer.Option(
         None, "--oracle/--no-oracle", help="Log cos_oracle against the exact gradient (D8) "
         "[default: on a GPU when the data set exists]."),
@@ -422,8 +428,8 @@ def pag_cmd(
     oracle: bool | None = typer.Option(
         None, "--oracle/--no-oracle", help="Add the exact oracle gradient (D8) as a source; "
         "default: when the data set's train split exists."),
-    data_root: str = typer.Option("datasets/sportballs", help="Data set root (val images; "
-                                  "train split for the oracle)."),
+    data_root: str = _data_root_option("Data set root (val images; train split for the "
+                                       "oracle)."),
     ddpm: str | None = typer.Option(
         None, help="DDPM folder whose scheduler gives abar_t (default: DESIGN.md §3 schedule)."),
     num_images: int = typer.Option(16, help="Validation images per class for the PAG scores."),
@@ -473,7 +479,8 @@ def sweep_cmd(
     out: str = typer.Option("runs", help="Folder of the run folders."),
     scale: float | None = typer.Option(
         None, help="Guidance scale s for grids that do not vary it (default: run's)."),
-    target: int | None = typer.Option(None, help="Target class index (default: run's, 0)."),
+    target: str | None = typer.Option(
+        None, help="Target class: a name or 0-3 (default: run's, baseball)."),
     normalize: bool | None = typer.Option(
         None, "--normalize/--no-normalize", help="D5 normalisation (default: on)."),
     num_samples: int | None = typer.Option(None, help="Samples per run (default: run's)."),
@@ -506,10 +513,12 @@ def sweep_cmd(
     x0-estimate); classifiers = {nonrobust, robust, adversarial, oracle}.
     """
     from gradcheck.config import RunConfig, SweepConfig
+    from gradcheck.runner import parse_target
     from gradcheck.sweep import run_sweep
 
     if grid == "scales" and scale is not None:
         raise GradcheckError("the scales grid sets the scale itself; drop --scale")
+    target = parse_target(target) if target is not None else None
     given = dict(scale=scale, target=target, normalize=normalize, num_samples=num_samples,
                  batch_size=batch_size, steps=steps, protocol=protocol, device=device, ddpm=ddpm,
                  judge=judge, data_root=data_root, oracle=oracle, record_vectors=record_vectors,
@@ -664,12 +673,13 @@ def precision_cmd(
     target: str = typer.Option("baseball", help="Target class: a name or 0-3."),
     ddpm: str | None = typer.Option(
         None, help="DDPM pipeline folder [default: the shipped checkpoints/sportballs-v1/ddpm]."),
-    data_root: str = typer.Option("datasets/sportballs", help="Data set root (test images)."),
+    data_root: str = _data_root_option("Data set root (test images)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N (TF32 is emulated "
                                "on a CPU, real on a GPU)."),
     seed: int = typer.Option(0, help="Seed of the forward-process noise."),
     out: str | None = typer.Option(None, help="Also write the full table as parquet."),
     overwrite: bool = typer.Option(False, help="Replace an existing --out file."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """How far each precision turns the guidance gradient from float32's, per t: the numbers
     behind --precision (TF32 emulated on a CPU)."""
@@ -682,7 +692,7 @@ def precision_cmd(
     table = measure_precision(
         ddpm=ddpm, classifiers=_split(classifiers), data_root=data_root, timesteps=ts,
         num_samples=num_samples, target=target, modes=_split(modes), x0_estimate=x0_estimate,
-        device=device, seed=seed)
+        device=device, seed=seed, progress=progress)
     typer.echo(format_agreement(table))
     if out is not None:
         with atomic_output_file(out, overwrite) as tmp:

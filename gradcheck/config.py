@@ -38,12 +38,30 @@ def save_config(cfg: Any, path: str | Path, **extra: Any) -> None:
 
 
 # ---- stage configs: each section belongs to the module named in its header -----------------
+def _default_ddpm() -> str:
+    from gradcheck.paths import default_ddpm
+
+    return str(default_ddpm())
+
+
+def _default_data_root() -> str:
+    from gradcheck.paths import DEFAULT_DATA_ROOT
+
+    return str(DEFAULT_DATA_ROOT)
+
+
+def _default_judge() -> str:
+    from gradcheck.paths import default_classifier
+
+    return str(default_classifier("judge"))
+
+
 # [dataset: data/sportballs.py]
 @dataclasses.dataclass(frozen=True)
 class DatasetConfig:
     """make-dataset: where and how the SportBalls generator writes (DESIGN.md §4)."""
 
-    root: str = "datasets/sportballs"  # paths.DEFAULT_DATA_ROOT
+    root: str = dataclasses.field(default_factory=_default_data_root)
     n_train: int = 40000  # GradCheck Appendix A scale; exactly balanced (10,000 per class)
     n_val: int = 5000  # early stopping and classifier selection
     n_test: int = 5000  # held out: accuracy and FID reference statistics
@@ -59,7 +77,7 @@ class DatasetConfig:
 class TrainDDPMConfig:
     """`gradcheck train-ddpm`: the unconditional DDPM (train_ddpm.py; DESIGN.md §3 and §7)."""
 
-    data_root: str = "datasets/sportballs"  # paths.DEFAULT_DATA_ROOT; the train split is used
+    data_root: str = dataclasses.field(default_factory=_default_data_root)  # train split
     out: str = "checkpoints"  # writes out/name/ddpm/ and out/name/train_state/ddpm/
     name: str = "sportballs-v1"  # the shipped reference set (paths.DEFAULT_CHECKPOINTS)
     preset: str = "paper"  # models.UNET_PRESETS; its sample_size must equal the image size
@@ -102,12 +120,12 @@ class TrainDDPMConfig:
 class EvalDDPMConfig:
     """`gradcheck eval-ddpm`: unconditional sample quality of a DDPM folder (eval_ddpm.py)."""
 
-    folder: str = "checkpoints/sportballs-v1/ddpm"  # paths.default_ddpm()
+    folder: str = dataclasses.field(default_factory=_default_ddpm)  # the shipped DDPM
     num_samples: int = 1000  # samples drawn; sample i depends only on (seed, i)
     steps: int = 1000  # DDPM steps; fewer are respaced by DDPMScheduler.set_timesteps
     batch_size: int = 250  # memory only: results do not depend on it
     judge: str | None = None  # classifier folder for the class histogram and confidence
-    data_root: str = "datasets/sportballs"  # test split: the FID/KID reference
+    data_root: str = dataclasses.field(default_factory=_default_data_root)  # test: FID reference
     seed: int = 0
     device: str = "auto"
     mixed_precision: str = "bf16"  # bf16 | no; autocast on CUDA only
@@ -124,7 +142,7 @@ class TrainClassifierConfig:
     kind: str = "nonrobust"  # nonrobust | robust | adversarial | judge (issue 4)
     time_conditioned: bool = False  # t as a 4th input channel t/1000 (models.TIME_CONVENTION)
     ddpm: str | None = None  # DDPM folder: its scheduler config gives abar_t; its UNet the D2 eval
-    data_root: str = "datasets/sportballs"  # paths.DEFAULT_DATA_ROOT
+    data_root: str = dataclasses.field(default_factory=_default_data_root)
     out: str = "checkpoints"  # writes out/name/classifiers/kind/
     name: str = "sportballs-v1"  # the shipped reference set (paths.DEFAULT_CHECKPOINTS)
     epochs: int = 30  # upper bound; early stopping usually ends sooner
@@ -149,18 +167,6 @@ class TrainClassifierConfig:
 # [run: sampler.py]
 
 
-def _default_ddpm() -> str:
-    from gradcheck.paths import default_ddpm
-
-    return str(default_ddpm())
-
-
-def _default_judge() -> str:
-    from gradcheck.paths import default_classifier
-
-    return str(default_classifier("judge"))
-
-
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """`gradcheck run`: one guided sampling run (runner.py, sampler.py; DESIGN.md D1-D7, §4)."""
@@ -182,7 +188,7 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     ddpm: str = dataclasses.field(default_factory=_default_ddpm)  # shipped DDPM pipeline folder
     judge: str = dataclasses.field(default_factory=_default_judge)  # DESIGN.md §5 judge folder
-    data_root: str = "datasets/sportballs"  # paths.DEFAULT_DATA_ROOT: oracle and FID reference
+    data_root: str = dataclasses.field(default_factory=_default_data_root)  # oracle, FID reference
     oracle: bool | None = None  # cos_oracle (D8); None = when the data set exists (GPU) or asked
     record_vectors: str = "subset"  # none | subset (8 samples, every 10th step) | all
     protocol: str = "auto"  # auto | paper (64 x 1000) | reduced (8 x 50; CPU default, see runner)
@@ -237,7 +243,7 @@ class PagConfig:
 
     classifiers: tuple[str, ...] = ("nonrobust", "robust", "adversarial")  # kinds or folders
     oracle: bool | None = None  # add the exact D8 gradient; None = when the train split exists
-    data_root: str = "datasets/sportballs"  # paths.DEFAULT_DATA_ROOT; val images, train (oracle)
+    data_root: str = dataclasses.field(default_factory=_default_data_root)  # val; train (oracle)
     ddpm: str | None = None  # DDPM folder whose scheduler gives abar_t; None = DESIGN.md §3
     num_images: int = 16  # per class: 64 images, one batch (the figures show the first of each)
     timesteps: tuple[int, ...] = (0, 100, 250, 500, 750)  # Kawar et al. Figure 3

@@ -24,12 +24,13 @@ from tqdm.auto import tqdm
 
 from gradcheck import CLASS_NAMES
 from gradcheck.config import EvalDDPMConfig, config_to_dict
-from gradcheck.models import classifier_logits, load_classifier, load_ddpm
+from gradcheck.models import check_image_size, classifier_logits, load_classifier, load_ddpm
 from gradcheck.utils import (
     GradcheckError,
     atomic_output_dir,
     check_choice,
     check_positive,
+    check_seed,
     randn_per_sample,
     resolve_device,
     run_metadata,
@@ -195,6 +196,7 @@ def evaluate_ddpm(config: EvalDDPMConfig | None = None, **overrides: Any) -> dic
     """Sample a DDPM folder and measure white borders, judge classes and FID/KID -> summary."""
     cfg = dataclasses.replace(config or EvalDDPMConfig(), **overrides)
     check_positive("num_samples", cfg.num_samples)
+    check_seed(cfg.seed)
     check_positive("batch_size", cfg.batch_size)
     check_choice("mixed_precision", cfg.mixed_precision, MIXED_PRECISION)
     device = resolve_device(cfg.device)
@@ -202,7 +204,11 @@ def evaluate_ddpm(config: EvalDDPMConfig | None = None, **overrides: Any) -> dic
     T = scheduler.config.num_train_timesteps
     if not 1 <= cfg.steps <= T:
         raise GradcheckError(f"steps must lie in 1..{T}, got {cfg.steps}")
-    judge = load_classifier(cfg.judge, device)[0] if cfg.judge is not None else None
+    judge = None
+    if cfg.judge is not None:
+        judge, judge_config = load_classifier(cfg.judge, device)
+        check_image_size(judge_config, unet.config.sample_size, f"judge {cfg.judge}",
+                         "the DDPM makes")
     out = Path(cfg.out) if cfg.out is not None else Path(cfg.folder) / "eval"
 
     with atomic_output_dir(out, cfg.overwrite) as tmp:

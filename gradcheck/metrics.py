@@ -50,12 +50,18 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_featur
 from torch_fidelity.utils import create_feature_extractor
 
 from gradcheck import CLASS_NAMES
-from gradcheck.models import classifier_features, classifier_logits, load_classifier
+from gradcheck.models import (
+    check_image_size,
+    classifier_features,
+    classifier_logits,
+    load_classifier,
+)
 from gradcheck.paths import DEFAULT_DATA_ROOT, default_classifier
 from gradcheck.utils import (
     GradcheckError,
     check_choice,
     check_positive,
+    check_seed,
     load_json,
     resolve_device,
     run_metadata,
@@ -379,8 +385,11 @@ def _check_images(samples: np.ndarray) -> None:
                              f"{shape}")
 
 
-def load_judge(judge: str | Path | None, device: torch.device) -> tuple[nn.Module, Path]:
-    """The judge (shufflenet_v2_x1_0, never guides) from its folder, default the shipped one."""
+def load_judge(
+    judge: str | Path | None, device: torch.device, image_size: int | None = None
+) -> tuple[nn.Module, Path]:
+    """The judge (shufflenet_v2_x1_0, never guides) from its folder, default the shipped one;
+    with ``image_size``, checked to have been trained on images of that size."""
     folder = Path(judge) if judge is not None else default_classifier("judge")
     if not (folder / "model.safetensors").is_file():
         raise GradcheckError(
@@ -393,6 +402,8 @@ def load_judge(judge: str | Path | None, device: torch.device) -> tuple[nn.Modul
             f"judge {folder} is a {config.get('arch')}; the judge must be a {JUDGE_ARCH}, an "
             "architecture that never guides"
         )
+    if image_size is not None:
+        check_image_size(config, image_size, f"judge {folder}", "the samples are")
     return model, folder
 
 
@@ -436,6 +447,8 @@ def evaluate_samples(
     check_choice("target", target, range(len(CLASS_NAMES)))
     check_positive("batch_size", batch_size)
     check_positive("n_bootstrap", n_bootstrap)
+    check_seed(reference_seed, "reference_seed")
+    check_seed(bootstrap_seed, "bootstrap_seed")
     if n_reference < 2:
         raise GradcheckError(f"n_reference must be >= 2, got {n_reference}")
     n = len(samples)
@@ -444,7 +457,7 @@ def evaluate_samples(
         raise GradcheckError(f"kid_subset_size {subset} must lie in 2..{min(n, n_reference)} "
                              f"(N={n} samples, {n_reference} references)")
     dev = resolve_device(device)
-    judge_model, judge_folder = load_judge(judge, dev)
+    judge_model, judge_folder = load_judge(judge, dev, samples.shape[1])
     fe, fe_name, inception_sha = make_extractor(extractor, judge_model, inception_weights, dev)
 
     reference = reference_images(data_root, target, n_reference, reference_seed)

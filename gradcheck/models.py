@@ -81,7 +81,7 @@ def load_ddpm(folder: str | Path) -> tuple[UNet2DModel, DDPMScheduler]:
     if not (folder / "model_index.json").is_file():
         raise GradcheckError(
             f"{folder} is not a DDPM pipeline folder (no model_index.json); "
-            "train one with `gradcheck train-ddpm` or pass --ddpm FOLDER"
+            "train one with `gradcheck train-ddpm` or give another pipeline folder"
         )
     _refuse_pickles_in(folder)
     try:
@@ -178,13 +178,14 @@ def classifier_config(
     kind: str, arch: str, time_conditioned: bool = False, **extra: Any
 ) -> dict[str, Any]:
     """The config.json written beside a classifier's model.safetensors."""
+    size = int(extra.get("image_size", 64))
     return {
         "kind": kind,
         "arch": arch,
         "num_classes": len(CLASS_NAMES),
         "class_names": list(CLASS_NAMES),
         "time_conditioned": time_conditioned,
-        "input": INPUT_CONVENTION,
+        "input": INPUT_CONVENTION.replace("3x64x64", f"3x{size}x{size}"),
         "time_input": TIME_CONVENTION if time_conditioned else "none",
         **extra,
     }
@@ -234,6 +235,15 @@ def load_classifier(
         raise GradcheckError(f"{weights} does not match {config.get('arch')}: "
                              f"{str(e).splitlines()[0]}") from None
     return model.float().to(device).eval(), config
+
+
+def check_image_size(config: dict[str, Any], size: int, what: str, other: str) -> None:
+    """Raise when a classifier trained on one image size (its config's ``image_size``) would
+    see images of another: ``"{what} was trained on 64x64 images but {other} 32x32"``."""
+    trained = config.get("image_size")
+    if trained is not None and int(trained) != int(size):
+        raise GradcheckError(f"{what} was trained on {trained}x{trained} images but {other} "
+                             f"{size}x{size}")
 
 
 def classifier_logits(model: nn.Module, x: torch.Tensor, t: torch.Tensor | int | None = None):

@@ -44,6 +44,7 @@ from gradcheck.utils import (
     GradcheckError,
     atomic_output_dir,
     check_positive,
+    check_seed,
     randn_per_sample,
     resolve_device,
     run_metadata,
@@ -365,6 +366,7 @@ def select_images(labels: np.ndarray, num_per_class: int, seed: int) -> np.ndarr
 
 def _check_config(cfg: PagConfig) -> None:
     check_positive("num_images", cfg.num_images)
+    check_seed(cfg.seed)
     check_positive("batch_size", cfg.batch_size)
     check_positive("pgd_steps", cfg.pgd_steps)
     if cfg.pgd_eps is not None:
@@ -411,8 +413,9 @@ def run_pag(cfg: PagConfig | None = None, progress: bool = True, **overrides: An
     # Any clean kind: without --ddpm the schedule is DESIGN.md §3's.
     scheduler, schedule_source = load_noise_schedule(cfg.ddpm, kind="nonrobust")
     abar = scheduler.alphas_cumprod
-    if max(cfg.timesteps) >= abar.shape[0] or min(cfg.timesteps) < 0:
-        raise GradcheckError(f"timesteps must lie in 0..{abar.shape[0] - 1}, got {cfg.timesteps}")
+    bad = [t for t in cfg.timesteps if not 0 <= t < abar.shape[0]]
+    if bad:
+        raise GradcheckError(f"timesteps must lie in 0..{abar.shape[0] - 1}, got {bad[0]}")
     use_oracle = oracle_available(cfg.data_root) if cfg.oracle is None else cfg.oracle
     if use_oracle and not oracle_available(cfg.data_root):
         raise GradcheckError(
@@ -422,6 +425,12 @@ def run_pag(cfg: PagConfig | None = None, progress: bool = True, **overrides: An
 
     # Validation images: a seeded choice per class, with the same noise draw at every t.
     images_u8, labels_all = load_split(cfg.data_root, "val")
+    counts = np.bincount(np.asarray(labels_all), minlength=len(CLASS_NAMES))
+    if counts.min() < cfg.num_images:
+        c = int(counts.argmin())
+        raise GradcheckError(f"num_images {cfg.num_images} is more than the {counts[c]} validation "
+                             f"images of class {CLASS_NAMES[c]} in {cfg.data_root}; pass "
+                             f"--num-images <= {counts[c]}")
     idx = select_images(np.asarray(labels_all), cfg.num_images, cfg.seed)
     x0 = torch.from_numpy(np.asarray(images_u8[idx])).permute(0, 3, 1, 2).float() / 127.5 - 1
     x0 = x0.to(device)

@@ -26,12 +26,15 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from gradcheck.guidance import ClassifierGuidance, NetEval, cosine, d2_gain
+from gradcheck.paths import DEFAULT_DATA_ROOT
 from gradcheck.utils import (
     GradcheckError,
     check_choice,
     check_positive,
+    check_seed,
     randn_per_sample,
     sample_generators,
 )
@@ -116,8 +119,21 @@ def emulate_tf32(*modules: nn.Module) -> Iterator[None]:
 
 
 def _check_modes(modes: Sequence[str]) -> None:
+    if not modes:
+        raise GradcheckError(f"name at least one precision mode ({', '.join(MODES)})")
     for mode in modes:
         check_choice("precision mode", mode, MODES)
+
+
+def _check_timesteps(timesteps: Sequence[int], num_train_timesteps: int | None = None) -> None:
+    if not timesteps:
+        raise GradcheckError("name at least one timestep")
+    if len(set(timesteps)) != len(timesteps):
+        raise GradcheckError(f"timesteps repeat: {', '.join(map(str, timesteps))}")
+    top = num_train_timesteps or 1000
+    bad = [t for t in timesteps if not 0 <= t < top]
+    if bad:
+        raise GradcheckError(f"timestep {bad[0]} is outside 0-{top - 1}")
 
 
 def _noised(images: torch.Tensor, abar: float, seed: int, t: int) -> torch.Tensor:
@@ -160,6 +176,7 @@ def gradient_agreement(
     modes: Sequence[str] = MODES,
     x0_estimate: bool = True,
     seed: int = 0,
+    progress: bool = False,
 ) -> pd.DataFrame:
     """Each mode's guidance gradient against float32's, on noised ``images`` (N, 3, H, W).
 
@@ -169,8 +186,7 @@ def gradient_agreement(
     the whole computation in float64 (the check that float32 itself is accurate).
     """
     _check_modes(modes)
-    if len(set(timesteps)) != len(timesteps):
-        raise GradcheckError(f"timesteps repeat: {', '.join(map(str, timesteps))}")
+    _check_timesteps(timesteps)
     y = torch.full((images.shape[0],), target, dtype=torch.long, device=images.device)
     models = {name: {"fp32": (unet, clf)} for name, clf in classifiers.items()}
     if "fp64" in modes:
@@ -178,10 +194,13 @@ def gradient_agreement(
         for name, clf in classifiers.items():
             models[name]["fp64"] = (unet64, copy.deepcopy(clf).double())
     rows = []
+    bar = tqdm(total=len(timesteps) * len(classifiers), desc="precision", unit="t",
+               disable=not progress)
     for t in timesteps:
         abar = float(alphas_cumprod[t])
         x_t = _noised(images, abar, seed, t)
         for name, clf in classifiers.items():
+            bar.set_postfix_str(f"{name}, t={t}")
             ref = _gradient("fp32", unet, clf, x_t, t, abar, y, x0_estimate)
             for mode in modes:
                 u, c = models[name].get(mode, models[name]["fp32"])
@@ -191,13 +210,15 @@ def gradient_agreement(
                 rows.append({"classifier": name, "t": t, "gain": d2_gain(abar), "mode": mode,
                              "cos_min": float(cos.min()), "cos_mean": float(cos.mean()),
                              "rel_err_max": float(rel.max()), "rel_err_mean": float(rel.mean())})
+            bar.update()
+    bar.close()
     return pd.DataFrame(rows)
 
 
 def measure_precision(
     ddpm: str | None = None,
     classifiers: Sequence[str] = ("nonrobust", "robust"),
-    data_root: str = "datasets/sportballs",
+    data_root: str = str(DEFAULT_DATA_ROOT),
     timesteps: Sequence[int] = (999, 900, 800, 700, 500, 100),
     num_samples: int = 4,
     target: str | int = "baseball",
@@ -205,6 +226,7 @@ def measure_precision(
     x0_estimate: bool = True,
     device: str = "auto",
     seed: int = 0,
+    progress: bool = False,
 ) -> pd.DataFrame:
     """:func:`gradient_agreement` on a DDPM and guiding classifiers given as in ``gradcheck run``
     (shipped names or folders), with the first ``num_samples`` test images of ``data_root``."""
@@ -215,15 +237,19 @@ def measure_precision(
     from gradcheck.utils import resolve_device
 
     _check_modes(modes)
+    _check_timesteps(timesteps)
     check_positive("num_samples", num_samples)
+    check_seed(seed)
     if not classifiers:
         raise GradcheckError("name at least one classifier")
+    if "oracle" in classifiers:
+        raise GradcheckError("classifier 'oracle' has no network to run in another precision "
+                             "(its gradient is exact on x_t, D8); choose nonrobust, robust, "
+                             "adversarial or a classifier folder")
     y = parse_target(target)
     dev = resolve_device(device)
     unet, scheduler = _load_ddpm(ddpm or str(default_ddpm()))
-    bad = [t for t in timesteps if not 0 <= t < len(scheduler.alphas_cumprod)]
-    if bad:
-        raise GradcheckError(f"timestep {bad[0]} is outside 0-{len(scheduler.alphas_cumprod) - 1}")
+    _check_timesteps(timesteps, len(scheduler.alphas_cumprod))
     models = {name: _frozen(_load_classifier(RunConfig(classifier=name), dev)[0])
               for name in classifiers}
     images, _ = load_split(data_root, "test")
@@ -236,7 +262,7 @@ def measure_precision(
                              f"{images.shape[2]} but the DDPM makes {size}x{size}")
     x0 = torch.from_numpy(np.array(images[:num_samples])).permute(0, 3, 1, 2).float() / 127.5 - 1
     return gradient_agreement(_frozen(unet.to(dev)), models, scheduler.alphas_cumprod,
-                              x0.to(dev), y, timesteps, modes, x0_estimate, seed)
+                              x0.to(dev), y, timesteps, modes, x0_estimate, seed, progress)
 
 
 def format_agreement(table: pd.DataFrame) -> str:

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import logging
 import math
+import os
 import re
 import time
 from collections.abc import Sequence
@@ -30,7 +31,7 @@ from gradcheck import CLASS_NAMES
 from gradcheck import columns as col
 from gradcheck.config import RunConfig, config_to_dict
 from gradcheck.guidance import ClassifierGuidance, NetEval
-from gradcheck.models import load_classifier, load_ddpm
+from gradcheck.models import check_image_size, load_classifier, load_ddpm
 from gradcheck.paths import default_classifier, default_ddpm
 from gradcheck.recorder import RECORD_VECTORS, StepRecorder, expected_vector_bytes
 from gradcheck.sampler import Lane, Observer, check_sampling_args, sample_lanes, to_uint8
@@ -39,6 +40,8 @@ from gradcheck.utils import (
     GradcheckError,
     atomic_output_dir,
     check_choice,
+    check_folder_name,
+    check_seed,
     resolve_device,
     run_metadata,
     sample_generators,
@@ -79,6 +82,7 @@ def validate_config(cfg: RunConfig) -> None:
     """Raise a GradcheckError for any field the run cannot honour (before loading anything)."""
     _check_not_the_judge(_classifier_folder(cfg.classifier), cfg.judge)
     check_stabilizer(cfg.stabilizer)
+    check_seed(cfg.seed)
     if isinstance(cfg.target, bool) or not isinstance(cfg.target, int):
         raise GradcheckError(f"target must be a class index, got {cfg.target!r}")
     if not 0 <= cfg.target < len(CLASS_NAMES):
@@ -156,11 +160,6 @@ def default_run_id(cfg: RunConfig) -> str:
               f"seed{cfg.seed}"]
     digest = hashlib.sha256(json.dumps(_hash_view(cfg), sort_keys=True).encode()).hexdigest()
     return "-".join([*parts, digest[:8]])
-
-
-def _check_run_name(name: str) -> None:
-    if not name or name.startswith(".") or "/" in name or "\\" in name:
-        raise GradcheckError(f"run name {name!r} must be a plain folder name (no '/', not '.x')")
 
 
 # ---- models ------------------------------------------------------------------------------------
@@ -319,20 +318,22 @@ def run_many(
         )
     run_ids = [n if n is not None else default_run_id(c) for c, n in zip(cfgs, names, strict=True)]
     for run_id in run_ids:
-        _check_run_name(run_id)
+        check_folder_name("run name", run_id)
     if len(set(run_ids)) != len(run_ids):
         raise GradcheckError("runs sampled together need distinct run folder names")
     finals = [Path(out) / run_id for run_id in run_ids]
     for final in finals:
         if final.exists() and not overwrite:
             raise GradcheckError(f"{final} already exists; pass --overwrite to replace it")
-    # Fail now, not after minutes of sampling, if the folders cannot be written.
-    if Path(out).exists() and not Path(out).is_dir():
-        raise GradcheckError(f"cannot write runs to {out}: it is a file, not a folder")
-    try:
-        Path(out).mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise GradcheckError(f"cannot write to {out}: {e.strerror}") from None
+    # Fail now, not after minutes of sampling, if the folders cannot be written; create nothing
+    # yet (the run folders appear, with their parents, when complete).
+    existing = Path(out)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise GradcheckError(f"cannot write runs to {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise GradcheckError(f"cannot write to {out}: {existing} is not writable")
 
     unet, scheduler = _load_ddpm(base.ddpm)
     for c in cfgs:
@@ -350,6 +351,8 @@ def run_many(
                 models[c.classifier] = (oracle, {"kind": "oracle"})
             else:
                 model, model_config = _load_classifier(c, device)
+                check_image_size(model_config, unet.config.sample_size,
+                                 f"classifier {c.classifier}", "the DDPM makes")
                 models[c.classifier] = (_frozen(model), model_config)
         key = (c.classifier, c.x0_estimate)
         if key not in sources:

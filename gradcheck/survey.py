@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 import gradcheck
 from gradcheck import CLASS_NAMES
-from gradcheck.utils import GradcheckError, atomic_output_dir, load_json, save_json
+from gradcheck.utils import GradcheckError, atomic_output_dir, check_seed, load_json, save_json
 
 QUESTION = "Which image is more realistic, and more aligned to the description?"
 """Kawar et al. (2023) §5.2, word for word."""
@@ -56,7 +56,8 @@ def load_run(path: str | Path) -> tuple[str, dict[str, Any], np.ndarray]:
     """A run folder's (run id, config, samples uint8 (N, H, W, 3)), memory-mapped."""
     path = Path(path)
     if not path.is_dir():
-        raise GradcheckError(f"run folder {path} does not exist")
+        raise GradcheckError(f"{path} is a file, not a run folder" if path.exists()
+                             else f"run folder {path} does not exist")
     config = load_json(path / "config.json")
     if not isinstance(config, dict):
         raise GradcheckError(f"{path / 'config.json'} is not a JSON object")
@@ -177,6 +178,7 @@ def build_survey(run_a: str | Path, run_b: str | Path, out: str | Path = "survey
     ids 0..pairs-1 follow increasing sample index. The survey id hashes the run ids, the pairing
     and the paired images, so votes can never be matched to a different survey.
     """
+    check_seed(seed)
     id_a, config_a, samples_a = load_run(run_a)
     id_b, config_b, samples_b = load_run(run_b)
     check_paired(run_a, config_a, samples_a, run_b, config_b, samples_b)

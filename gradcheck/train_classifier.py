@@ -38,6 +38,7 @@ from gradcheck.attacks import pgd
 from gradcheck.config import TrainClassifierConfig, config_to_dict
 from gradcheck.models import (
     CLASSIFIER_KINDS,
+    check_image_size,
     classifier_config,
     classifier_logits,
     load_classifier,
@@ -46,11 +47,14 @@ from gradcheck.models import (
     make_scheduler,
     save_classifier,
 )
+from gradcheck.paths import DEFAULT_DATA_ROOT
 from gradcheck.utils import (
     GradcheckError,
     atomic_output_dir,
     check_choice,
+    check_folder_name,
     check_positive,
+    check_seed,
     load_json,
     resolve_device,
     run_metadata,
@@ -71,8 +75,17 @@ def arch_for(kind: str) -> str:
     return "shufflenet_v2_x1_0" if kind == "judge" else "mobilenet_v3_small"
 
 
+def _check_ddpm_size(unet: UNet2DModel | None, size: int, data_root: str | Path) -> None:
+    """The x0-estimate (D2) rows run the DDPM on the data set's images: same size needed."""
+    if unet is not None and unet.config.sample_size != size:
+        s = unet.config.sample_size
+        raise GradcheckError(f"the DDPM makes {s}x{s} images but {data_root} has {size}x{size}")
+
+
 def _check_config(cfg: TrainClassifierConfig) -> None:
     check_choice("classifier kind", cfg.kind, CLASSIFIER_KINDS)
+    check_seed(cfg.seed)
+    check_folder_name("checkpoint set name", cfg.name)
     if cfg.time_conditioned and cfg.kind not in NOISY_KINDS:
         raise GradcheckError(
             f"--time-conditioned needs noisy training (kind robust or adversarial), "
@@ -87,6 +100,9 @@ def _check_config(cfg: TrainClassifierConfig) -> None:
         check_positive("max_minutes", cfg.max_minutes)
     for e in cfg.eval_pgd_eps:
         check_positive("eval_pgd_eps", e, allow_zero=True)
+    if cfg.kind == "adversarial":  # an attack of 0 steps or radius 0 trains a plain classifier
+        for name in ("attack_eps", "attack_step_size", "attack_steps"):
+            check_positive(name, getattr(cfg, name))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,6 +398,7 @@ def train_classifier(cfg: TrainClassifierConfig | None = None, **overrides: Any)
         start = time.monotonic()
         x_train, y_train = load_tensors(cfg.data_root, "train", device)
         x_val, y_val = load_tensors(cfg.data_root, "val", device)
+        _check_ddpm_size(unet, x_train.shape[-1], cfg.data_root)
         torch.manual_seed(cfg.seed)
         model = make_classifier(arch, cfg.time_conditioned).to(device)
         for m in model.modules():
@@ -509,7 +526,7 @@ def train_classifier(cfg: TrainClassifierConfig | None = None, **overrides: Any)
 
 def evaluate_classifier(
     folder: str | Path,
-    data_root: str | Path = "datasets/sportballs",
+    data_root: str | Path = DEFAULT_DATA_ROOT,
     ddpm: str | Path | None = None,
     eval_samples: int = 1000,
     eval_pgd_eps: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0),
@@ -540,6 +557,8 @@ def evaluate_classifier(
         scheduler, source = load_noise_schedule(None, "nonrobust")
     unet = load_ddpm(ddpm)[0].to(dev) if ddpm_unet_available(ddpm) else None
     x_val, y_val = load_tensors(data_root, "val", dev)
+    _check_ddpm_size(unet, x_val.shape[-1], data_root)
+    check_image_size(config, x_val.shape[-1], f"classifier {folder}", f"{data_root} has")
     table, summary = evaluate(
         model, x_val, y_val, scheduler, unet, kind=config["kind"], eval_samples=eval_samples,
         eval_pgd_eps=tuple(eval_pgd_eps), eval_pgd_steps=eval_pgd_steps, batch_size=batch_size,

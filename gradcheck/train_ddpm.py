@@ -51,7 +51,9 @@ from gradcheck.utils import (
     GradcheckError,
     atomic_output_dir,
     check_choice,
+    check_folder_name,
     check_positive,
+    check_seed,
     load_json,
     refuse_pickle,
     resolve_device,
@@ -448,6 +450,8 @@ def _load_init(folder: str | Path, preset: str) -> dict[str, Any]:
 def _check_config(cfg: TrainDDPMConfig) -> None:
     check_choice("UNet preset", cfg.preset, list(UNET_PRESETS))
     check_choice("mixed_precision", cfg.mixed_precision, ("bf16", "no"))
+    check_seed(cfg.seed)
+    check_folder_name("checkpoint set name", cfg.name)
     for name in ("batch_size", "lr", "log_every", "sample_steps", "ema_decay"):
         check_positive(name, getattr(cfg, name))
     for name in ("warmup_steps", "weight_decay", "grad_clip", "min_snr_gamma",
@@ -504,6 +508,10 @@ def train_ddpm(config: TrainDDPMConfig | None = None, **overrides: Any) -> dict[
                                      "--overwrite to start again")
 
     ckpt = _load_checkpoint(ckpt_dir) if cfg.resume else None
+    if ckpt is not None and cfg.max_steps is not None and ckpt["state"]["step"] >= cfg.max_steps:
+        raise GradcheckError(f"the train state in {ckpt_dir} is at step {ckpt['state']['step']}, "
+                             f"already at --max-steps {cfg.max_steps}; raise --max-steps to "
+                             "continue")
     init = _load_init(cfg.init_from, cfg.preset) if cfg.init_from is not None else None
     images = load_train_images(cfg.data_root, cfg.preset, cfg.max_images)
 

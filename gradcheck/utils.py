@@ -40,6 +40,20 @@ def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
         raise GradcheckError(f"{name} must be {bound}, got {value}")
 
 
+def check_folder_name(what: str, name: str) -> None:
+    """Raise unless ``name`` is one plain folder name: not empty, no path separator, no leading
+    dot (so it cannot escape its parent or hide as a temporary folder)."""
+    if not name or name.startswith(".") or "/" in name or "\\" in name:
+        raise GradcheckError(f"{what} {name!r} must be a plain folder name (no '/', not '.x')")
+
+
+def check_seed(seed: int, name: str = "seed") -> None:
+    """Raise a GradcheckError unless ``seed`` is an integer >= 0 (what numpy's and torch's
+    generators both accept)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise GradcheckError(f"{name} must be an integer >= 0, got {seed!r}")
+
+
 def refuse_pickle(path: str | Path) -> None:
     """Refuse pickle-based checkpoint files: loading them can run arbitrary code."""
     path = Path(path)
@@ -58,7 +72,8 @@ def atomic_output_dir(final: str | Path, overwrite: bool = False) -> Iterator[Pa
     """
     final = Path(final)
     if final.exists() and not overwrite:
-        raise GradcheckError(f"{final} already exists; pass --overwrite to replace it")
+        what = "" if final.is_dir() else " as a file"
+        raise GradcheckError(f"{final} already exists{what}; pass --overwrite to replace it")
     if final.parent.exists() and not final.parent.is_dir():
         raise GradcheckError(f"cannot write {final}: {final.parent} is a file, not a folder")
     try:
@@ -76,7 +91,10 @@ def atomic_output_dir(final: str | Path, overwrite: bool = False) -> Iterator[Pa
         old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
         final.rename(old)
         tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
     else:
         tmp.rename(final)
 

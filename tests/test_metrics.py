@@ -6,6 +6,7 @@ import dataclasses
 import inspect
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -312,6 +313,25 @@ def test_kid_subset_size_above_n_is_refused(judge_folder: Path, tiny_data: Path)
     with pytest.raises(GradcheckError, match="kid_subset_size 9 must lie in 2..6"):
         evaluate_samples(_samples(tiny_data, 6), 0, guiding=None, judge=judge_folder,
                          data_root=tiny_data, n_reference=8, kid_subset_size=9, device="cpu")
+
+
+def test_bad_seeds_and_a_judge_of_another_image_size_are_refused(
+    judge_folder: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    samples = _samples(tiny_data, 6)
+    for kw, message in ((dict(reference_seed=-1), "reference_seed must be an integer >= 0"),
+                        (dict(bootstrap_seed=-2), "bootstrap_seed must be an integer >= 0")):
+        with pytest.raises(GradcheckError, match=message):
+            evaluate_samples(samples, 0, guiding=None, judge=judge_folder, data_root=tiny_data,
+                             n_reference=8, device="cpu", **kw)
+    other = tmp_path / "judge64"
+    shutil.copytree(judge_folder, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "image_size": 64}))
+    with pytest.raises(GradcheckError, match="was trained on 64x64 images but the samples are "
+                                             "32x32"):
+        evaluate_samples(samples, 0, guiding=None, judge=other, data_root=tiny_data,
+                         n_reference=8, device="cpu")
 
 
 def test_config_defaults_match_evaluate_samples_defaults() -> None:

@@ -197,6 +197,8 @@ def test_bad_options_give_clear_errors(tiny_data, classifier_dirs, tmp_path, cap
     for extra, message in ((["--timesteps", "0,x"], "comma-separated integers"),
                            (["--timesteps", "1000"], "0..999"),
                            (["--num-images", "0"], "num_images must be > 0"),
+                           (["--num-images", "1000"], "num_images 1000 is more than the "),
+                           (["--seed", "-1"], "seed must be an integer >= 0, got -1"),
                            (["--classifiers", "oracle"], "use --oracle")):
         with pytest.raises(SystemExit) as exit_:
             main(base + extra)

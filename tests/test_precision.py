@@ -264,6 +264,11 @@ def test_precision_command_writes_the_table(tiny_checkpoints, tiny_data, tmp_pat
     (["--num-samples", "0"], "num_samples must be > 0, got 0"),
     (["--num-samples", "33"], "num_samples 33 is more than the 32 test images"),
     (["--target", "golf"], "unknown target 'golf'"),
+    (["--timesteps", ""], "name at least one timestep"),
+    (["--modes", ""], "name at least one precision mode"),
+    (["--seed", "-1"], "seed must be an integer >= 0, got -1"),
+    (["--classifiers", "oracle"], "classifier 'oracle' has no network to run in another "
+                                  "precision"),
 ])
 def test_precision_command_rejects_bad_input(tiny_checkpoints, tiny_data, extra, message,
                                              capsys):

@@ -321,6 +321,21 @@ def test_the_judge_never_guides(ckpt, tmp_path):
     assert _no_run_folder(out)
 
 
+def test_a_classifier_of_another_image_size_is_refused(ckpt, tmp_path):
+    clf = tmp_path / "clf64"
+    save_classifier(make_classifier(), clf,
+                    classifier_config("nonrobust", "mobilenet_v3_small", image_size=64))
+    assert "3x64x64" in json.loads((clf / "config.json").read_text())["input"]
+    with pytest.raises(GradcheckError, match=f"classifier {clf} was trained on 64x64 images but "
+                                             "the DDPM makes 32x32"):
+        run(tiny_cfg(ckpt, classifier=str(clf)), out=tmp_path / "runs", progress=False)
+    assert _no_run_folder(tmp_path / "runs")
+    clf16 = tmp_path / "clf16"
+    save_classifier(make_classifier(), clf16,
+                    classifier_config("nonrobust", "mobilenet_v3_small", image_size=16))
+    assert "3x16x16" in json.loads((clf16 / "config.json").read_text())["input"]
+
+
 def test_missing_shipped_checkpoints_name_the_folder(ckpt, tmp_path, monkeypatch):
     monkeypatch.setattr(gradcheck.paths, "DEFAULT_CHECKPOINTS", tmp_path / "sportballs-v1")
     out = tmp_path / "runs"
@@ -355,7 +370,7 @@ def test_ctrl_c_mid_run_leaves_no_partial_folder(ckpt, tmp_path):
     out = tmp_path / "runs"
     with pytest.raises(KeyboardInterrupt):
         run(tiny_cfg(ckpt), out=out, progress=False, observers=[interrupt])
-    assert list(out.iterdir()) == []  # neither the run folder nor its temporary sibling
+    assert _no_run_folder(out)  # neither the run folder nor its temporary sibling
 
 
 def test_cli_run(ckpt, tmp_path, capsys):

@@ -316,10 +316,11 @@ def test_cli_writes_data_and_png_tree(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--n-train", "0"], "n_train must be >= 1, got 0"),
-        (["--n-val=-5"], "n_val must be >= 1, got -5"),
-        (["--n-test", "0"], "n_test must be >= 1"),
-        (["--image-size", "8"], "image_size must be >= 16"),
+        (["--n-train", "0"], "n_train must be >= 4 (one image per class), got 0"),
+        (["--n-val=-5"], "n_val must be >= 4 (one image per class), got -5"),
+        (["--n-test", "3"], "n_test must be >= 4"),
+        (["--image-size", "8"], "image_size must lie in 16..512 pixels, got 8"),
+        (["--image-size", "100000"], "image_size must lie in 16..512 pixels, got 100000"),
     ],
 )
 def test_cli_rejects_bad_sizes(tmp_path: Path, extra: list[str], message: str) -> None:
@@ -358,7 +359,7 @@ def test_main_prints_one_line_and_exits_2(tmp_path: Path, capsys: pytest.Capture
         main(["make-dataset", "--root", str(tmp_path / "sb"), "--n-train", "-3"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: n_train must be >= 1, got -3"]
+    assert err == ["error: n_train must be >= 4 (one image per class), got -3"]
     assert _siblings(tmp_path) == []
 
 

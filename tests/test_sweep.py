@@ -244,11 +244,21 @@ def test_sweep_cli_errors(capsys: pytest.CaptureFixture[str]) -> None:
         (["sweep", "--grid", "scales", "--scale", "2"], "scales grid sets the scale"),
         (["sweep", "--grid", "nope"], "unknown grid 'nope'"),
         (["sweep", "--shard", "2/2", "--device", "cpu"], "shard '2/2' needs 0 <= i < n"),
+        (["sweep", "--target", "golf"], "unknown target 'golf'"),
     ):
         with pytest.raises(SystemExit) as e:
             main(args)
         assert e.value.code == 2
         assert msg in capsys.readouterr().err
+
+
+def test_sweep_target_by_name(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    seen: list[RunConfig] = []
+    monkeypatch.setattr(runner, "run_many", lambda cfgs, **kw: seen.extend(cfgs))
+    with pytest.raises(SystemExit) as e:
+        main(["sweep", "--grid", "classifiers", "--seeds", "1", "--target", "soccer",
+              "--device", "cpu", "--out", str(tmp_path), "--no-progress"])
+    assert e.value.code == 0 and {c.target for c in seen} == {2}
 
 
 def test_base_config_fields_reach_every_run() -> None:

@@ -223,6 +223,9 @@ def test_bad_inputs_give_one_line_errors(tiny_data: Path, trained: Path, tmp_pat
         (dict(max_steps=1, init_from=str(tmp_path)), "not a DDPM pipeline folder"),
         (dict(max_steps=1, batch_size=0), "batch_size must be > 0"),
         (dict(max_steps=1, mixed_precision="fp8"), "unknown mixed_precision"),
+        (dict(max_steps=1, seed=-1), "seed must be an integer >= 0, got -1"),
+        (dict(max_steps=1, name="../escape"), "name '../escape' must be a plain folder name"),
+        (dict(max_steps=1, name=""), "must be a plain folder name"),
     ]
     for kw, msg in cases:
         with pytest.raises(GradcheckError, match=msg) as e:
@@ -231,6 +234,8 @@ def test_bad_inputs_give_one_line_errors(tiny_data: Path, trained: Path, tmp_pat
     assert not (tmp_path / "out").exists()
     with pytest.raises(GradcheckError, match="already exists; pass --resume"):
         tiny_run(tiny_data, trained, max_steps=1)
+    with pytest.raises(GradcheckError, match="is at step 100, already at --max-steps 50"):
+        tiny_run(tiny_data, trained, max_steps=50, resume=True)
 
 
 def test_pickled_or_corrupted_checkpoints_are_refused(tiny_data: Path, tmp_path: Path):
@@ -263,6 +268,15 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture):
     assert err.startswith("error: data set") and "\n" not in err
 
 
+def test_data_root_follows_gradcheck_data(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                          monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("GRADCHECK_DATA", str(tmp_path / "elsewhere"))
+    with pytest.raises(SystemExit) as e:
+        main(["train-ddpm", "--out", str(tmp_path), "--max-steps", "1"])
+    assert e.value.code == 2
+    assert str(tmp_path / "elsewhere") in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("command", "cls"), [("train-ddpm", TrainDDPMConfig),
                                               ("eval-ddpm", EvalDDPMConfig)])
 def test_cli_options_match_config_fields(command: str, cls: type):
@@ -270,10 +284,13 @@ def test_cli_options_match_config_fields(command: str, cls: type):
 
     cmd = typer.main.get_command(app).commands[command]
     defaults = {p.name: p.default for p in cmd.params}
-    fields = {f.name: f.default for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     assert defaults.keys() == fields.keys()
-    for name, value in fields.items():
-        assert defaults[name] == value, name
+    for name, f in fields.items():
+        if f.default is dataclasses.MISSING:  # a computed default; the CLI's None means it
+            assert defaults[name] in (None, f.default_factory()), name
+        else:
+            assert defaults[name] == f.default, name
 
 
 # ---- evaluation -----------------------------------------------------------------------------

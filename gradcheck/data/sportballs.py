@@ -60,6 +60,7 @@ CENTER_MARGIN = 1.0
 """Pixels between the largest ball's nominal edge and the canvas edge (>= RIM + 1/2, so even
 the edge pixels' centres stay outside every ball's rim)."""
 MIN_IMAGE_SIZE = 16
+MAX_IMAGE_SIZE = 512  # 50,000 images of 512x512 already take 39 GB
 CARD = "README.md"
 """The dataset card, committed inside the default root; generation keeps it."""
 
@@ -497,13 +498,13 @@ def _check_sizes(sizes: dict[str, Any]) -> None:
     for name, value in sizes.items():
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
             raise GradcheckError(f"{name} must be an integer, got {value!r}")
+    n = len(CLASS_NAMES)
     for name in ("n_train", "n_val", "n_test"):
-        if sizes[name] < 1:
-            raise GradcheckError(f"{name} must be >= 1, got {sizes[name]}")
-    if sizes["image_size"] < MIN_IMAGE_SIZE:
-        raise GradcheckError(
-            f"image_size must be >= {MIN_IMAGE_SIZE} pixels, got {sizes['image_size']}"
-        )
+        if sizes[name] < n:
+            raise GradcheckError(f"{name} must be >= {n} (one image per class), got {sizes[name]}")
+    if not MIN_IMAGE_SIZE <= sizes["image_size"] <= MAX_IMAGE_SIZE:
+        raise GradcheckError(f"image_size must lie in {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE} pixels, "
+                             f"got {sizes['image_size']}")
     if sizes["seed"] < 0:
         raise GradcheckError(f"seed must be >= 0, got {sizes['seed']}")
 
