@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import signal
 import sys
 
@@ -180,7 +181,8 @@ def eval_ddpm_cmd(
         shares = ", ".join(f"{k} {v:.1%}" for k, v in s["class_share"].items())
         typer.echo(f"judge: {shares}; confident {s['confident_share']:.1%}")
     if "fid" in s:
-        typer.echo(f"FID {s['fid']:.2f}, KID {s['kid_mean']:.4f} ± {s['kid_std']:.4f} "
+        std = f" ± {s['kid_std']:.4f}" if math.isfinite(s["kid_std"]) else ""
+        typer.echo(f"FID {s['fid']:.2f}, KID {s['kid_mean']:.4f}{std} "
                    f"({s['extractor']}, N={s['num_samples']} vs {s['n_reference']})")
     else:
         typer.echo(f"FID/KID skipped: {s['fid_skipped']}")
@@ -473,8 +475,9 @@ def sweep_cmd(
     grid: str = typer.Option("table1", help="table1 | scales | stabilizers | classifiers."),
     seeds: int = typer.Option(3, help="Seeds 0..SEEDS-1 of every configuration."),
     shard: str | None = typer.Option(
-        None, help="Run only shard i/n (0-based, round-robin over seeds with --batch-configs, "
-        "else over runs; --seeds 5 --shard k/5 runs seed k). Default: the launcher's "
+        None, help="Run only shard i/n (0-based, round-robin over seeds with --batch-configs when "
+        "there are at least n, else over runs; --seeds 5 --shard k/5 runs seed k). Default: "
+        "the launcher's "
         "(accelerate/torchrun RANK/WORLD_SIZE, SLURM array task), else all runs."),
     out: str = typer.Option("runs", help="Folder of the run folders."),
     scale: float | None = typer.Option(

@@ -45,9 +45,9 @@ def _default_ddpm() -> str:
 
 
 def _default_data_root() -> str:
-    from gradcheck.paths import DEFAULT_DATA_ROOT
+    from gradcheck.paths import default_data_root
 
-    return str(DEFAULT_DATA_ROOT)
+    return str(default_data_root())
 
 
 def _default_judge() -> str:

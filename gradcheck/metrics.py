@@ -56,7 +56,7 @@ from gradcheck.models import (
     classifier_logits,
     load_classifier,
 )
-from gradcheck.paths import DEFAULT_DATA_ROOT, default_classifier
+from gradcheck.paths import default_classifier, default_data_root
 from gradcheck.utils import (
     GradcheckError,
     check_choice,
@@ -577,7 +577,7 @@ def recompute_run_metrics(run_folder: str | Path, **overrides: Any) -> dict[str,
 
     options: dict[str, Any] = {
         "judge": config.get("judge"),
-        "data_root": config.get("data_root") or DEFAULT_DATA_ROOT,
+        "data_root": config.get("data_root") or default_data_root(),
         **{k: old[k] for k in ("n_reference", "reference_seed") if k in old},
         **{k: v for k, v in overrides.items() if v is not None},
     }

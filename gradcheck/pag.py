@@ -36,7 +36,7 @@ from gradcheck import CLASS_NAMES
 from gradcheck.attacks import pgd
 from gradcheck.config import PagConfig, config_to_dict
 from gradcheck.data.sportballs import ball_masks, load_factors, load_split
-from gradcheck.models import classifier_logits, load_classifier
+from gradcheck.models import check_image_size, classifier_logits, load_classifier
 from gradcheck.oracle import EmpiricalOracle, oracle_available
 from gradcheck.paths import default_classifier
 from gradcheck.train_classifier import load_noise_schedule
@@ -45,6 +45,7 @@ from gradcheck.utils import (
     atomic_output_dir,
     check_positive,
     check_seed,
+    load_json,
     randn_per_sample,
     resolve_device,
     run_metadata,
@@ -447,6 +448,9 @@ def run_pag(cfg: PagConfig | None = None, progress: bool = True, **overrides: An
 
     # (name, classifier folder); the oracle has none. Loaded one at a time to bound memory.
     sources: list[tuple[str, Path | None]] = folders + ([(ORACLE, None)] if use_oracle else [])
+    for name, folder in folders:  # before minutes of work on the others
+        check_image_size(load_json(folder / "config.json"), x0.shape[-1], f"classifier {name}",
+                         f"{cfg.data_root} has")
     tables, maps, adversarial, probs, pgd_rows = [], {}, {}, {}, []
     bar = tqdm(sources, desc="pag", disable=not progress)
     for name, folder in bar:

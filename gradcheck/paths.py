@@ -13,8 +13,14 @@ DEFAULT_CHECKPOINTS = Path(
 )
 """Reference checkpoints (DESIGN.md §1); override with GRADCHECK_CHECKPOINTS."""
 
-DEFAULT_DATA_ROOT = Path(os.environ.get("GRADCHECK_DATA", "datasets/sportballs"))
-"""Data set root, relative to the working directory; override with GRADCHECK_DATA."""
+DATA_ROOT = "datasets/sportballs"
+"""The data set root's default, relative to the working directory."""
+
+
+def default_data_root() -> Path:
+    """The data set root: GRADCHECK_DATA when set (read at each call, as the CLI reads it),
+    else :data:`DATA_ROOT`."""
+    return Path(os.environ.get("GRADCHECK_DATA") or DATA_ROOT)
 
 
 def default_ddpm() -> Path:

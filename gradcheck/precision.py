@@ -29,7 +29,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gradcheck.guidance import ClassifierGuidance, NetEval, cosine, d2_gain
-from gradcheck.paths import DEFAULT_DATA_ROOT
+from gradcheck.models import check_image_size
+from gradcheck.paths import default_data_root
 from gradcheck.utils import (
     GradcheckError,
     check_choice,
@@ -126,14 +127,17 @@ def _check_modes(modes: Sequence[str]) -> None:
 
 
 def _check_timesteps(timesteps: Sequence[int], num_train_timesteps: int | None = None) -> None:
+    """Raise unless ``timesteps`` are given, distinct, and inside 0..num_train_timesteps - 1
+    (only >= 0 while the schedule is not loaded yet)."""
     if not timesteps:
         raise GradcheckError("name at least one timestep")
     if len(set(timesteps)) != len(timesteps):
         raise GradcheckError(f"timesteps repeat: {', '.join(map(str, timesteps))}")
-    top = num_train_timesteps or 1000
-    bad = [t for t in timesteps if not 0 <= t < top]
+    top = num_train_timesteps
+    bad = [t for t in timesteps if t < 0 or (top is not None and t >= top)]
     if bad:
-        raise GradcheckError(f"timestep {bad[0]} is outside 0-{top - 1}")
+        raise GradcheckError(f"timestep {bad[0]} is outside 0-{top - 1}" if top is not None
+                             else f"timestep {bad[0]} is negative")
 
 
 def _noised(images: torch.Tensor, abar: float, seed: int, t: int) -> torch.Tensor:
@@ -186,7 +190,7 @@ def gradient_agreement(
     the whole computation in float64 (the check that float32 itself is accurate).
     """
     _check_modes(modes)
-    _check_timesteps(timesteps)
+    _check_timesteps(timesteps, len(alphas_cumprod))
     y = torch.full((images.shape[0],), target, dtype=torch.long, device=images.device)
     models = {name: {"fp32": (unet, clf)} for name, clf in classifiers.items()}
     if "fp64" in modes:
@@ -194,7 +198,7 @@ def gradient_agreement(
         for name, clf in classifiers.items():
             models[name]["fp64"] = (unet64, copy.deepcopy(clf).double())
     rows = []
-    bar = tqdm(total=len(timesteps) * len(classifiers), desc="precision", unit="t",
+    bar = tqdm(total=len(timesteps) * len(classifiers), desc="precision (t, classifier)",
                disable=not progress)
     for t in timesteps:
         abar = float(alphas_cumprod[t])
@@ -218,7 +222,7 @@ def gradient_agreement(
 def measure_precision(
     ddpm: str | None = None,
     classifiers: Sequence[str] = ("nonrobust", "robust"),
-    data_root: str = str(DEFAULT_DATA_ROOT),
+    data_root: str | None = None,
     timesteps: Sequence[int] = (999, 900, 800, 700, 500, 100),
     num_samples: int = 4,
     target: str | int = "baseball",
@@ -229,7 +233,8 @@ def measure_precision(
     progress: bool = False,
 ) -> pd.DataFrame:
     """:func:`gradient_agreement` on a DDPM and guiding classifiers given as in ``gradcheck run``
-    (shipped names or folders), with the first ``num_samples`` test images of ``data_root``."""
+    (shipped names or folders), with the first ``num_samples`` test images of ``data_root``
+    (default: :func:`paths.default_data_root`)."""
     from gradcheck.config import RunConfig
     from gradcheck.data.sportballs import load_split
     from gradcheck.paths import default_ddpm
@@ -250,8 +255,12 @@ def measure_precision(
     dev = resolve_device(device)
     unet, scheduler = _load_ddpm(ddpm or str(default_ddpm()))
     _check_timesteps(timesteps, len(scheduler.alphas_cumprod))
-    models = {name: _frozen(_load_classifier(RunConfig(classifier=name), dev)[0])
-              for name in classifiers}
+    models = {}
+    for name in classifiers:
+        model, config = _load_classifier(RunConfig(classifier=name), dev)
+        check_image_size(config, unet.config.sample_size, f"classifier {name}", "the DDPM makes")
+        models[name] = _frozen(model)
+    data_root = data_root or str(default_data_root())
     images, _ = load_split(data_root, "test")
     if num_samples > len(images):
         raise GradcheckError(f"num_samples {num_samples} is more than the {len(images)} test "

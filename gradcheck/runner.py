@@ -32,7 +32,7 @@ from gradcheck import columns as col
 from gradcheck.config import RunConfig, config_to_dict
 from gradcheck.guidance import ClassifierGuidance, NetEval
 from gradcheck.models import check_image_size, load_classifier, load_ddpm
-from gradcheck.paths import default_classifier, default_ddpm
+from gradcheck.paths import DATA_ROOT, default_classifier, default_data_root, default_ddpm
 from gradcheck.recorder import RECORD_VECTORS, StepRecorder, expected_vector_bytes
 from gradcheck.sampler import Lane, Observer, check_sampling_args, sample_lanes, to_uint8
 from gradcheck.stabilizers import check_stabilizer
@@ -142,6 +142,8 @@ def _hash_view(cfg: RunConfig) -> dict[str, Any]:
         d["ddpm"] = "<shipped ddpm>"
     if d["judge"] == str(default_classifier("judge")):
         d["judge"] = "<shipped judge>"
+    if d["data_root"] == str(default_data_root()):  # GRADCHECK_DATA moves it, same data set
+        d["data_root"] = DATA_ROOT
     return d
 
 
@@ -240,9 +242,9 @@ def _frozen(model: nn.Module) -> nn.Module:
     return model
 
 
-def _check_metrics(cfg: RunConfig) -> bool:
+def _check_metrics(cfg: RunConfig, image_size: int) -> bool:
     """Whether metrics will be computed; fails now, not after sampling, if their inputs are
-    missing (the judge, the data set)."""
+    missing or do not fit (the judge, the data set)."""
     if not cfg.metrics:
         return False
     if importlib.util.find_spec("gradcheck.metrics") is None:
@@ -252,7 +254,7 @@ def _check_metrics(cfg: RunConfig) -> bool:
     from gradcheck.metrics import load_judge, reference_images
 
     try:
-        load_judge(cfg.judge, torch.device("cpu"))
+        load_judge(cfg.judge, torch.device("cpu"), image_size)
         reference_images(cfg.data_root, cfg.target)
     except GradcheckError as e:
         raise GradcheckError(f"{e} (or pass --no-metrics to skip metrics)") from None
@@ -374,7 +376,7 @@ def run_many(
     for c in cfgs:
         key = (c.metrics, c.judge, c.data_root, c.target)
         if key not in checked:
-            checked[key] = _check_metrics(c)
+            checked[key] = _check_metrics(c, unet.config.sample_size)
     with_metrics = [checked[(c.metrics, c.judge, c.data_root, c.target)] for c in cfgs]
 
     image_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)

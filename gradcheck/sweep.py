@@ -9,9 +9,10 @@ resumes by running the same command again, and never sees half a run.
 
 Shards split the ordered list round-robin: shard i of n (0-based, ``--shard i/n``) takes units
 i, i + n, i + 2n, ... A unit is a group of runs sampled together (with ``batch_configs``, the
-default: one seed's configurations, e.g. Table 1's eight), else a single run, so a shard never
-splits a group and loses its shared UNet calls; ``--seeds 5 --shard k/5`` runs seed k. Without
-``--shard``, a process started by ``accelerate launch`` / torchrun
+default: one seed's configurations, e.g. Table 1's eight), so a shard never splits a group and
+loses its shared UNet calls; ``--seeds 5 --shard k/5`` runs seed k. With fewer groups than
+shards (8 GPUs, 3 seeds), or ``--no-batch-configs``, a unit is a single run, so that no shard
+sits idle. Without ``--shard``, a process started by ``accelerate launch`` / torchrun
 (``RANK``, ``WORLD_SIZE``) or as a SLURM array task (``SLURM_ARRAY_TASK_ID``,
 ``SLURM_ARRAY_TASK_COUNT``) takes its own shard; both together give array task x process.
 """
@@ -134,8 +135,9 @@ def shard(configs: Sequence[T], i: int, n: int) -> list[T]:
 
 
 def group_configs(configs: Sequence[RunConfig]) -> list[list[RunConfig]]:
-    """Consecutive-order groups of the configs :func:`runner.run_many` can sample together (equal
-    :func:`runner.shared_key`), in order of first appearance."""
+    """The configs grouped as :func:`runner.run_many` can sample them together (equal
+    :func:`runner.shared_key`: for a grid, one seed's configurations); groups in order of their
+    first config, members in the order of ``configs``."""
     from gradcheck import runner
 
     groups: dict[tuple, list[RunConfig]] = {}
@@ -175,16 +177,18 @@ def run_sweep(
     """Run this process's shard of a sweep into ``out``, skipping finished runs.
 
     The shard is ``cfg.shard`` ('i/n'), else the launcher's (:func:`shard_from_env`); with
-    ``cfg.batch_configs`` it takes whole groups (:func:`group_configs`), else single runs. A
-    failing run stops the sweep; finished runs stay, and the same command resumes after the fix.
+    ``cfg.batch_configs`` and at least n groups (:func:`group_configs`) it takes whole groups,
+    else single runs. A failing run stops the sweep; finished runs stay, and the same command
+    resumes after the fix.
     """
     from gradcheck import runner
 
     i, n = parse_shard(cfg.shard) if cfg.shard else shard_from_env()
     configs = grid_configs(cfg.grid, cfg.seeds, base)
-    if cfg.batch_configs:
-        configs = [c for group in shard(group_configs(configs), i, n) for c in group]
-    else:
+    groups = group_configs(configs) if cfg.batch_configs else []
+    if cfg.batch_configs and n <= len(groups):
+        configs = [c for group in shard(groups, i, n) for c in group]
+    else:  # one run at a time, or more shards than seeds: no shard may sit idle
         configs = shard(configs, i, n)
     out = Path(out)
     ids = [runner.default_run_id(c) for c in configs]

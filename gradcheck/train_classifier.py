@@ -47,7 +47,7 @@ from gradcheck.models import (
     make_scheduler,
     save_classifier,
 )
-from gradcheck.paths import DEFAULT_DATA_ROOT
+from gradcheck.paths import default_data_root
 from gradcheck.utils import (
     GradcheckError,
     atomic_output_dir,
@@ -526,7 +526,7 @@ def train_classifier(cfg: TrainClassifierConfig | None = None, **overrides: Any)
 
 def evaluate_classifier(
     folder: str | Path,
-    data_root: str | Path = DEFAULT_DATA_ROOT,
+    data_root: str | Path | None = None,
     ddpm: str | Path | None = None,
     eval_samples: int = 1000,
     eval_pgd_eps: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0),
@@ -537,7 +537,8 @@ def evaluate_classifier(
     amp: bool = True,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Re-evaluate a classifier folder (e.g. once its DDPM exists, for the x0_hat rows).
+    """Re-evaluate a classifier folder (e.g. once its DDPM exists, for the x0_hat rows) on the
+    validation split of ``data_root`` (default: :func:`paths.default_data_root`).
 
     Rewrites ``accuracy_by_t.parquet`` and the summary numbers in ``config.json``; the noise
     schedule comes from ``ddpm`` when given, else from the one recorded in config.json.
@@ -556,6 +557,7 @@ def evaluate_classifier(
     else:
         scheduler, source = load_noise_schedule(None, "nonrobust")
     unet = load_ddpm(ddpm)[0].to(dev) if ddpm_unet_available(ddpm) else None
+    data_root = data_root or default_data_root()
     x_val, y_val = load_tensors(data_root, "val", dev)
     _check_ddpm_size(unet, x_val.shape[-1], data_root)
     check_image_size(config, x_val.shape[-1], f"classifier {folder}", f"{data_root} has")

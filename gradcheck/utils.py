@@ -47,11 +47,15 @@ def check_folder_name(what: str, name: str) -> None:
         raise GradcheckError(f"{what} {name!r} must be a plain folder name (no '/', not '.x')")
 
 
+MAX_SEED = 2**32 - 1
+"""Seeds are 32-bit: numpy and torch take them, and mixed with sample indices or process ranks
+(seed * 1,000,003 + i) they stay inside torch's 64-bit seeds."""
+
+
 def check_seed(seed: int, name: str = "seed") -> None:
-    """Raise a GradcheckError unless ``seed`` is an integer >= 0 (what numpy's and torch's
-    generators both accept)."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise GradcheckError(f"{name} must be an integer >= 0, got {seed!r}")
+    """Raise a GradcheckError unless ``seed`` is an integer in 0..MAX_SEED."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise GradcheckError(f"{name} must be an integer in 0..{MAX_SEED}, got {seed!r}")
 
 
 def refuse_pickle(path: str | Path) -> None:

@@ -20,7 +20,7 @@ stage=${1:?usage: scripts/reference.sh stage1|stage2|stage3|stage4|precision|ben
 LOG=${LOG_DIR:-/tmp/reference-logs}
 mkdir -p "$LOG"
 
-[ -f datasets/sportballs/dataset.json ] || $G make-dataset --overwrite 2>&1 | tail -8
+[ -f "${GRADCHECK_DATA:-datasets/sportballs}/dataset.json" ] || $G make-dataset --overwrite 2>&1 | tail -8
 
 case "$stage" in
 stage1)

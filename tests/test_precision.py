@@ -266,7 +266,7 @@ def test_precision_command_writes_the_table(tiny_checkpoints, tiny_data, tmp_pat
     (["--target", "golf"], "unknown target 'golf'"),
     (["--timesteps", ""], "name at least one timestep"),
     (["--modes", ""], "name at least one precision mode"),
-    (["--seed", "-1"], "seed must be an integer >= 0, got -1"),
+    (["--seed", "-1"], "seed must be an integer in 0..4294967295, got -1"),
     (["--classifiers", "oracle"], "classifier 'oracle' has no network to run in another "
                                   "precision"),
 ])

@@ -336,6 +336,30 @@ def test_a_classifier_of_another_image_size_is_refused(ckpt, tmp_path):
     assert "3x16x16" in json.loads((clf16 / "config.json").read_text())["input"]
 
 
+def test_a_judge_of_another_image_size_is_refused_before_sampling(ckpt, tiny_data, tmp_path):
+    if importlib.util.find_spec("gradcheck.metrics") is None:
+        pytest.skip("gradcheck.metrics not available")
+    judge = tmp_path / "judge64"
+    save_classifier(make_classifier("shufflenet_v2_x1_0"), judge,
+                    classifier_config("judge", "shufflenet_v2_x1_0", image_size=64))
+    steps = []
+    with pytest.raises(GradcheckError, match="was trained on 64x64 images but the samples are "
+                                             "32x32 .or pass --no-metrics"):
+        run(tiny_cfg(ckpt, tiny_data, judge=str(judge), metrics=True), out=tmp_path / "runs",
+            progress=False, observers=[steps.append])
+    assert steps == [] and not (tmp_path / "runs").exists()
+
+
+def test_run_ids_do_not_depend_on_where_gradcheck_data_puts_the_data(monkeypatch):
+    monkeypatch.delenv("GRADCHECK_DATA", raising=False)
+    here = default_run_id(RunConfig(device="cpu"))
+    monkeypatch.setenv("GRADCHECK_DATA", "/mnt/elsewhere/sportballs")
+    moved = RunConfig(device="cpu")
+    assert moved.data_root == "/mnt/elsewhere/sportballs"
+    assert default_run_id(moved) == here
+    assert default_run_id(dataclasses.replace(moved, data_root="other")) != here
+
+
 def test_missing_shipped_checkpoints_name_the_folder(ckpt, tmp_path, monkeypatch):
     monkeypatch.setattr(gradcheck.paths, "DEFAULT_CHECKPOINTS", tmp_path / "sportballs-v1")
     out = tmp_path / "runs"
@@ -370,7 +394,7 @@ def test_ctrl_c_mid_run_leaves_no_partial_folder(ckpt, tmp_path):
     out = tmp_path / "runs"
     with pytest.raises(KeyboardInterrupt):
         run(tiny_cfg(ckpt), out=out, progress=False, observers=[interrupt])
-    assert _no_run_folder(out)  # neither the run folder nor its temporary sibling
+    assert not out.exists()  # neither the run folder nor its temporary sibling, nor runs/
 
 
 def test_cli_run(ckpt, tmp_path, capsys):

@@ -120,6 +120,13 @@ def test_cli_refusal_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) 
     assert err.startswith("error: runs are not paired: seed differs") and err.count("\n") == 1
     with pytest.raises(GradcheckError, match="same folder"):
         build_survey(a, a, out=tmp_path / "s")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(GradcheckError, match="afile is a file, not a run folder"):
+        build_survey(a, tmp_path / "afile", out=tmp_path / "s")
+    with pytest.raises(GradcheckError, match="run folder .*nowhere does not exist"):
+        build_survey(a, tmp_path / "nowhere", out=tmp_path / "s")
+    with pytest.raises(GradcheckError, match="seed must be an integer in 0.."):
+        build_survey(a, make_run(tmp_path, "c"), out=tmp_path / "s", seed=-1)
 
 
 def test_rater_order_is_a_reproducible_per_rater_permutation() -> None:

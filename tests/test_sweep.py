@@ -149,11 +149,17 @@ def test_batched_shards_take_whole_seeds(monkeypatch: pytest.MonkeyPatch, tmp_pa
                            out=tmp_path, progress=False)
         assert len(calls) == 1 and calls[0] == [c for c in everything if c.seed == k]
         assert len(result.planned) == 8
-    # More shards than seeds: the last shards have nothing to do.
+    # More shards than seeds (a launcher's 3 ranks, 2 seeds): single runs, so none sits idle,
+    # each shard's runs of one seed still sampled together.
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "3")
     calls.clear()
-    result = run_sweep(SweepConfig(grid="table1", seeds=2, shard="2/3"), base, out=tmp_path,
-                       progress=False)
-    assert calls == [] and result.planned == ()
+    result = run_sweep(SweepConfig(grid="table1", seeds=2), base, out=tmp_path, progress=False)
+    two = grid_configs("table1", 2, base)
+    assert calls == [[two[2], two[5]], [two[8], two[11], two[14]]]
+    assert len(result.planned) == 5
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
     # Three shards over five seeds: seeds 0, 3 | 1, 4 | 2, one call per seed.
     calls.clear()
     run_sweep(SweepConfig(grid="table1", seeds=5, shard="0/3"), base, out=tmp_path,

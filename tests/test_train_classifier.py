@@ -231,6 +231,31 @@ def test_cli_errors_are_one_line(capsys: pytest.CaptureFixture, tmp_path: Path) 
     with pytest.raises(SystemExit) as e:
         main(["train-classifier", "--kind", "judge", "--time-conditioned"])
     assert "--time-conditioned needs noisy training" in capsys.readouterr().err
+    for extra, message in ((["--kind", "judge", "--seed", "-1"], "seed must be an integer in"),
+                           (["--kind", "judge", "--name", "../up"],
+                            "checkpoint set name '../up' must be a plain folder name"),
+                           (["--kind", "adversarial", "--attack-steps", "0"],
+                            "attack_steps must be > 0, got 0")):
+        with pytest.raises(SystemExit) as e:
+            main(["train-classifier", "--out", str(tmp_path), *extra])
+        assert e.value.code == 2
+        assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_ddpm_of_another_image_size_is_refused(tiny_data: Path, tmp_path: Path) -> None:
+    from diffusers import DDPMPipeline, UNet2DModel
+
+    from gradcheck.models import UNET_PRESETS, make_scheduler
+
+    ddpm = tmp_path / "ddpm64"
+    unet = UNet2DModel(**{**UNET_PRESETS["tiny"], "sample_size": 64})
+    DDPMPipeline(unet, make_scheduler()).save_pretrained(ddpm)
+    with pytest.raises(GradcheckError, match=f"the DDPM makes 64x64 images but {tiny_data} has "
+                                             "32x32"):
+        train_classifier(kind="robust", ddpm=str(ddpm), data_root=str(tiny_data),
+                         out=str(tmp_path / "out"), epochs=1, **FAST)
+    assert not (tmp_path / "out" / "sportballs-v1" / "classifiers" / "robust").exists()
 
 
 def test_config_fields_match_cli_options() -> None:

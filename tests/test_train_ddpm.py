@@ -223,7 +223,7 @@ def test_bad_inputs_give_one_line_errors(tiny_data: Path, trained: Path, tmp_pat
         (dict(max_steps=1, init_from=str(tmp_path)), "not a DDPM pipeline folder"),
         (dict(max_steps=1, batch_size=0), "batch_size must be > 0"),
         (dict(max_steps=1, mixed_precision="fp8"), "unknown mixed_precision"),
-        (dict(max_steps=1, seed=-1), "seed must be an integer >= 0, got -1"),
+        (dict(max_steps=1, seed=-1), "seed must be an integer in 0..4294967295, got -1"),
         (dict(max_steps=1, name="../escape"), "name '../escape' must be a plain folder name"),
         (dict(max_steps=1, name=""), "must be a plain folder name"),
     ]
