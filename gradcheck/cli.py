@@ -9,6 +9,7 @@ import sys
 import typer
 
 import gradcheck
+from gradcheck.paths import DATA_ROOT
 from gradcheck.utils import GradcheckError
 
 app = typer.Typer(
@@ -30,7 +31,7 @@ def _version(value: bool) -> None:
 
 def _data_root_option(help: str) -> typer.models.OptionInfo:
     """--data-root, defaulting to GRADCHECK_DATA when set (as make-dataset writes it)."""
-    return typer.Option("datasets/sportballs", envvar="GRADCHECK_DATA", help=help)
+    return typer.Option(DATA_ROOT, envvar="GRADCHECK_DATA", help=help)
 
 
 @app.callback()
@@ -46,9 +47,7 @@ def _root(
 # [make-dataset: data/sportballs.py]
 @app.command("make-dataset")
 def make_dataset(
-    root: str = typer.Option(
-        "datasets/sportballs", envvar="GRADCHECK_DATA", help="Output folder (must not exist)."
-    ),
+    root: str = _data_root_option("Output folder (must not exist)."),
     n_train: int = typer.Option(40000, help="Training images (balanced over the 4 classes)."),
     n_val: int = typer.Option(5000, help="Validation images."),
     n_test: int = typer.Option(5000, help="Test images."),

@@ -80,7 +80,7 @@ def parse_target(value: str | int) -> int:
 
 def validate_config(cfg: RunConfig) -> None:
     """Raise a GradcheckError for any field the run cannot honour (before loading anything)."""
-    _check_not_the_judge(_classifier_folder(cfg.classifier), cfg.judge)
+    _classifier_folder(cfg.classifier)
     check_stabilizer(cfg.stabilizer)
     check_seed(cfg.seed)
     if isinstance(cfg.target, bool) or not isinstance(cfg.target, int):
@@ -182,20 +182,15 @@ def _classifier_folder(classifier: str) -> Path | None:
     )
 
 
-def _check_not_the_judge(folder: Path | None, judge: str) -> None:
-    """DESIGN.md §5: the judge grades samples and never guides; a run guided by it (or by the
-    very folder that judges it) would grade itself."""
-    if folder is None or not folder.is_dir():
-        return
-    try:
-        kind = json.loads((folder / "config.json").read_text()).get("kind")
-    except (OSError, ValueError, AttributeError):
-        kind = None  # load_classifier reports a missing or broken config.json
-    if kind == "judge":
+def _check_not_the_judge(cfg: RunConfig, config: dict[str, Any]) -> None:
+    """DESIGN.md §5: the judge grades samples and never guides; a run guided by it (its loaded
+    ``config`` says kind 'judge', or it is the run's own judge folder) would grade itself."""
+    folder = _classifier_folder(cfg.classifier)
+    if config.get("kind") == "judge":
         raise GradcheckError(f"classifier {str(folder)!r} is a judge (kind 'judge'), which grades "
                              "samples and never guides; choose one of: "
                              f"{', '.join(CLASSIFIER_CHOICES)}, or another classifier folder")
-    if Path(judge).is_dir() and folder.resolve() == Path(judge).resolve():
+    if Path(cfg.judge).is_dir() and folder.resolve() == Path(cfg.judge).resolve():
         raise GradcheckError(f"classifier {str(folder)!r} is also the run's judge; the judge "
                              "must be independent of the guiding classifier (pass another --judge)")
 
@@ -353,6 +348,7 @@ def run_many(
                 models[c.classifier] = (oracle, {"kind": "oracle"})
             else:
                 model, model_config = _load_classifier(c, device)
+                _check_not_the_judge(c, model_config)
                 check_image_size(model_config, unet.config.sample_size,
                                  f"classifier {c.classifier}", "the DDPM makes")
                 models[c.classifier] = (_frozen(model), model_config)

@@ -197,9 +197,10 @@ def run_sweep(
                              "runner.default_run_id")
     if n > 1:
         _use_local_gpu(os.environ)
+    run_id_of = dict(zip(configs, ids, strict=True))  # RunConfig is frozen, so hashable
     ran, skipped = [], []
     todo = []
-    for run_cfg, run_id in zip(configs, ids, strict=True):
+    for run_cfg, run_id in run_id_of.items():
         if is_finished(out / run_id):
             skipped.append(run_id)
         else:
@@ -209,7 +210,7 @@ def run_sweep(
     bar = tqdm(total=len(todo), desc=f"sweep {cfg.grid} {i}/{n}", unit="run",
                disable=not progress)
     for group in groups:
-        names = [runner.default_run_id(c) for c in group]
+        names = [run_id_of[c] for c in group]
         bar.set_postfix_str(names[0] if len(group) == 1 else f"{len(group)} runs together")
         runner.run_many(group, out=out, names=names, overwrite=False, progress=False)
         ran.extend(names)
