@@ -180,7 +180,9 @@ class RunConfig:
     # (beta_t / sqrt(alpha_t)) * score does when s = 1: the guidance pulls as hard as the
     # denoiser. s = 1 is that scale-free balance point; re-tune with `gradcheck sweep`.
     scale: float = 1.0
-    target: int = 0  # baseball: GradCheck App. C, the class of every paper experiment
+    # baseball: GradCheck App. C, the class of every paper experiment. A class name is taken too
+    # and resolved to its index (runner.resolve_config), so run ids do not depend on the spelling.
+    target: int | str = 0
     num_samples: int = 64  # paper protocol: 64 samples (GradCheck §3.4)
     batch_size: int = 64  # memory only: results do not depend on it (one generator per sample)
     steps: int = 1000  # sampling steps; T = 1000 = the paper; fewer respace the chain

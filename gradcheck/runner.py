@@ -83,9 +83,11 @@ def validate_config(cfg: RunConfig) -> None:
     _classifier_folder(cfg.classifier)
     check_stabilizer(cfg.stabilizer)
     check_seed(cfg.seed)
-    if isinstance(cfg.target, bool) or not isinstance(cfg.target, int):
-        raise GradcheckError(f"target must be a class index, got {cfg.target!r}")
-    if not 0 <= cfg.target < len(CLASS_NAMES):
+    if isinstance(cfg.target, str):
+        parse_target(cfg.target)
+    elif isinstance(cfg.target, bool) or not isinstance(cfg.target, int):
+        raise GradcheckError(f"target must be a class name or index, got {cfg.target!r}")
+    elif not 0 <= cfg.target < len(CLASS_NAMES):
         raise GradcheckError(f"unknown target {cfg.target}; choose 0-{len(CLASS_NAMES) - 1} "
                              f"({', '.join(CLASS_NAMES)})")
     if not math.isfinite(cfg.scale) or cfg.scale < 0:
@@ -112,9 +114,12 @@ def resolve_config(cfg: RunConfig) -> RunConfig:
 
     ``paper`` forces 64 samples x 1000 steps and ``reduced`` 8 x 50. ``auto`` keeps the fields,
     except without a GPU when they are still the paper defaults: then it uses the reduced sizes,
-    so the design card's command finishes in minutes on a laptop.
+    so the design card's command finishes in minutes on a laptop. A class name as ``target``
+    (``RunConfig(target="soccer")``, as the CLI takes it) becomes its index.
     """
     validate_config(cfg)
+    if isinstance(cfg.target, str):
+        cfg = dataclasses.replace(cfg, target=parse_target(cfg.target))
     sizes = (cfg.num_samples, cfg.steps)
     if cfg.protocol == "paper":
         sizes = PAPER_SIZE

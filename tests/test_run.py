@@ -273,6 +273,15 @@ def test_parse_target():
         parse_target("4")
 
 
+def test_config_takes_class_names(ckpt):
+    """The Python API takes names as the CLI does; the run id does not depend on the spelling."""
+    named, indexed = tiny_cfg(ckpt, target="Soccer"), tiny_cfg(ckpt, target=2)
+    assert resolve_config(named).target == 2
+    assert default_run_id(named) == default_run_id(indexed)
+    with pytest.raises(GradcheckError, match="unknown target 'tennis'"):
+        resolve_config(tiny_cfg(ckpt, target="tennis"))
+
+
 def _no_run_folder(out: Path) -> bool:
     return not out.exists() or not any(out.iterdir())
 
