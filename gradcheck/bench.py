@@ -41,7 +41,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from gradcheck.utils import GradcheckError, check_choice, resolve_device, run_metadata
+from gradcheck.utils import (
+    GradcheckError,
+    check_choice,
+    resolve_device,
+    run_metadata,
+    torch_flags_restored,
+)
 
 SAMPLING_MODES = ("unguided", "guided-xt", "guided-x0")
 RECORDER_MODES = ("off", "subset", "all")
@@ -258,8 +264,7 @@ def bench_unet(
     cuda = device.type == "cuda"
     precisions = UNET_PRECISIONS if cuda else ("fp32",)  # TF32 and fast 16-bit are GPU things
     rows: list[dict[str, Any]] = []
-    saved_benchmark = torch.backends.cudnn.benchmark
-    try:
+    with torch_flags_restored():  # the autotuning flag below is global
         for batch in sizes.batches:
             gen = torch.Generator(device).manual_seed(0)
             x = torch.randn(batch, 3, size, size, generator=gen, device=device)
@@ -291,9 +296,6 @@ def bench_unet(
                                    "models": origin}
                             rows.append(row)
                             say(_unet_line(row))
-    finally:
-        torch.backends.cudnn.benchmark = saved_benchmark
-        unet.to(memory_format=torch.contiguous_format)
     return rows
 
 

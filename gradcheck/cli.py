@@ -452,11 +452,7 @@ def pag_cmd(
     from gradcheck.oracle import oracle_available
     from gradcheck.pag import run_pag
 
-    try:
-        steps = tuple(int(t) for t in _split(timesteps))
-    except ValueError:
-        raise GradcheckError(
-            f"--timesteps must be comma-separated integers, got {timesteps!r}") from None
+    steps = _ints("timesteps", timesteps, example="0,100,250")
     if oracle is None and not oracle_available(data_root):
         typer.echo(f"note: no train split at {data_root}; the oracle is skipped", err=True)
     folder = run_pag(PagConfig(

@@ -29,8 +29,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +58,7 @@ from gradcheck.utils import (
     resolve_device,
     run_metadata,
     save_json,
+    torch_flags_restored,
 )
 
 EXPORT_SHARD_BYTES = 15 * 2**20  # tensor bytes per shard; + the JSON header stays < 16 MiB
@@ -167,23 +167,6 @@ def _speed_flags(device: torch.device) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-
-
-@contextmanager
-def _global_flags_restored() -> Iterator[None]:
-    """Put PyTorch's TF32 and cuDNN autotuning flags back afterwards (a benchmark in a longer
-    program must not leave :func:`_speed_flags` behind)."""
-    benchmark = torch.backends.cudnn.benchmark
-    try:
-        tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    except RuntimeError:  # the program uses torch's newer fp32_precision settings instead
-        tf32 = None
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = benchmark
-        if tf32 is not None:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
 def _make_optimizer(
@@ -740,7 +723,7 @@ def benchmark_training(
     check_positive("steps", steps)
     check_positive("batch_size", batch_size)
     dev = resolve_device(device)
-    with _global_flags_restored():
+    with torch_flags_restored():  # a benchmark must not leave _speed_flags behind
         _speed_flags(dev)
         cfg = TrainDDPMConfig(preset=preset, batch_size=batch_size, max_steps=steps)
         torch.manual_seed(seed)

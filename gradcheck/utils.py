@@ -68,6 +68,23 @@ def refuse_pickle(path: str | Path) -> None:
 
 
 @contextlib.contextmanager
+def torch_flags_restored() -> Iterator[None]:
+    """Put PyTorch's global TF32 and cuDNN autotuning flags back afterwards, so that a benchmark
+    or a training run inside a longer program leaves them as it found them."""
+    benchmark = torch.backends.cudnn.benchmark
+    try:
+        tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    except RuntimeError:  # the program uses torch's newer fp32_precision settings instead
+        tf32 = None
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+        if tf32 is not None:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+@contextlib.contextmanager
 def atomic_output_dir(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling folder that replaces ``final`` only when the block succeeds.
 

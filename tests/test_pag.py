@@ -194,7 +194,7 @@ def test_missing_default_classifier_names_its_folder(tiny_data, tmp_path, monkey
 def test_bad_options_give_clear_errors(tiny_data, classifier_dirs, tmp_path, capsys):
     base = ["pag", "--classifiers", str(classifier_dirs[0]), "--data-root", str(tiny_data),
             "--out", str(tmp_path / "o"), "--device", "cpu", "--no-progress"]
-    for extra, message in ((["--timesteps", "0,x"], "comma-separated integers"),
+    for extra, message in ((["--timesteps", "0,x"], "comma-separated list of integers"),
                            (["--timesteps", "1000"], "0..999"),
                            (["--num-images", "0"], "num_images must be > 0"),
                            (["--num-images", "1000"], "num_images 1000 is more than the "),
