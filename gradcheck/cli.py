@@ -9,7 +9,7 @@ import sys
 import typer
 
 import gradcheck
-from gradcheck.paths import DATA_ROOT
+from gradcheck.paths import REFERENCE_SETS, default_data_root
 from gradcheck.utils import GradcheckError
 
 app = typer.Typer(
@@ -30,8 +30,40 @@ def _version(value: bool) -> None:
 
 
 def _data_root_option(help: str) -> typer.models.OptionInfo:
-    """--data-root, defaulting to GRADCHECK_DATA when set (as make-dataset writes it)."""
-    return typer.Option(DATA_ROOT, envvar="GRADCHECK_DATA", help=help)
+    """--data-root: GRADCHECK_DATA when set, else the data set of the chosen checkpoint set."""
+    return typer.Option(
+        None, envvar="GRADCHECK_DATA", callback=lambda v: v or str(default_data_root()),
+        help=help + " [default: the checkpoint set's: datasets/sportballs32 for sportballs32-v1, "
+        "datasets/sportballs for sportballs-v1]")
+
+
+def _choose_checkpoints(value: str | None) -> str | None:
+    """--checkpoints: a set name or folder, made the process's GRADCHECK_CHECKPOINTS, so every
+    default (DDPM, classifiers, judge, data set) follows it; said in one line."""
+    import os
+
+    from gradcheck.paths import checkpoint_set, checkpoint_set_name
+
+    if value:
+        os.environ["GRADCHECK_CHECKPOINTS"] = value
+    folder = checkpoint_set()
+    if value and not folder.is_dir():
+        raise GradcheckError(f"checkpoint set {checkpoint_set_name()!r} not found at {folder}; "
+                             f"choose one of: {', '.join(REFERENCE_SETS)}, or a folder holding "
+                             "ddpm/ and classifiers/")
+    how = "--checkpoints" if value else ("GRADCHECK_CHECKPOINTS" if os.environ.get(
+        "GRADCHECK_CHECKPOINTS") else "no GPU" if checkpoint_set_name() != "sportballs-v1"
+        else "GPU")
+    typer.echo(f"checkpoints: {checkpoint_set_name()} ({how})", err=True)
+    return value
+
+
+def _checkpoints_option() -> typer.models.OptionInfo:
+    return typer.Option(
+        None, "--checkpoints", is_eager=True, callback=_choose_checkpoints,
+        help="Reference set for every default model and data set: sportballs32-v1 (32x32, CPU "
+        "scale) | sportballs-v1 (64x64, paper scale) | a folder; also GRADCHECK_CHECKPOINTS "
+        "[default: sportballs-v1 with a GPU, sportballs32-v1 without].")
 
 
 @app.callback()
@@ -47,7 +79,9 @@ def _root(
 # [make-dataset: data/sportballs.py]
 @app.command("make-dataset")
 def make_dataset(
-    root: str = _data_root_option("Output folder (must not exist)."),
+    root: str | None = typer.Option(
+        None, envvar="GRADCHECK_DATA", help="Output folder (must not exist) [default: "
+        "datasets/sportballs for 64x64, datasets/sportballsN for NxN]."),
     n_train: int = typer.Option(40000, help="Training images (balanced over the 4 classes)."),
     n_val: int = typer.Option(5000, help="Validation images."),
     n_test: int = typer.Option(5000, help="Test images."),
@@ -59,7 +93,9 @@ def make_dataset(
     """Generate the SportBalls data set: image arrays, labels, factors.parquet, preview.png."""
     from gradcheck import CLASS_NAMES
     from gradcheck.data.sportballs import generate_dataset
+    from gradcheck.paths import data_root_for
 
+    root = root or data_root_for(image_size)
     summary = generate_dataset(
         root, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed, image_size=image_size,
         png=png, overwrite=overwrite, progress=True,
@@ -80,7 +116,9 @@ def train_ddpm_cmd(
     data_root: str = _data_root_option("Data set root (train split)."),
     out: str = typer.Option("checkpoints", help="Root; writes OUT/NAME/ddpm and its train state."),
     name: str = typer.Option("sportballs-v1", help="Checkpoint set name."),
-    preset: str = typer.Option("paper", help="UNet preset: paper (64x64) | tiny (32x32)."),
+    preset: str = typer.Option(
+        "paper", help="UNet preset: paper (64x64, 22.4M) | small32 (32x32, 3.15M: the CPU "
+        "scale) | tiny (32x32, tests)."),
     max_minutes: float | None = typer.Option(
         None, help="Wall-clock budget of this call (data loading and compilation included); "
         "ends with a checkpoint and export."),
@@ -102,7 +140,9 @@ def train_ddpm_cmd(
     ema_warmup: bool = typer.Option(True, help="EMA decay min(ema_decay, (1+step)/(10+step))."),
     hflip: bool = typer.Option(False, help="Random horizontal flips (the volleyball is chiral)."),
     max_images: int | None = typer.Option(None, help="Use only the first N training images."),
-    mixed_precision: str = typer.Option("bf16", help="bf16 | no (autocast on CUDA only)."),
+    mixed_precision: str = typer.Option(
+        "auto", help="auto (bf16 on a GPU; on a CPU bf16 where a timed probe finds it >= 1.2x "
+        "faster, else float32; printed and recorded) | bf16 | no."),
     channels_last: bool = typer.Option(True, help="NHWC memory format for the UNet."),
     compile: bool = typer.Option(
         False, "--compile", help="torch.compile the UNet: 1.81x images/s on an H100 after about "
@@ -268,6 +308,7 @@ def eval_classifier_cmd(
 @app.command("run")
 def run_cmd(
     ctx: typer.Context,
+    checkpoints: str | None = _checkpoints_option(),
     classifier: str = typer.Option(
         "nonrobust", help="nonrobust | robust | adversarial (the shipped classifiers) | oracle "
         "(exact empirical posterior, D8) | a classifier folder."),
@@ -281,7 +322,14 @@ def run_cmd(
         "[default: none]."),
     normalize: bool = typer.Option(
         True, "--normalize/--no-normalize",
-        help="Scale the guidance to the score's norm (D5, GradCheck Eq. 2)."),
+        help="Scale the guidance to a reference norm (D5, GradCheck Eq. 2; docs/maths.md)."),
+    normalize_to: str = typer.Option(
+        "score", help="D5's reference norm: score (GradCheck) | eps (Augustin et al.'s code, "
+        "sqrt(1 - abar_t) x the score's)."),
+    diffusion_time: bool = typer.Option(
+        True, "--diffusion-time/--no-diffusion-time",
+        help="Stabiliser betas in diffusion time, beta ** (T / steps) (D4'; identical at 1000 "
+        "steps); --no-diffusion-time counts sampler steps."),
     scale: float = typer.Option(1.0, help="Guidance scale s (D6); 0 = unguided, same noise."),
     target: str = typer.Option(
         "baseball", help="Target class: baseball | basketball | soccer | volleyball | 0-3."),
@@ -291,9 +339,9 @@ def run_cmd(
     seed: int = typer.Option(0, help="Seed; sample i depends only on (seed, i)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     ddpm: str | None = typer.Option(
-        None, help="DDPM pipeline folder [default: the shipped checkpoints/sportballs-v1/ddpm]."),
+        None, help="DDPM pipeline folder [default: the checkpoint set's ddpm/]."),
     judge: str | None = typer.Option(
-        None, help="Judge classifier folder for the metrics [default: the shipped judge]."),
+        None, help="Judge classifier folder for the metrics [default: the checkpoint set's]."),
     data_root: str = _data_root_option(
         "Data set root (oracle and FID reference images)."),
     oracle: bool | None = typer.Option(
@@ -303,8 +351,8 @@ def run_cmd(
         "subset", help="none | subset (8 samples, every 10th step; x0-estimates in fp16) | "
         "all (float32)."),
     protocol: str = typer.Option(
-        "auto", help="auto (reduced 8 x 50 without a GPU unless sizes are given) | paper "
-        "(64 x 1000) | reduced (8 x 50)."),
+        "auto", help="auto (8 samples x 1000 steps without a GPU unless sizes are given) | "
+        "paper (64 x 1000) | reduced (8 x 50, respaced: for trying the tool, not for numbers)."),
     metrics: bool = typer.Option(True, "--metrics/--no-metrics", help="Compute metrics.json."),
     precision: str = typer.Option(
         "fp32", help="fp32 (true float32; TF32 off on a GPU) | tf32 (GPU) | bf16 | fp16 (UNet "
@@ -342,7 +390,8 @@ def run_cmd(
     extra = {k: v for k, v in (("ddpm", ddpm), ("judge", judge)) if v is not None}
     cfg = RunConfig(
         classifier=classifier, x0_estimate=x0_estimate, stabilizer=stabilizer,
-        normalize=normalize, scale=scale, target=parse_target(target), num_samples=num_samples,
+        normalize=normalize, normalize_to=normalize_to, diffusion_time=diffusion_time,
+        scale=scale, target=parse_target(target), num_samples=num_samples,
         batch_size=batch_size, steps=steps, seed=seed, device=device, data_root=data_root,
         oracle=oracle, record_vectors=record_vectors, protocol=protocol, metrics=metrics,
         precision=precision, net_batch=net_batch, compile=compile, **extra,
@@ -423,6 +472,7 @@ def _ints(option: str, value: str | None, example: str = "64,256") -> tuple[int,
 
 @app.command("pag")
 def pag_cmd(
+    checkpoints: str | None = _checkpoints_option(),
     classifiers: str = typer.Option(
         "nonrobust,robust,adversarial", help="Comma-separated classifier kinds (the shipped "
         "folders) or classifier folders."),
@@ -432,7 +482,7 @@ def pag_cmd(
     data_root: str = _data_root_option("Data set root (val images; train split for the "
                                        "oracle)."),
     ddpm: str | None = typer.Option(
-        None, help="DDPM folder whose scheduler gives abar_t (default: DESIGN.md §3 schedule)."),
+        None, help="DDPM folder whose scheduler gives abar_t (default: docs/maths.md schedule)."),
     num_images: int = typer.Option(16, help="Validation images per class for the PAG scores."),
     timesteps: str = typer.Option("0,100,250,500,750", help="Comma-separated timesteps t."),
     pgd_eps: float | None = typer.Option(
@@ -467,6 +517,7 @@ def pag_cmd(
 
 @app.command("sweep")
 def sweep_cmd(
+    checkpoints: str | None = _checkpoints_option(),
     grid: str = typer.Option("table1", help="table1 | scales | stabilizers | classifiers."),
     seeds: int = typer.Option(3, help="Seeds 0..SEEDS-1 of every configuration."),
     shard: str | None = typer.Option(
@@ -481,6 +532,9 @@ def sweep_cmd(
         None, help="Target class: a name or 0-3 (default: run's, baseball)."),
     normalize: bool | None = typer.Option(
         None, "--normalize/--no-normalize", help="D5 normalisation (default: on)."),
+    normalize_to: str | None = typer.Option(None, help="score | eps (see `run`)."),
+    diffusion_time: bool | None = typer.Option(
+        None, "--diffusion-time/--no-diffusion-time", help="D4' (see `run`; default: on)."),
     num_samples: int | None = typer.Option(None, help="Samples per run (default: run's)."),
     batch_size: int | None = typer.Option(None, help="Sampling batch size (memory only)."),
     steps: int | None = typer.Option(None, help="Sampling steps (default: run's)."),
@@ -517,7 +571,8 @@ def sweep_cmd(
     if grid == "scales" and scale is not None:
         raise GradcheckError("the scales grid sets the scale itself; drop --scale")
     target = parse_target(target) if target is not None else None
-    given = dict(scale=scale, target=target, normalize=normalize, num_samples=num_samples,
+    given = dict(scale=scale, target=target, normalize=normalize, normalize_to=normalize_to,
+                 diffusion_time=diffusion_time, num_samples=num_samples,
                  batch_size=batch_size, steps=steps, protocol=protocol, device=device, ddpm=ddpm,
                  judge=judge, data_root=data_root, oracle=oracle, record_vectors=record_vectors,
                  metrics=metrics, precision=precision, net_batch=net_batch, compile=compile)
@@ -535,7 +590,8 @@ def report_cmd(
     runs: list[str] = typer.Argument(
         None, help="Run folders or folders holding them (default: runs). PAG outputs, survey "
         "analyses and accuracy_by_t.parquet files found there are used too."),
-    out: str = typer.Option("reports", help="Output folder."),
+    out: str = typer.Option(
+        "report", help="Output folder (reports/ holds the committed reference reports)."),
     overwrite: bool = typer.Option(
         False, help="Replace an existing report (other files in the folder are kept)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
@@ -698,21 +754,29 @@ def precision_cmd(
         typer.echo(f"table written to {out}")
 
 
+class Interrupted(BaseException):
+    """Ctrl-C or SIGTERM. Not a KeyboardInterrupt, which typer turns into a silent exit 130
+    before :func:`main` could say what happened; like it, it unwinds every ``with`` block, so
+    temporary outputs are removed on the way out."""
+
+
 def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+    raise Interrupted(signal.Signals(signum).name)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors print one line and exit 2; Ctrl-C exits 130."""
-    # SIGTERM (kill, SLURM time limits) unwinds like Ctrl-C, so temporary outputs are removed.
+    # Ctrl-C and SIGTERM (kill, SLURM time limits) unwind, so temporary outputs are removed.
+    signal.signal(signal.SIGINT, _raise_interrupt)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         rv = app(args=argv, standalone_mode=False)
     except GradcheckError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
-    except (KeyboardInterrupt, typer.Abort):
-        typer.echo("error: interrupted; partial outputs were removed", err=True)
+    except (Interrupted, KeyboardInterrupt, typer.Abort) as e:
+        how = f" by {e}" if isinstance(e, Interrupted) and str(e) else ""
+        typer.echo(f"error: interrupted{how}; partial outputs were removed", err=True)
         sys.exit(130)
     except Exception as e:
         # Usage errors of whichever click typer uses (recent typer vendors its own copy).

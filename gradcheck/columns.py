@@ -1,4 +1,4 @@
-"""Column names of ``steps.parquet`` (DESIGN.md §4): one name per quantity, used everywhere.
+"""Column names of ``steps.parquet`` (docs/formats.md): one name per quantity, used everywhere.
 
 One row per (sample, step), long format. Vectors are per sample: ``g`` is the raw classifier
 gradient (D3), ``gtilde`` the applied vector after the stabiliser (D4) and normalisation (D5).
@@ -24,11 +24,17 @@ PRED_CLASS = "pred_class"  # argmax_y p_phi(y | x_in)
 PROB_TARGET_X0 = "prob_target_x0"  # p_phi(target | x0_hat) (D2; time-conditioned with t = 0)
 COS_ORACLE = "cos_oracle"  # cos(gtilde_t, grad log q(target | x_t)) (D8); NaN when off
 GRAD_VANISHED = "grad_vanished"  # ||h_t|| < 1e-12 or non-finite: gtilde_t = 0 (D5)
+# D7' null baseline: cos_prev of the same stabiliser fed isotropic Gaussian gradients with the
+# raw gradients' norms (what its memory alone gives: about 0.93 for adam, 0 for none).
+COS_PREV_NULL = "cos_prev_null"
+# ||x_t|| / sqrt(D (abar_t m2 + 1 - abar_t)), m2 = the data's mean x_0^2: 1 on the DDPM's own
+# marginal; far above 1, the chain has left the distribution the DDPM was trained on.
+X_NORM_RATIO = "x_norm_ratio"
 
 STEP_COLUMNS: tuple[str, ...] = (
     RUN_ID, SAMPLE, STEP, T, ABAR, TARGET, GRAD_NORM_RAW, GRAD_NORM_APPLIED, SCORE_NORM,
     COS_PREV_RAW, COS_PREV_APPLIED, COS_RAW_APPLIED, COS_SCORE, LOG_PROB_TARGET, PRED_CLASS,
-    PROB_TARGET_X0, COS_ORACLE, GRAD_VANISHED,
+    PROB_TARGET_X0, COS_ORACLE, GRAD_VANISHED, COS_PREV_NULL, X_NORM_RATIO,
 )
 """All columns, in file order."""
 

@@ -59,7 +59,7 @@ def _default_judge() -> str:
 # [dataset: data/sportballs.py]
 @dataclasses.dataclass(frozen=True)
 class DatasetConfig:
-    """make-dataset: where and how the SportBalls generator writes (DESIGN.md §4)."""
+    """make-dataset: where and how the SportBalls generator writes (docs/formats.md)."""
 
     root: str = dataclasses.field(default_factory=_default_data_root)
     n_train: int = 40000  # GradCheck Appendix A scale; exactly balanced (10,000 per class)
@@ -75,7 +75,7 @@ class DatasetConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainDDPMConfig:
-    """`gradcheck train-ddpm`: the unconditional DDPM (train_ddpm.py; DESIGN.md §3 and §7)."""
+    """`gradcheck train-ddpm`: the unconditional DDPM (train_ddpm.py; docs/scales.md)."""
 
     data_root: str = dataclasses.field(default_factory=_default_data_root)  # train split
     out: str = "checkpoints"  # writes out/name/ddpm/ and out/name/train_state/ddpm/
@@ -83,8 +83,9 @@ class TrainDDPMConfig:
     preset: str = "paper"  # models.UNET_PRESETS; its sample_size must equal the image size
     max_minutes: float | None = None  # wall-clock budget of this call: the usual stop on a GPU
     max_steps: int | None = None  # total optimiser steps (counted across --resume / --init-from)
-    batch_size: int = 256  # global; 2x §7's 128 fills an H100 better and halves gradient noise
-    lr: float = 5e-4  # AdamW peak; §7's 2e-4 at batch 128, scaled a bit above linear for 2x batch
+    # global; 2x the training notes' 128 (docs/scales.md) fills an H100, halves gradient noise
+    batch_size: int = 256
+    lr: float = 5e-4  # AdamW peak; the notes' 2e-4 at batch 128, a bit above linear for 2x batch
     warmup_steps: int = 250  # linear warm-up from 0 (restarts with a fresh optimiser)
     adam_beta1: float = 0.9  # Kingma & Ba default
     adam_beta2: float = 0.99  # EDM2: faster second-moment tracking suits short, high-lr runs
@@ -92,15 +93,17 @@ class TrainDDPMConfig:
     grad_clip: float = 1.0  # max global grad norm (diffusers scripts); guards the high lr
     min_snr_gamma: float = 5.0  # Min-SNR-gamma weighting min(SNR, g)/SNR (Hang et al. 2023); 0=off
     # + w * low-frequency error (Hoogeboom et al. 2023): a colour offset is only 1/(H W) of the
-    # plain loss, so the UNet learns late to remove the noise's mean colour (§7's tints). 32x32
+    # plain loss, so the UNet learns late to remove the noise's mean colour (the tints). 32x32
     # CPU proxy, white borders at 3k steps: 39% -> 64% with 0.03; 1.5k more steps from the 39%
     # model: 78% without, 98% with it. 0.02 keeps that gradient balance at 64x64. 0 = plain.
     multiscale_weight: float = 0.0  # off until a GPU A/B at 64x64 (sportballs-v1 used 0)
-    ema_decay: float = 0.9995  # §7; the ceiling of the warmed-up decay below
+    ema_decay: float = 0.9995  # the training notes (docs/scales.md); the warm-up's ceiling
     ema_warmup: bool = True  # decay = min(ema_decay, (1+step)/(10+step)): early exports usable
     hflip: bool = False  # off: the volleyball is chiral, a flip draws one the data never has
     max_images: int | None = None  # use only the first N training images (overfitting checks)
-    mixed_precision: str = "bf16"  # bf16 | no; autocast on CUDA only (CPU runs in float32)
+    # auto = bf16 autocast on a GPU; on a CPU bf16 where a timed probe finds it >= 1.2x faster
+    # (AVX-512/AMX: 2.8x for the small32 preset), float32 elsewhere. Recorded per sitting.
+    mixed_precision: str = "auto"  # auto | bf16 | no
     channels_last: bool = True  # NHWC: faster bf16 convs; eager GroupNorm may copy (benchmark)
     compile: bool = False  # torch.compile the UNet: 1.81x images/s on an H100 after 151 s
     seed: int = 0  # model init, batch indices, flips, timesteps and noise
@@ -169,12 +172,18 @@ class TrainClassifierConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """`gradcheck run`: one guided sampling run (runner.py, sampler.py; DESIGN.md D1-D7, §4)."""
+    """`gradcheck run`: one guided sampling run (runner.py, sampler.py; docs/maths.md D1-D7)."""
 
     classifier: str = "nonrobust"  # nonrobust | robust | adversarial | oracle | classifier folder
     x0_estimate: bool = False  # D2 (GradCheck Eq. 3): the classifier sees x0_hat
     stabilizer: str = "none"  # D4 registry (none, adam, ema, rmsprop, adam-nobias); --adam = adam
     normalize: bool = True  # D5 (GradCheck Eq. 2), the paper's setting for every experiment
+    # D5's reference norm: score (docs/maths.md D5) | eps (Augustin et al.'s code scales to
+    # ||eps_theta|| = sqrt(1 - abar_t) ||score||: weaker at low noise, x1/13 at t = 20).
+    normalize_to: str = "score"
+    # D4': stabiliser betas in diffusion time, beta ** (T / steps) (same as the paper at
+    # steps = T); False counts sampler steps, which drove 50-step ADAM chains to noise.
+    diffusion_time: bool = True
     # s of D6. The paper's value is lost from our copy (App. C.1). Under D5, gtilde has the norm
     # of the score, so s * sigma_t^2 * gtilde moves the mean as far as the DDPM's own score term
     # (beta_t / sqrt(alpha_t)) * score does when s = 1: the guidance pulls as hard as the
@@ -189,7 +198,7 @@ class RunConfig:
     seed: int = 0  # sample i depends only on (seed, i)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     ddpm: str = dataclasses.field(default_factory=_default_ddpm)  # shipped DDPM pipeline folder
-    judge: str = dataclasses.field(default_factory=_default_judge)  # DESIGN.md §5 judge folder
+    judge: str = dataclasses.field(default_factory=_default_judge)  # docs/metrics.md judge folder
     data_root: str = dataclasses.field(default_factory=_default_data_root)  # oracle, FID reference
     oracle: bool | None = None  # cos_oracle (D8); None = when the data set exists (GPU) or asked
     record_vectors: str = "subset"  # none | subset (8 samples, every 10th step) | all
@@ -210,7 +219,7 @@ class RunConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MetricsConfig:
-    """`gradcheck metrics` and the metrics step of `gradcheck run` (metrics.py, DESIGN.md §5)."""
+    """`gradcheck metrics` and the metrics step of `gradcheck run` (metrics.py, docs/metrics.md)."""
 
     n_reference: int = 64  # paper: 64 samples vs 64 training images of the target class
     reference_seed: int = 0  # draws the reference images; recorded beside every number
@@ -241,12 +250,12 @@ class SweepConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PagConfig:
-    """`gradcheck pag`: gradient maps, targeted PGD and PAG scores (pag.py; DESIGN.md D8, D9)."""
+    """`gradcheck pag`: gradient maps, targeted PGD and PAG scores (pag.py; docs/maths.md D9)."""
 
     classifiers: tuple[str, ...] = ("nonrobust", "robust", "adversarial")  # kinds or folders
     oracle: bool | None = None  # add the exact D8 gradient; None = when the train split exists
     data_root: str = dataclasses.field(default_factory=_default_data_root)  # val; train (oracle)
-    ddpm: str | None = None  # DDPM folder whose scheduler gives abar_t; None = DESIGN.md §3
+    ddpm: str | None = None  # DDPM folder whose scheduler gives abar_t; None = docs/maths.md
     num_images: int = 16  # per class: 64 images, one batch (the figures show the first of each)
     timesteps: tuple[int, ...] = (0, 100, 250, 500, 750)  # Kawar et al. Figure 3
     pgd_eps: float | None = None  # None = Kawar's 100 at 3x128x128 by per-pixel RMS: 50 at 64x64

@@ -57,7 +57,7 @@ def sample_images(
 ) -> torch.Tensor:
     """Unconditional DDPM samples as uint8 (N, 3, H, W) on the CPU; sample i uses only (seed, i).
 
-    ``steps`` < T respaces the chain through ``DDPMScheduler.set_timesteps`` (DESIGN.md §3).
+    ``steps`` < T respaces the chain through ``DDPMScheduler.set_timesteps`` (docs/maths.md).
     """
     check_positive("num_samples", num_samples)
     check_positive("batch_size", batch_size)
@@ -242,7 +242,7 @@ def evaluate_ddpm(config: EvalDDPMConfig | None = None, **overrides: Any) -> dic
             nonzero = share[share > 0]
             summary.update({
                 "class_share": dict(zip(CLASS_NAMES, map(float, share), strict=True)),
-                # 1 = every class equally often, 0 = one class only (§7: one class dominated).
+                # 1 = every class equally often, 0 = one class only (docs/scales.md's notes).
                 "class_entropy": float(-(nonzero * np.log(nonzero)).sum() / np.log(len(share))),
                 "confident_share": float(rows["confident"].mean()),
                 "mean_max_prob": float(rows["max_prob"].mean()),

@@ -1,4 +1,4 @@
-"""Guidance maths as small functions (DESIGN.md D1, D2, D3, D5, D7) and gradient sources.
+"""Guidance maths as small functions (docs/maths.md D1, D2, D3, D5, D7) and gradient sources.
 
 A *gradient source* answers one question per sampling step: given x_t and t, what are
 eps_theta(x_t, t) and the raw guidance gradient g_t = grad_{x_t} log p(y | x_in) (D3)? Whether

@@ -1,4 +1,4 @@
-"""Class-conditional sample quality and accuracy (DESIGN.md §5), with uncertainty.
+"""Class-conditional sample quality and accuracy (docs/metrics.md), with uncertainty.
 
 FID, KID and precision/recall come from torch-fidelity, computed on features we extract with a
 feature extractor registered in torch-fidelity's registry: the judge's penultimate features at the
@@ -65,6 +65,7 @@ from gradcheck.utils import (
     load_json,
     resolve_device,
     run_metadata,
+    strict_json,
 )
 
 JUDGE_EXTRACTOR = "sportballs-judge-shufflenet"
@@ -270,17 +271,19 @@ def features_to_precision_recall(
     return float(out[KEY_METRIC_PRECISION]), float(out[KEY_METRIC_RECALL])
 
 
-def bootstrap_accuracy(
-    correct: np.ndarray, n_bootstrap: int = 1000, seed: int = 0
-) -> tuple[float, float]:
-    """95% percentile-bootstrap interval of the mean of a boolean vector (N,)."""
-    correct = np.asarray(correct, dtype=np.float64)
+def proportion_interval(correct: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Exact (Clopper-Pearson) interval of the share of True in a boolean vector (N,).
+
+    Never collapses at the extremes as a bootstrap does ([0, 36.9%] for 0 of 8, [94.4%, 100%]
+    for 64 of 64) and never leaves [0, 1].
+    """
+    from scipy.stats import binomtest  # scipy comes with scikit-learn
+
+    correct = np.asarray(correct, dtype=bool)
     if len(correct) == 0:
         return math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    means = correct[rng.integers(0, len(correct), (n_bootstrap, len(correct)))].mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return float(low), float(high)
+    ci = binomtest(int(correct.sum()), len(correct)).proportion_ci(level, method="exact")
+    return float(ci.low), float(ci.high)
 
 
 def _mmd2_unbiased_resampled(
@@ -337,18 +340,26 @@ def seed_interval(values: Sequence[float]) -> tuple[float, float, float]:
 # ---------------------------------------------------------------------------------------------
 
 
+REFERENCE_SPLIT = "test"
+"""FID/KID reference images come from the held-out test split, the same for every command
+(run metrics and eval-ddpm): the judge, whose features FID uses without Inception weights, was
+trained on the train split, and a reference it has memorised would flatter the samples. The
+paper compares with 64 training images; this is a marked protocol difference."""
+
+
 def reference_images(
     data_root: str | Path, target: int, n_reference: int = 64, reference_seed: int = 0
 ) -> np.ndarray:
-    """``n_reference`` training images (n, H, W, 3) uint8 of class ``target``, drawn by seed."""
+    """``n_reference`` held-out images (n, H, W, 3) uint8 of class ``target`` from the
+    :data:`REFERENCE_SPLIT`, drawn by seed."""
     from gradcheck.data.sportballs import load_split
 
-    images, labels = load_split(data_root, "train")
+    images, labels = load_split(data_root, REFERENCE_SPLIT)
     pool = np.flatnonzero(np.asarray(labels) == target)
     if len(pool) < n_reference:
         raise GradcheckError(
-            f"n_reference {n_reference} exceeds the {len(pool)} training images of class "
-            f"{target} ({CLASS_NAMES[target]}) in {data_root}"
+            f"n_reference {n_reference} exceeds the {len(pool)} {REFERENCE_SPLIT} images of "
+            f"class {target} ({CLASS_NAMES[target]}) in {data_root}"
         )
     # Sorted after drawing: the set, not its order, is what the seed fixes; memmap reads in order.
     chosen = np.sort(np.random.default_rng(reference_seed).choice(pool, n_reference, replace=False))
@@ -438,7 +449,7 @@ def evaluate_samples(
     n_bootstrap: int = 1000,
     bootstrap_seed: int = 0,
 ) -> dict[str, Any]:
-    """All DESIGN.md §5 metrics of uint8 samples (N, H, W, 3) of class ``target``: a flat dict.
+    """All docs/metrics.md metrics of uint8 samples (N, H, W, 3) of class ``target``: a flat dict.
 
     ``guiding`` is the (model, config) that guided, None for the oracle (accuracy_guiding NaN).
     """
@@ -476,15 +487,13 @@ def evaluate_samples(
 
     judge_correct = classifier_correct(judge_model, samples, target, batch_size)
     acc_judge = float(judge_correct.mean())
-    judge_low, judge_high = bootstrap_accuracy(judge_correct, n_bootstrap, bootstrap_seed)
+    judge_low, judge_high = proportion_interval(judge_correct)
     if guiding is None:
         acc_guiding, guiding_low, guiding_high = nan, nan, nan
     else:
         guiding_correct = classifier_correct(guiding[0], samples, target, batch_size)
         acc_guiding = float(guiding_correct.mean())
-        guiding_low, guiding_high = bootstrap_accuracy(
-            guiding_correct, n_bootstrap, bootstrap_seed
-        )
+        guiding_low, guiding_high = proportion_interval(guiding_correct)
 
     return {
         "target": int(target),
@@ -492,6 +501,7 @@ def evaluate_samples(
         "n_samples": n,
         "n_reference": int(n_reference),
         "reference_seed": int(reference_seed),
+        "reference_split": REFERENCE_SPLIT,
         "extractor": fe_name,
         "feature_dim": int(f_gen.shape[1]),
         "inception_weights_sha256": inception_sha,
@@ -511,6 +521,7 @@ def evaluate_samples(
         "accuracy_judge": acc_judge,
         "accuracy_judge_ci_low": judge_low,
         "accuracy_judge_ci_high": judge_high,
+        "accuracy_interval": "exact Clopper-Pearson 95%",
         "n_bootstrap": int(n_bootstrap),
         "bootstrap_seed": int(bootstrap_seed),
         "judge": str(judge_folder),
@@ -538,14 +549,12 @@ def _replace_atomically(path: Path, write: Any) -> None:
 def write_metrics(run_folder: str | Path, row: dict[str, Any]) -> None:
     """Write ``metrics.json`` and a one-row ``metrics.parquet`` (versions in its metadata),
     each through a temporary file and os.replace, so a crash never leaves half a file."""
-    import json
-
     folder = Path(run_folder)
-    text = json.dumps(row, indent=2, default=str) + "\n"
+    text = strict_json(row)
     _replace_atomically(folder / "metrics.json", lambda p: p.write_text(text))
     table = pa.Table.from_pandas(pd.DataFrame([row]), preserve_index=False)
     meta = {**(table.schema.metadata or {}),
-            b"gradcheck": json.dumps(run_metadata(torch.device(row.get("metrics_device", "cpu"))))}
+            b"gradcheck": strict_json(run_metadata(torch.device(row.get("metrics_device", "cpu"))))}
     _replace_atomically(folder / "metrics.parquet",
                         lambda p: pq.write_table(table.replace_schema_metadata(meta), p))
 

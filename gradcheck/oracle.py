@@ -1,4 +1,4 @@
-"""The exact guidance gradient of the empirical noisy posterior (DESIGN.md D8).
+"""The exact guidance gradient of the empirical noisy posterior (docs/maths.md D8).
 
 For the training set {(x_i, y_i)}, i = 1..N, the forward process turns the empirical distribution
 into a mixture of Gaussians, q(x_t) = 1/N sum_i N(x_t; sqrt(abar_t) x_i, (1 - abar_t) I), so

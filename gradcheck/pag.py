@@ -411,7 +411,7 @@ def run_pag(cfg: PagConfig | None = None, progress: bool = True, **overrides: An
     names = [n for n, _ in folders]
     if len(set(names)) != len(names):
         raise GradcheckError(f"--classifiers gives two sources the same name: {names}")
-    # Any clean kind: without --ddpm the schedule is DESIGN.md §3's.
+    # Any clean kind: without --ddpm the schedule is docs/maths.md's.
     scheduler, schedule_source = load_noise_schedule(cfg.ddpm, kind="nonrobust")
     abar = scheduler.alphas_cumprod
     bad = [t for t in cfg.timesteps if not 0 <= t < abar.shape[0]]

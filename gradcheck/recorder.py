@@ -1,4 +1,4 @@
-"""Turn GuidanceSteps into ``steps.parquet`` rows and ``vectors.safetensors`` (DESIGN.md §4).
+"""Turn GuidanceSteps into ``steps.parquet`` rows and ``vectors.safetensors`` (docs/formats.md).
 
 :class:`StepRecorder` is a read-only observer of the sampler: it copies numbers out of each
 :class:`~gradcheck.sampler.GuidanceStep` and never hands anything back, so recording cannot change
@@ -26,7 +26,7 @@ from gradcheck.sampler import GuidanceStep
 from gradcheck.utils import check_choice
 
 RECORD_VECTORS = ("none", "subset", "all")
-SUBSET_SAMPLES = 8  # DESIGN.md §4: the first 8 samples ...
+SUBSET_SAMPLES = 8  # docs/formats.md: the first 8 samples ...
 SUBSET_EVERY = 10  # ... at every 10th step (and the last step, where the trajectory ends)
 VECTOR_KEYS = (col.VEC_GRAD_RAW, col.VEC_GRAD_APPLIED, col.VEC_X0_HAT)
 PIN_LIMIT_BYTES = 2**30  # vector stores up to 1 GiB are pinned for asynchronous copies
@@ -50,6 +50,8 @@ SCHEMA = pa.schema([
     (col.PROB_TARGET_X0, pa.float64()),
     (col.COS_ORACLE, pa.float64()),
     (col.GRAD_VANISHED, pa.bool_()),
+    (col.COS_PREV_NULL, pa.float64()),
+    (col.X_NORM_RATIO, pa.float64()),
 ])
 """steps.parquet's typed columns, in :data:`gradcheck.columns.STEP_COLUMNS` order."""
 
@@ -93,7 +95,7 @@ def expected_vector_bytes(
 FLOAT_COLUMNS = (
     col.GRAD_NORM_RAW, col.GRAD_NORM_APPLIED, col.SCORE_NORM, col.COS_PREV_RAW,
     col.COS_PREV_APPLIED, col.COS_RAW_APPLIED, col.COS_SCORE, col.LOG_PROB_TARGET,
-    col.PROB_TARGET_X0, col.COS_ORACLE,
+    col.PROB_TARGET_X0, col.COS_ORACLE, col.COS_PREV_NULL, col.X_NORM_RATIO,
 )
 """Per-(sample, step) quantities computed on the sampling device, as float64."""
 
@@ -145,6 +147,8 @@ class StepRecorder:
             col.LOG_PROB_TARGET: picked(step.log_probs, y),
             col.PROB_TARGET_X0: picked(step.log_probs_x0, y).exp(),
             col.COS_ORACLE: cos_oracle,
+            col.COS_PREV_NULL: step.cos_prev_null,
+            col.X_NORM_RATIO: step.x_norm_ratio,
         }
         floats = torch.stack([values[name].to(device=device, dtype=torch.float64)
                               for name in FLOAT_COLUMNS], dim=1)

@@ -1,7 +1,7 @@
 """`gradcheck run`: resolve a RunConfig, load the models, sample, and write the run folder.
 
-The run folder (DESIGN.md §4) is written into a temporary sibling and renamed when complete, so an
-error or Ctrl-C leaves nothing behind: config.json, samples.png, samples.npy, steps.parquet,
+The run folder (docs/formats.md) is written into a temporary sibling and renamed when complete, so
+an error or Ctrl-C leaves nothing behind: config.json, samples.png, samples.npy, steps.parquet,
 vectors.safetensors, metrics.json and metrics.parquet.
 """
 
@@ -32,9 +32,24 @@ from gradcheck import columns as col
 from gradcheck.config import RunConfig, config_to_dict
 from gradcheck.guidance import ClassifierGuidance, NetEval
 from gradcheck.models import check_image_size, load_classifier, load_ddpm
-from gradcheck.paths import DATA_ROOT, default_classifier, default_data_root, default_ddpm
+from gradcheck.paths import (
+    PAPER_SET,
+    checkpoint_set_image_size,
+    checkpoint_set_name,
+    data_root_for,
+    default_classifier,
+    default_data_root,
+    default_ddpm,
+)
 from gradcheck.recorder import RECORD_VECTORS, StepRecorder, expected_vector_bytes
-from gradcheck.sampler import Lane, Observer, check_sampling_args, sample_lanes, to_uint8
+from gradcheck.sampler import (
+    NORMALIZE_TO,
+    Lane,
+    Observer,
+    check_sampling_args,
+    sample_lanes,
+    to_uint8,
+)
 from gradcheck.stabilizers import check_stabilizer
 from gradcheck.utils import (
     GradcheckError,
@@ -58,8 +73,12 @@ PRECISIONS = ("fp32", "tf32", "bf16", "fp16", "auto")
 SHARED_FIELDS = ("num_samples", "batch_size", "steps", "seed", "device", "ddpm", "judge",
                  "data_root", "precision", "net_batch", "compile")
 """Fields that configurations sampled together (:func:`run_many`) must share."""
+NOT_HASHED = ("batch_size", "net_batch", "protocol")
+"""Fields that never change a run's results (the sizes themselves are hashed)."""
+HASHED_UNLESS_DEFAULT = {"diffusion_time": True, "normalize_to": "score"}
 PAPER_SIZE = (64, 1000)  # GradCheck §3.4: 64 samples, T = 1000 steps
-REDUCED_SIZE = (8, 50)  # ~4 min on 2 CPU cores with the paper UNet and the x0-estimate
+CPU_SIZE = (8, 1000)  # auto without a GPU: the paper's full chain, fewer samples (minutes)
+REDUCED_SIZE = (8, 50)  # opt-in only: a respaced chain, for trying the tool, not for numbers
 
 
 # ---- config resolution ------------------------------------------------------------------------
@@ -99,6 +118,9 @@ def validate_config(cfg: RunConfig) -> None:
     check_choice("record_vectors", cfg.record_vectors, RECORD_VECTORS)
     check_choice("protocol", cfg.protocol, PROTOCOLS)
     check_choice("precision", cfg.precision, PRECISIONS)
+    check_choice("normalize_to", cfg.normalize_to, NORMALIZE_TO)
+    if not isinstance(cfg.diffusion_time, bool):
+        raise GradcheckError(f"diffusion_time must be True or False, got {cfg.diffusion_time!r}")
     if cfg.net_batch is not None and (isinstance(cfg.net_batch, bool)
                                       or not isinstance(cfg.net_batch, int) or cfg.net_batch < 1):
         raise GradcheckError(f"net_batch must be an integer >= 1, got {cfg.net_batch!r}")
@@ -113,8 +135,9 @@ def resolve_config(cfg: RunConfig) -> RunConfig:
     """The config a run actually uses: the protocol's sample count and steps filled in.
 
     ``paper`` forces 64 samples x 1000 steps and ``reduced`` 8 x 50. ``auto`` keeps the fields,
-    except without a GPU when they are still the paper defaults: then it uses the reduced sizes,
-    so the design card's command finishes in minutes on a laptop. A class name as ``target``
+    except without a GPU when they are still the paper defaults: then it draws 8 samples with
+    the full 1,000-step chain (:data:`CPU_SIZE`), so the design card's command finishes in
+    minutes on a laptop with the CPU-scale checkpoints. A class name as ``target``
     (``RunConfig(target="soccer")``, as the CLI takes it) becomes its index.
     """
     validate_config(cfg)
@@ -126,7 +149,7 @@ def resolve_config(cfg: RunConfig) -> RunConfig:
     elif cfg.protocol == "reduced":
         sizes = REDUCED_SIZE
     elif resolve_device(cfg.device).type == "cpu" and sizes == PAPER_SIZE:
-        sizes = REDUCED_SIZE
+        sizes = CPU_SIZE
     gpu = resolve_device(cfg.device).type == "cuda"
     if cfg.precision == "tf32" and not gpu:
         raise GradcheckError("precision tf32 needs a CUDA device; use fp32, bf16, fp16 or auto")
@@ -143,12 +166,19 @@ def shared_key(cfg: RunConfig) -> tuple:
 def _hash_view(cfg: RunConfig) -> dict[str, Any]:
     """The config as hashed into run ids: shipped checkpoint paths by role, not by location."""
     d = config_to_dict(cfg)
+    for field in NOT_HASHED:
+        d.pop(field)
+    for field, default in HASHED_UNLESS_DEFAULT.items():
+        if d[field] == default:
+            d.pop(field)  # fields added later: the ids of earlier runs stay valid
+    name = checkpoint_set_name()
+    shipped = "<shipped {}>" if name == PAPER_SET else f"<shipped {Path(name).name} {{}}>"
     if d["ddpm"] == str(default_ddpm()):
-        d["ddpm"] = "<shipped ddpm>"
+        d["ddpm"] = shipped.format("ddpm")
     if d["judge"] == str(default_classifier("judge")):
-        d["judge"] = "<shipped judge>"
+        d["judge"] = shipped.format("judge")
     if d["data_root"] == str(default_data_root()):  # GRADCHECK_DATA moves it, same data set
-        d["data_root"] = DATA_ROOT
+        d["data_root"] = data_root_for(checkpoint_set_image_size())
     return d
 
 
@@ -163,6 +193,10 @@ def default_run_id(cfg: RunConfig) -> str:
     parts = [clf, "x0" if cfg.x0_estimate else "xt", cfg.stabilizer]
     if not cfg.normalize:
         parts.append("nonorm")
+    elif cfg.normalize_to != "score":
+        parts.append(f"norm{cfg.normalize_to}")
+    if not cfg.diffusion_time and cfg.stabilizer != "none":
+        parts.append("steptime")
     parts += [f"s{cfg.scale:g}", f"t{cfg.target}", f"n{cfg.num_samples}", f"k{cfg.steps}",
               f"seed{cfg.seed}"]
     digest = hashlib.sha256(json.dumps(_hash_view(cfg), sort_keys=True).encode()).hexdigest()
@@ -188,7 +222,7 @@ def _classifier_folder(classifier: str) -> Path | None:
 
 
 def _check_not_the_judge(cfg: RunConfig, config: dict[str, Any]) -> None:
-    """DESIGN.md §5: the judge grades samples and never guides; a run guided by it (its loaded
+    """docs/metrics.md: the judge grades samples and never guides; a run guided by it (its loaded
     ``config`` says kind 'judge', or it is the run's own judge folder) would grade itself."""
     folder = _classifier_folder(cfg.classifier)
     if config.get("kind") == "judge":
@@ -200,13 +234,30 @@ def _check_not_the_judge(cfg: RunConfig, config: dict[str, Any]) -> None:
                              "must be independent of the guiding classifier (pass another --judge)")
 
 
-def _load_ddpm(folder: str) -> tuple[UNet2DModel, DDPMScheduler]:
+def _check_ddpm_folder(folder: str) -> None:
     if folder == str(default_ddpm()) and not Path(folder).is_dir():
         raise GradcheckError(
             f"the shipped reference DDPM is missing at {folder}; it comes with the repository's "
             "checkpoints (set GRADCHECK_CHECKPOINTS if they live elsewhere), or train one with "
             "`gradcheck train-ddpm` and pass --ddpm FOLDER"
         )
+
+
+def _ddpm_configs(folder: str) -> tuple[dict[str, Any], DDPMScheduler]:
+    """(UNet config, scheduler) of a DDPM folder from its JSON files alone: no weights read."""
+    _check_ddpm_folder(folder)
+    unet_config = Path(folder) / "unet" / "config.json"
+    if not (Path(folder) / "model_index.json").is_file() or not unet_config.is_file():
+        load_ddpm(folder)  # raises its own clear error for a folder that is not a pipeline
+    try:
+        return (UNet2DModel.load_config(unet_config.parent),
+                DDPMScheduler.from_pretrained(Path(folder) / "scheduler"))
+    except (OSError, ValueError) as e:
+        raise GradcheckError(f"cannot load DDPM from {folder}: {str(e).splitlines()[0]}") from None
+
+
+def _load_ddpm(folder: str) -> tuple[UNet2DModel, DDPMScheduler]:
+    _check_ddpm_folder(folder)
     return load_ddpm(folder)
 
 
@@ -233,6 +284,18 @@ def _load_oracle(cfg: RunConfig, scheduler: DDPMScheduler, device: torch.device)
 
     oracle = EmpiricalOracle.from_data_root(cfg.data_root, scheduler.alphas_cumprod, device)
     return oracle.eval()
+
+
+def data_second_moment(data_root: str, n: int = 4096) -> float | None:
+    """Mean of x_0^2 over the pixels of the first ``n`` training images in [-1, 1] (the
+    x_norm_ratio reference: E||x_t||^2 = D (abar_t m2 + 1 - abar_t)); None without data."""
+    from gradcheck.data.sportballs import load_split
+
+    if not _dataset_exists(data_root):
+        return None
+    images, _ = load_split(data_root, "train")
+    x = torch.from_numpy(np.array(images[:n])).float() / 127.5 - 1
+    return float(x.square().mean())
 
 
 def _frozen(model: nn.Module) -> nn.Module:
@@ -315,7 +378,7 @@ def run_many(
         log.warning(
             "%s protocol: %d samples x %d sampling steps (--protocol paper gives 64 x 1000; "
             "--num-samples / --steps choose)",
-            "no GPU, reduced" if requested[0].protocol == "auto" else requested[0].protocol,
+            "no GPU" if requested[0].protocol == "auto" else requested[0].protocol,
             base.num_samples, base.steps,
         )
     run_ids = [n if n is not None else default_run_id(c) for c, n in zip(cfgs, names, strict=True)]
@@ -337,26 +400,37 @@ def run_many(
     if not os.access(existing, os.W_OK | os.X_OK):
         raise GradcheckError(f"cannot write to {out}: {existing} is not writable")
 
-    unet, scheduler = _load_ddpm(base.ddpm)
+    # Everything that can be checked without the DDPM's weights is checked before loading
+    # them: its configs (steps <= T, image size), the classifiers, the judge, the data set.
+    unet_config, scheduler = _ddpm_configs(base.ddpm)
     for c in cfgs:
         check_sampling_args(scheduler, c.steps, c.scale, c.target)
+    image_size = int(unet_config["sample_size"])
+    models: dict[str, tuple[nn.Module, dict]] = {}  # guiding model and config, by name
+    for c in cfgs:
+        if c.classifier not in models and c.classifier != "oracle":
+            model, model_config = _load_classifier(c, device)
+            _check_not_the_judge(c, model_config)
+            check_image_size(model_config, image_size, f"classifier {c.classifier}",
+                             "the DDPM makes")
+            models[c.classifier] = (_frozen(model), model_config)
+    checked: dict[tuple, bool] = {}  # judge and reference images: read once, not per run
+    for c in cfgs:
+        key = (c.metrics, c.judge, c.data_root, c.target)
+        if key not in checked:
+            checked[key] = _check_metrics(c, image_size)
+    with_metrics = [checked[(c.metrics, c.judge, c.data_root, c.target)] for c in cfgs]
+
+    unet, _ = _load_ddpm(base.ddpm)
     unet = _frozen(unet.to(device))
     sampling_unet = torch.compile(unet) if base.compile else unet
     net = NetEval.for_precision(base.precision, rows=base.net_batch, cuda=device.type == "cuda")
-    models: dict[str, tuple[nn.Module, dict]] = {}  # guiding model and config, by name
     sources: dict[tuple[str, bool], ClassifierGuidance] = {}
     oracle = None
     for c in cfgs:
-        if c.classifier not in models:
-            if c.classifier == "oracle":
-                oracle = oracle or _load_oracle(c, scheduler, device)
-                models[c.classifier] = (oracle, {"kind": "oracle"})
-            else:
-                model, model_config = _load_classifier(c, device)
-                _check_not_the_judge(c, model_config)
-                check_image_size(model_config, unet.config.sample_size,
-                                 f"classifier {c.classifier}", "the DDPM makes")
-                models[c.classifier] = (_frozen(model), model_config)
+        if c.classifier == "oracle" and c.classifier not in models:
+            oracle = _load_oracle(c, scheduler, device)
+            models[c.classifier] = (oracle, {"kind": "oracle"})
         key = (c.classifier, c.x0_estimate)
         if key not in sources:
             sources[key] = ClassifierGuidance(models[c.classifier][0], x0_estimate=c.x0_estimate)
@@ -373,12 +447,6 @@ def run_many(
         with_oracle.append(wanted)
     if any(with_oracle) and oracle is None:
         oracle = _load_oracle(base, scheduler, device)
-    checked: dict[tuple, bool] = {}  # judge and reference images: read once, not per run
-    for c in cfgs:
-        key = (c.metrics, c.judge, c.data_root, c.target)
-        if key not in checked:
-            checked[key] = _check_metrics(c, unet.config.sample_size)
-    with_metrics = [checked[(c.metrics, c.judge, c.data_root, c.target)] for c in cfgs]
 
     image_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     size = sum(expected_vector_bytes(c.record_vectors, c.num_samples, c.steps, image_shape)
@@ -395,6 +463,7 @@ def run_many(
                               oracle=oracle if wanted else None)
                  for c, run_id, wanted in zip(cfgs, run_ids, with_oracle, strict=True)]
     n_batches = math.ceil(base.num_samples / base.batch_size)
+    m2 = data_second_moment(base.data_root)  # x_norm_ratio's reference (NaN without data)
 
     desc = run_ids[0] if len(cfgs) == 1 else f"{len(cfgs)} runs, seed {base.seed}"
     bar = tqdm(total=n_batches * base.steps, unit="step", desc=desc, disable=not progress,
@@ -407,13 +476,14 @@ def run_many(
             lanes = [
                 Lane(guidance=sources[(c.classifier, c.x0_estimate)], target=c.target,
                      scale=c.scale, normalize=c.normalize, stabilizer=c.stabilizer,
+                     diffusion_time=c.diffusion_time, normalize_to=c.normalize_to,
                      observers=(rec, *observers) + ((lambda _: bar.update(1),) if i == 0
                                                     else ()))
                 for i, (c, rec) in enumerate(zip(cfgs, recorders, strict=True))
             ]
             xs = sample_lanes(sampling_unet, scheduler, lanes,
                               sample_generators(base.seed, indices), steps=base.steps,
-                              sample_indices=indices, net=net)
+                              sample_indices=indices, net=net, data_second_moment=m2)
             for store, x in zip(images, xs, strict=True):
                 store.append(to_uint8(x))
     finally:
@@ -435,7 +505,7 @@ def _write_run(
     recorder: StepRecorder, samples: np.ndarray, wall_time: float, batched_runs: int,
     guiding: tuple[nn.Module, dict] | None, with_metrics: bool, device: torch.device,
 ) -> None:
-    """Write one run folder's files (DESIGN.md §4) into its temporary folder."""
+    """Write one run folder's files (docs/formats.md) into its temporary folder."""
     save_json(tmp / "config.json", {**config, "run_metadata": meta})
     np.save(tmp / "samples.npy", samples)
     save_grid(samples, tmp / "samples.png")
@@ -458,6 +528,8 @@ def _write_run(
         "hardware": meta["hardware"],
         "mean_cos_prev_raw": _nanmean(steps[col.COS_PREV_RAW]),
         "mean_cos_prev_applied": _nanmean(steps[col.COS_PREV_APPLIED]),
+        "mean_cos_prev_null": _nanmean(steps[col.COS_PREV_NULL]),  # D7': the stabiliser alone
+        "max_x_norm_ratio": float(steps[col.X_NORM_RATIO].max()),
         "grad_vanished_frac": vanished / max(len(steps), 1),
     }
     if with_metrics:
@@ -524,7 +596,10 @@ def summary_table(row: dict[str, Any]) -> str:
         lines.append(("metrics", "not computed (--no-metrics or gradcheck.metrics missing)"))
     lines += [
         ("mean cos_prev raw", _fmt(row, "mean_cos_prev_raw", ".3f")),
-        ("mean cos_prev applied", _fmt(row, "mean_cos_prev_applied", ".3f")),
+        ("mean cos_prev applied", f"{_fmt(row, 'mean_cos_prev_applied', '.3f')}  (null "
+                                  f"baseline, the stabiliser on random gradients: "
+                                  f"{_fmt(row, 'mean_cos_prev_null', '.3f')})"),
+        ("max ||x_t|| / expected", _fmt(row, "max_x_norm_ratio", ".2f")),
     ]
     width = max(len(k) for k, _ in lines)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in lines)

@@ -1,7 +1,7 @@
-"""The guided DDPM loop (DESIGN.md D1-D7). It emits one read-only GuidanceStep per step.
+"""The guided DDPM loop (docs/maths.md D1-D7). It emits one read-only GuidanceStep per step.
 
 :func:`sample_guided` is a plain function, like k-diffusion's samplers: everything it does is in
-the loop of :func:`_sample_lanes`, numbered by the equations of DESIGN.md §3. Observers (the
+the loop of :func:`_sample_lanes`, numbered by the equations of docs/maths.md. Observers (the
 recorder, a progress bar) receive a frozen :class:`GuidanceStep` of detached copies, so they can
 never change a sample.
 
@@ -29,13 +29,18 @@ from gradcheck.guidance import (
     GuidanceSource,
     NetEval,
     cosine,
+    flat_norm,
     normalize_guidance,
     score_from_eps,
     x0_from_eps,
 )
 from gradcheck.stabilizers import Stabilizer, make_stabilizer
-from gradcheck.utils import GradcheckError, randn_per_sample
+from gradcheck.utils import GradcheckError, check_choice, randn_per_sample
 
+NORMALIZE_TO = ("score", "eps")
+"""D5's reference norm: the score's (docs/maths.md D5, GradCheck Eq. 2) or eps_theta's (Augustin et
+al.'s code, ``_renormalize_gradient``); they differ by 1 / sqrt(1 - abar_t)."""
+NULL_SEED_SALT = 0x5EED_0F_A11  # the null-baseline generators' seeds: the sample's, salted
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
 """Scheduler variance types whose ``_get_variance`` is sigma_t^2 itself (D6 needs sigma_t^2)."""
 
@@ -66,6 +71,8 @@ class GuidanceStep:
     vanished: torch.Tensor  # (B,) bool, D5
     cos_prev_raw: torch.Tensor  # (B,) float64, D7; NaN at step 0
     cos_prev_applied: torch.Tensor  # (B,) float64, D7; NaN at step 0
+    cos_prev_null: torch.Tensor  # (B,) float64, D7': the same stabiliser on random gradients
+    x_norm_ratio: torch.Tensor  # (B,) float64: ||x_t|| over its expected norm (NaN: unknown)
     log_probs: torch.Tensor  # (B, C) log p(. | x_in); NaN without guidance
     log_probs_x0: torch.Tensor  # (B, C) log p(. | x0_hat); NaN without guidance
     x_prev: torch.Tensor  # x_{t-1}, the step's result
@@ -118,6 +125,10 @@ class Lane:
     normalize: bool = True
     stabilizer: str | Callable[[], Stabilizer] = "none"
     observers: Sequence[Observer] = ()
+    # D4': a named stabiliser's betas follow diffusion time (beta ** (T / steps)); False
+    # counts sampler steps, as the paper's 1,000-step chains did (identical at steps = T).
+    diffusion_time: bool = True
+    normalize_to: str = "score"  # D5's reference norm: score (docs/maths.md) | eps (Augustin)
 
 
 def ddpm_step(
@@ -173,6 +184,9 @@ def sample_guided(
     sample_indices: Sequence[int] | None = None,
     observers: Sequence[Observer] = (),
     net: NetEval = NetEval(),
+    diffusion_time: bool = True,
+    normalize_to: str = "score",
+    data_second_moment: float | None = None,
 ) -> torch.Tensor:
     """Classifier-guided DDPM sampling of one batch -> x_0 (B, 3, H, W), unclamped.
 
@@ -183,9 +197,11 @@ def sample_guided(
     networks are evaluated (fixed row pieces, precision): see :class:`NetEval`.
     """
     lane = Lane(guidance=guidance, target=target, scale=scale, normalize=normalize,
-                stabilizer=stabilizer, observers=observers)
+                stabilizer=stabilizer, observers=observers, diffusion_time=diffusion_time,
+                normalize_to=normalize_to)
     return sample_lanes(unet, scheduler, [lane], generators, steps=steps,
-                        sample_indices=sample_indices, net=net)[0]
+                        sample_indices=sample_indices, net=net,
+                        data_second_moment=data_second_moment)[0]
 
 
 def sample_lanes(
@@ -197,6 +213,7 @@ def sample_lanes(
     steps: int = 1000,
     sample_indices: Sequence[int] | None = None,
     net: NetEval = NetEval(),
+    data_second_moment: float | None = None,
 ) -> list[torch.Tensor]:
     """:func:`sample_guided` for several lanes over the same samples -> one x_0 per lane.
 
@@ -204,9 +221,13 @@ def sample_lanes(
     network call has that many rows, so each lane's samples are bit-identical to sampling the
     lane alone; the gain is fewer, fuller calls: one UNet pass for all lanes that need no
     gradient through it, one classifier pass per gradient source.
+
+    ``data_second_moment`` (mean of x_0^2 over the data's pixels) gives the ``x_norm_ratio``
+    of every step: ||x_t|| / sqrt(D (abar_t m2 + 1 - abar_t)), 1 on the DDPM's own marginal.
     """
     with net.numerics():
-        return _sample_lanes(unet, scheduler, lanes, generators, steps, sample_indices, net)
+        return _sample_lanes(unet, scheduler, lanes, generators, steps, sample_indices, net,
+                             data_second_moment)
 
 
 def _sample_lanes(
@@ -217,10 +238,12 @@ def _sample_lanes(
     steps: int,
     sample_indices: Sequence[int] | None,
     net: NetEval,
+    data_second_moment: float | None,
 ) -> list[torch.Tensor]:
     """:func:`sample_lanes` under its numerics settings: the loop, numbered by D1-D7."""
     for lane in lanes:
         check_sampling_args(scheduler, steps, lane.scale, lane.target)
+        check_choice("normalize_to", lane.normalize_to, NORMALIZE_TO)
     if not lanes:
         raise GradcheckError("need at least one lane (guidance configuration)")
     b = len(generators)
@@ -239,8 +262,22 @@ def _sample_lanes(
     y = torch.cat([torch.full((b,), lane.target, dtype=torch.long, device=device)
                    for lane in lanes])
     sample_ids = torch.as_tensor(indices, dtype=torch.long)
-    stabs = [make_stabilizer(lane.stabilizer) if isinstance(lane.stabilizer, str)
-             else lane.stabilizer() for lane in lanes]
+    time_scale = scheduler.config.num_train_timesteps / steps
+
+    def fresh_stabilizer(lane: Lane) -> Stabilizer:
+        if not isinstance(lane.stabilizer, str):
+            return lane.stabilizer()
+        return make_stabilizer(lane.stabilizer, time_scale if lane.diffusion_time else 1.0)
+
+    stabs = [fresh_stabilizer(lane) for lane in lanes]
+    # D7': each lane's stabiliser also runs on isotropic Gaussian gradients of the raw
+    # gradients' norms, from per-sample generators of their own (the samples' streams are
+    # untouched): the cos_prev that the stabiliser's memory alone produces.
+    null_stabs = [fresh_stabilizer(lane) for lane in lanes]
+    null_gens = [torch.Generator(g.device).manual_seed((g.initial_seed() ^ NULL_SEED_SALT)
+                                                        % (2**63 - 1)) for g in generators]
+    null_prev: list[torch.Tensor | None] = [None] * n_lanes
+    d_pixels = c * size[0] * size[1]
     # Lanes that need no gradient through the UNet get eps from one shared no-grad pass; lanes
     # sharing a gradient source get their gradients from one pass of it.
     shared = [i for i, lane in enumerate(lanes)
@@ -307,13 +344,19 @@ def _sample_lanes(
         # 2. The DDPM score (D1) and the x0-estimate (D2), from the same eps.
         score = score_from_eps(eps, abar)
         x0_hat = x0_from_eps(x, eps, abar)
+        if data_second_moment is None:
+            x_norm_ratio = torch.full((n_lanes * b,), nan, dtype=torch.float64, device=device)
+        else:
+            expected = math.sqrt(d_pixels * (float(abar) * data_second_moment + 1 - float(abar)))
+            x_norm_ratio = flat_norm(x).double() / expected
 
         # 3.-4. Per lane: stabiliser h_t = S(g_t) (D4), per-sample state fresh for this call;
         #    normalisation gtilde_t = ||score|| h / ||h|| (D5), vanished gradients give 0.
         hs, gtildes, vanished = [], [], []
         for i, lane in enumerate(lanes):
             h = stabs[i](g[lane_rows[i]])
-            gt, van = normalize_guidance(h, score[lane_rows[i]], lane.normalize)
+            reference = score if lane.normalize_to == "score" else eps
+            gt, van = normalize_guidance(h, reference[lane_rows[i]], lane.normalize)
             hs.append(h)
             gtildes.append(gt)
             vanished.append(van)
@@ -332,6 +375,7 @@ def _sample_lanes(
         # 6.-7. Per lane: stability (D7), the cosine to the previous sampling step, raw and
         #    applied; then the step's report to the lane's observers (copies: they cannot
         #    change a sample). Nothing here waits for the device.
+        z = randn_per_sample((c, *size), null_gens, device)  # D7', one draw shared by lanes
         for i, lane in enumerate(lanes):
             rows, gi = lane_rows[i], g[lane_rows[i]]
             if g_prev[i] is None:
@@ -341,6 +385,11 @@ def _sample_lanes(
                 cos_prev_raw = cosine(gi, g_prev[i])
                 cos_prev_applied = cosine(gtildes[i], gtilde_prev[i])
             g_prev[i], gtilde_prev[i] = gi, gtildes[i]
+            # D7' (D5 rescales each sample by a positive number: the cosine is h's).
+            h_null = null_stabs[i](z * (flat_norm(gi) / flat_norm(z)).view(-1, 1, 1, 1))
+            cos_prev_null = (torch.full((b,), nan, dtype=torch.float64, device=device)
+                             if null_prev[i] is None else cosine(h_null, null_prev[i]))
+            null_prev[i] = h_null
             if lane.observers:
                 report = GuidanceStep(
                     step=k, num_steps=steps, t=t, abar=float(abar), sigma2=sigma2,
@@ -352,6 +401,7 @@ def _sample_lanes(
                     grad_raw=_frozen_copy(gi), grad_stabilized=_frozen_copy(hs[i]),
                     grad_applied=_frozen_copy(gtildes[i]), vanished=_frozen_copy(vanished[i]),
                     cos_prev_raw=cos_prev_raw.clone(), cos_prev_applied=cos_prev_applied.clone(),
+                    cos_prev_null=cos_prev_null, x_norm_ratio=x_norm_ratio[rows].clone(),
                     log_probs=_frozen_copy(log_probs[rows]),
                     log_probs_x0=_frozen_copy(log_probs_x0[rows]),
                     x_prev=_frozen_copy(x_prev[rows]),

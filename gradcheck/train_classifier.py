@@ -115,7 +115,7 @@ def _autocast(device: torch.device, amp: bool):
 
 
 def load_noise_schedule(ddpm: str | Path | None, kind: str) -> tuple[DDPMScheduler, str]:
-    """(scheduler, source): the DDPM folder's scheduler config; DESIGN.md §3 for clean kinds.
+    """(scheduler, source): the DDPM folder's scheduler config; docs/maths.md for clean kinds.
 
     Only ``scheduler/scheduler_config.json`` is read, so a robust classifier can be trained
     while its DDPM (same schedule) is still training.
@@ -126,7 +126,7 @@ def load_noise_schedule(ddpm: str | Path | None, kind: str) -> tuple[DDPMSchedul
                 f"kind {kind!r} trains on the DDPM's noisy latents and needs --ddpm FOLDER "
                 "(a DDPM folder with scheduler/scheduler_config.json)"
             )
-        return make_scheduler(), "DESIGN.md §3 (gradcheck.models.make_scheduler)"
+        return make_scheduler(), "docs/maths.md (gradcheck.models.make_scheduler)"
     config = Path(ddpm) / "scheduler" / "scheduler_config.json"
     if not config.is_file():
         raise GradcheckError(

@@ -1,4 +1,4 @@
-"""Train the unconditional DDPM (DESIGN.md §3, §7): accelerate, bf16, EMA, resume, fp16 export.
+"""Train the unconditional DDPM (docs/scales.md): accelerate, bf16, EMA, resume, fp16 export.
 
 Layout for ``--out OUT --name NAME``::
 
@@ -8,8 +8,9 @@ Layout for ``--out OUT --name NAME``::
                                             model/ema/optimizer/rng .safetensors, train_log.parquet
     OUT/NAME/train_state/ddpm/samples/      a grid of EMA samples every --sample-every steps
 
-The recipe targets what limits §7's plain loop in a short GPU budget. An EMA at a fixed decay
-of 0.9995 still holds 0.9995^4716 = 9% of the random initialisation after §7's 4,716 steps; with
+The recipe targets what limits the plain loop of docs/scales.md's training notes in a short
+budget. An EMA at a fixed decay of 0.9995 still holds 0.9995^4716 = 9% of the random
+initialisation after that loop's 4,716 steps; with
 the decay warmed up it averages only recent weights. The UNet's GroupNorms make the noise's
 per-channel mean (a colour offset) hard to pass through, and in the plain loss that offset is
 only 1/(H W) of the error, so it is learned last and samples keep random background tints. A
@@ -66,6 +67,8 @@ GRID_SAMPLES = 16
 STATE_FORMAT = 1
 LOG_COLUMNS = ("step", "loss", "mse", "grad_norm", "lr", "images_per_s")
 MULTISCALE_SIZES = (1, 2, 4, 8)  # pooled sizes: the per-channel mean (1) up to 8 x 8 cells
+MIXED_PRECISION = ("auto", "bf16", "no")
+CPU_BF16_MIN_SPEEDUP = 1.2  # auto on a CPU: bf16 only where it trains this much faster
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,7 +183,7 @@ def _make_optimizer(
 
 
 class TrainStep:
-    """One optimiser step on the (weighted) epsilon-prediction loss of DESIGN.md §3.
+    """One optimiser step on the (weighted) epsilon-prediction loss of docs/maths.md.
 
     All randomness (batch indices, flips, timesteps, noise) comes from one generator on the
     device, so a run is reproducible from its seed and resumable from the generator's state.
@@ -230,7 +233,7 @@ class TrainStep:
         t = torch.randint(len(self.abar), (self.batch_size,), generator=g, device=dev)
         noise = torch.randn(x0.shape, generator=g, device=dev)
         abar = self.abar[t].view(-1, 1, 1, 1)
-        # q(x_t | x_0) of DDPM: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (DESIGN.md §3).
+        # q(x_t | x_0) of DDPM: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (docs/maths.md).
         x_t = (abar.sqrt() * x0 + (1 - abar).sqrt() * noise).contiguous(
             memory_format=self.memory_format
         )
@@ -266,7 +269,7 @@ def export_ddpm(
     overwrite: bool = False,
     extra: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write a diffusers pipeline folder (``unet`` + the §3 scheduler) that plain
+    """Write a diffusers pipeline folder (``unet`` + the docs/maths.md scheduler) that plain
     ``DDPMPipeline.from_pretrained(folder, use_safetensors=True)`` loads; safetensors shards of at
     most ``max_shard_size`` tensor bytes. ``extra(tmp)`` may add files before the atomic rename."""
     check_positive("max_shard_size", max_shard_size)
@@ -432,7 +435,7 @@ def _load_init(folder: str | Path, preset: str) -> dict[str, Any]:
 
 def _check_config(cfg: TrainDDPMConfig) -> None:
     check_choice("UNet preset", cfg.preset, list(UNET_PRESETS))
-    check_choice("mixed_precision", cfg.mixed_precision, ("bf16", "no"))
+    check_choice("mixed_precision", cfg.mixed_precision, MIXED_PRECISION)
     check_seed(cfg.seed)
     check_folder_name("checkpoint set name", cfg.name)
     for name in ("batch_size", "lr", "log_every", "sample_steps", "ema_decay"):
@@ -471,6 +474,37 @@ def _accelerator(device: str) -> Any:
         return Accelerator(cpu=dev.type == "cpu", mixed_precision="no")
     except ValueError as e:
         raise GradcheckError(f"accelerate: {str(e).splitlines()[0]}") from None
+
+
+def choose_autocast(
+    mixed_precision: str, device: torch.device, preset: str, batch_size: int,
+    channels_last: bool, say: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Resolve ``--mixed-precision`` to bf16 autocast or float32 -> {"autocast": ..., ...}.
+
+    ``auto`` is bf16 on a GPU. On a CPU it times a few real training steps of the preset both
+    ways (interleaved, on random images, the run's own state untouched) and takes bf16 only
+    where it is :data:`CPU_BF16_MIN_SPEEDUP` times faster: AVX-512/AMX CPUs run it 2-3x faster,
+    others emulate it slower than float32.
+    """
+    if mixed_precision != "auto" or device.type != "cpu":
+        autocast = "float32" if mixed_precision == "no" else "bf16"
+        return {"autocast": autocast, "reason": f"--mixed-precision {mixed_precision}"}
+    rates: dict[str, list[float]] = {"no": [], "bf16": []}
+    with torch.random.fork_rng(devices=[]):  # the run's own random stream stays untouched
+        for _ in range(2):
+            for mode in rates:
+                r = benchmark_training(preset, batch_size, steps=3, mixed_precision=mode,
+                                       channels_last=channels_last, warmup=1,
+                                       device=str(device))
+                rates[mode].append(r["images_per_s"])
+    fp32, bf16 = max(rates["no"]), max(rates["bf16"])
+    autocast = "bf16" if bf16 >= CPU_BF16_MIN_SPEEDUP * fp32 else "float32"
+    choice = {"autocast": autocast, "cpu_images_per_s": {"float32": fp32, "bf16": bf16},
+              "reason": f"measured: bf16 {bf16:.0f} vs float32 {fp32:.0f} images/s "
+                        f"({bf16 / fp32:.2f}x; bf16 needs >= {CPU_BF16_MIN_SPEEDUP}x)"}
+    say(f"train-ddpm on the CPU: {autocast} ({choice['reason']})")
+    return choice
 
 
 def train_ddpm(config: TrainDDPMConfig | None = None, **overrides: Any) -> dict[str, Any]:
@@ -546,6 +580,12 @@ def train_ddpm(config: TrainDDPMConfig | None = None, **overrides: Any) -> dict[
     if not cfg.resume and cfg.overwrite and main:
         shutil.rmtree(state_dir, ignore_errors=True)  # a new run: no stale grids or state
 
+    if ckpt is not None and "precision" in ckpt["state"]["sittings"][-1]:
+        precision = ckpt["state"]["sittings"][-1]["precision"]  # resume: the same arithmetic
+    else:
+        precision = choose_autocast(cfg.mixed_precision, device, cfg.preset,
+                                    cfg.batch_size // world, cfg.channels_last,
+                                    say=print if main else lambda _: None)
     model = accelerator.prepare_model(unet)  # DDP wrapper under `accelerate launch`
     if cfg.compile:
         model = torch.compile(model)
@@ -555,12 +595,12 @@ def train_ddpm(config: TrainDDPMConfig | None = None, **overrides: Any) -> dict[
         model, optimizer, images, scheduler.alphas_cumprod,
         min_snr_weights(scheduler.alphas_cumprod, cfg.min_snr_gamma), cfg.multiscale_weight,
         generator, cfg.batch_size // world, cfg.hflip, cfg.grad_clip,
-        cfg.mixed_precision == "bf16" and device.type == "cuda", cfg.channels_last,
+        precision["autocast"] == "bf16", cfg.channels_last,
     )
     sitting = {
         "mode": "resume" if cfg.resume else "init_from" if cfg.init_from else "new",
         "init_from": cfg.init_from, "start_step": step, "end_step": step, "seconds": 0.0,
-        "config": config_to_dict(cfg), "metadata": run_metadata(device),
+        "config": config_to_dict(cfg), "metadata": run_metadata(device), "precision": precision,
     }
     rows: list[dict[str, float]] = []
     last_grid: torch.Tensor | None = None
@@ -576,7 +616,7 @@ def train_ddpm(config: TrainDDPMConfig | None = None, **overrides: Any) -> dict[
         if not main:
             return
         last_grid = sample_images(ema.model, scheduler, GRID_SAMPLES, cfg.sample_steps,
-                                  cfg.seed, GRID_SAMPLES, cfg.mixed_precision)
+                                  cfg.seed, GRID_SAMPLES, "bf16" if device.type == "cuda" else "no")
         (state_dir / "samples").mkdir(parents=True, exist_ok=True)
         save_grid(last_grid, state_dir / "samples" / f"step_{step:07d}.png")
 
@@ -740,8 +780,8 @@ def benchmark_training(
         step_fn = TrainStep(
             model, optimizer, images, scheduler.alphas_cumprod,
             min_snr_weights(scheduler.alphas_cumprod, cfg.min_snr_gamma), cfg.multiscale_weight,
-            generator, batch_size, cfg.hflip, cfg.grad_clip,
-            mixed_precision == "bf16" and dev.type == "cuda", channels_last,
+            generator, batch_size, cfg.hflip, cfg.grad_clip, mixed_precision == "bf16",
+            channels_last,
         )
         sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
         if dev.type == "cuda":
@@ -763,7 +803,7 @@ def benchmark_training(
             "batch_size": batch_size,
             "compile": compile,
             "channels_last": channels_last,
-            "mixed_precision": mixed_precision if dev.type == "cuda" else "no",
+            "mixed_precision": mixed_precision,
             "it_per_s": steps / seconds,
             "images_per_s": steps * batch_size / seconds,
             "warmup_s": warmup_s,

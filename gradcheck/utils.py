@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import platform
+import re
 import shutil
+import socket
 import subprocess
 import uuid
 from collections.abc import Iterator, Sequence
@@ -34,8 +37,9 @@ def check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
 
 
 def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
-    """Raise a GradcheckError unless ``value`` > 0 (or >= 0 with ``allow_zero``)."""
-    if value < 0 or (value == 0 and not allow_zero):
+    """Raise a GradcheckError unless ``value`` is a finite number > 0 (or >= 0 with
+    ``allow_zero``): NaN compares False with everything, so it is refused by name."""
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise GradcheckError(f"{name} must be {bound}, got {value}")
 
@@ -84,12 +88,50 @@ def torch_flags_restored() -> Iterator[None]:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
+def _temporary_name(final: Path, kind: str) -> Path:
+    """``.<name>.<kind>-<host>-<pid>-<random>``: whose it is, so stale ones can be told apart."""
+    host = re.sub(r"[^A-Za-z0-9]+", "_", socket.gethostname())[:32] or "host"
+    return final.parent / f".{final.name}.{kind}-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Remove the temporary folders that killed processes (kill -9, power loss) left in
+    ``folder`` -> the removed paths. Only folders of this host whose process is gone: never one
+    that a live process, or another machine sharing the folder, is writing."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    host = re.sub(r"[^A-Za-z0-9]+", "_", socket.gethostname())[:32] or "host"
+    pattern = re.compile(rf"^\..+\.(?:tmp|old)-{re.escape(host)}-(\d+)-[0-9a-f]{{8}}$")
+    removed = []
+    for p in folder.iterdir():
+        m = pattern.match(p.name)
+        if not m or _process_alive(int(m.group(1))):
+            continue
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
 @contextlib.contextmanager
 def atomic_output_dir(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling folder that replaces ``final`` only when the block succeeds.
 
     An existing ``final`` is an error unless ``overwrite``. On any exception, Ctrl-C included,
-    the temporary folder is removed and nothing at ``final`` changes.
+    the temporary folder is removed and nothing at ``final`` changes. Temporary folders that
+    killed processes left beside it are removed first (:func:`remove_stale_temporaries`).
     """
     final = Path(final)
     if final.exists() and not overwrite:
@@ -97,9 +139,11 @@ def atomic_output_dir(final: str | Path, overwrite: bool = False) -> Iterator[Pa
         raise GradcheckError(f"{final} already exists{what}; pass --overwrite to replace it")
     if final.parent.exists() and not final.parent.is_dir():
         raise GradcheckError(f"cannot write {final}: {final.parent} is a file, not a folder")
+    created = [p for p in (final.parent, *final.parent.parents) if not p.exists()]
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+        remove_stale_temporaries(final.parent)
+        tmp = _temporary_name(final, "tmp")
         tmp.mkdir()
     except OSError as e:
         raise GradcheckError(f"cannot write to {final.parent}: {e.strerror}") from None
@@ -107,9 +151,12 @@ def atomic_output_dir(final: str | Path, overwrite: bool = False) -> Iterator[Pa
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for p in created:  # innermost first: parents made for this output go too, if empty
+            with contextlib.suppress(OSError):
+                p.rmdir()
         raise
     if final.exists():
-        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+        old = _temporary_name(final, "old")
         final.rename(old)
         tmp.rename(final)
         if old.is_dir() and not old.is_symlink():
@@ -213,9 +260,11 @@ def run_metadata(device: torch.device) -> dict[str, Any]:
     import numpy
 
     import gradcheck
+    from gradcheck.paths import checkpoint_set_name
 
     return {
         "gradcheck": gradcheck.__version__,
+        "checkpoints": checkpoint_set_name(),  # the reference set that the defaults came from
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "numpy": numpy.__version__,
@@ -226,9 +275,28 @@ def run_metadata(device: torch.device) -> dict[str, Any]:
     }
 
 
+def _json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, inf) as None: JSON has no NaN."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:  # numpy / torch scalars
+        return _json_safe(obj.item())
+    return obj
+
+
+def strict_json(obj: Any) -> str:
+    """Indented, standard JSON: NaN and infinities become null ("undefined" or "not
+    computed"), so strict readers (jq, JavaScript) accept every file gradcheck writes."""
+    return json.dumps(_json_safe(obj), indent=2, default=str, allow_nan=False) + "\n"
+
+
 def save_json(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON."""
-    Path(path).write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    """Write ``obj`` as strict JSON (:func:`strict_json`)."""
+    Path(path).write_text(strict_json(obj))
 
 
 def load_json(path: str | Path) -> Any:

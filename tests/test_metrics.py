@@ -19,10 +19,10 @@ from gradcheck import metrics
 from gradcheck.config import MetricsConfig
 from gradcheck.metrics import (
     JUDGE_EXTRACTOR,
-    bootstrap_accuracy,
     evaluate_samples,
     features_to_fid,
     features_to_kid,
+    proportion_interval,
     recompute_run_metrics,
     seed_interval,
 )
@@ -146,12 +146,17 @@ def test_seed_interval_against_hand_computed_values() -> None:
         seed_interval([])
 
 
-def test_bootstrap_accuracy_interval() -> None:
-    assert bootstrap_accuracy(np.ones(64, bool)) == (1.0, 1.0)
+def test_accuracy_interval_is_exact_and_never_degenerate() -> None:
+    # Clopper-Pearson: 0 of 8 is [0, 36.9%], 64 of 64 is [94.4%, 100%] (a percentile
+    # bootstrap gave [0, 0] and [1, 1], as if a share of 8 samples were known exactly).
+    low, high = proportion_interval(np.zeros(8, bool))
+    assert low == 0.0 and high == pytest.approx(0.3694, abs=1e-4)
+    low, high = proportion_interval(np.ones(64, bool))
+    assert low == pytest.approx(0.9440, abs=1e-4) and high == 1.0
     correct = np.arange(64) % 4 != 0  # 75% correct
-    low, high = bootstrap_accuracy(correct, n_bootstrap=2000, seed=0)
-    assert low < 0.75 < high and 0.6 < low and high < 0.9
-    assert bootstrap_accuracy(correct, 2000, 0) == (low, high)
+    low, high = proportion_interval(correct)
+    assert 0.6 < low < 0.75 < high < 0.86
+    assert all(math.isnan(v) for v in proportion_interval(np.zeros(0, bool)))
 
 
 # ---- Inception weights: verified, never downloaded ---------------------------------------------

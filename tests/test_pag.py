@@ -179,9 +179,8 @@ def pq_meta(path: Path) -> str:
 
 
 def test_missing_default_classifier_names_its_folder(tiny_data, tmp_path, monkeypatch, capsys):
-    import gradcheck.paths
 
-    monkeypatch.setattr(gradcheck.paths, "DEFAULT_CHECKPOINTS", tmp_path / "none")
+    monkeypatch.setenv("GRADCHECK_CHECKPOINTS", str(tmp_path / "none"))
     with pytest.raises(SystemExit) as exit_:
         main(["pag", "--classifiers", "robust", "--data-root", str(tiny_data), "--out",
               str(tmp_path / "out"), "--device", "cpu", "--no-progress"])

@@ -13,7 +13,6 @@ import pandas as pd
 import pytest
 import torch
 
-import gradcheck.paths
 from gradcheck.cli import main
 from gradcheck.config import RunConfig, SweepConfig
 from gradcheck.metrics import seed_interval
@@ -194,7 +193,7 @@ def tiny_runs(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path,
                   for t in range(0, 1000, 50) for inp in ("x_t", "x0_hat")]).to_parquet(
         ck / "classifiers" / "robust" / "accuracy_by_t.parquet")
     mp = pytest.MonkeyPatch()
-    mp.setattr(gradcheck.paths, "DEFAULT_CHECKPOINTS", ck)
+    mp.setenv("GRADCHECK_CHECKPOINTS", str(ck))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     base = RunConfig(num_samples=2, batch_size=2, steps=10, device="cpu", ddpm=str(ck / "ddpm"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import os
 import re
 from pathlib import Path
 
@@ -189,13 +190,19 @@ def test_default_run_id_is_readable_and_deterministic(ckpt):
     assert default_run_id(dataclasses.replace(cfg)) == rid
     assert default_run_id(dataclasses.replace(cfg, normalize=False)).startswith(
         "clf-x0-adam-nonorm-")
-    assert default_run_id(dataclasses.replace(cfg, batch_size=1)) != rid
-    assert default_run_id(RunConfig(device="cpu")).startswith("nonrobust-xt-none-s1-t0-n8-k50-")
+    # Results do not depend on batch sizes, so neither do run ids; they do on the seed.
+    assert default_run_id(dataclasses.replace(cfg, batch_size=1, net_batch=2)) == rid
+    assert default_run_id(dataclasses.replace(cfg, seed=1)) != rid
+    assert default_run_id(dataclasses.replace(cfg, normalize_to="eps")).startswith(
+        "clf-x0-adam-normeps-")
+    assert default_run_id(dataclasses.replace(cfg, diffusion_time=False)).startswith(
+        "clf-x0-adam-steptime-")
+    assert default_run_id(RunConfig(device="cpu")).startswith("nonrobust-xt-none-s1-t0-n8-k1000-")
 
 
 def test_protocol_resolution():
     assert (resolve_config(RunConfig(device="cpu")).num_samples,
-            resolve_config(RunConfig(device="cpu")).steps) == (8, 50)
+            resolve_config(RunConfig(device="cpu")).steps) == (8, 1000)  # no GPU: 8 samples
     paper = resolve_config(RunConfig(device="cpu", protocol="paper", steps=10))
     assert (paper.num_samples, paper.steps) == (64, 1000)
     reduced = resolve_config(RunConfig(device="cpu", protocol="reduced", num_samples=100))
@@ -370,7 +377,7 @@ def test_run_ids_do_not_depend_on_where_gradcheck_data_puts_the_data(monkeypatch
 
 
 def test_missing_shipped_checkpoints_name_the_folder(ckpt, tmp_path, monkeypatch):
-    monkeypatch.setattr(gradcheck.paths, "DEFAULT_CHECKPOINTS", tmp_path / "sportballs-v1")
+    monkeypatch.setenv("GRADCHECK_CHECKPOINTS", str(tmp_path / "sportballs-v1"))
     out = tmp_path / "runs"
     cfg = RunConfig(device="cpu", metrics=False, num_samples=1, steps=2)
     with pytest.raises(GradcheckError, match=r"shipped reference DDPM is missing at .*"
@@ -404,6 +411,46 @@ def test_ctrl_c_mid_run_leaves_no_partial_folder(ckpt, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         run(tiny_cfg(ckpt), out=out, progress=False, observers=[interrupt])
     assert not out.exists()  # neither the run folder nor its temporary sibling, nor runs/
+
+
+def _console_script() -> str:
+    """The installed ``gradcheck`` entry point beside this interpreter (what a user types)."""
+    import shutil
+    import sys
+
+    script = Path(sys.executable).parent / "gradcheck"
+    return str(script) if script.is_file() else shutil.which("gradcheck")
+
+
+def test_ctrl_c_through_the_console_script_says_so(ckpt, tmp_path):
+    """SIGINT mid-run: exit 130, the one-line message, and no run folder or temporary left."""
+    import signal
+    import subprocess
+    import time
+
+    out = tmp_path / "runs"
+    args = [_console_script(), "run", "--classifier", str(ckpt / "clf"), "--ddpm",
+            str(ckpt / "ddpm"), "--judge", str(ckpt / "judge"), "--data-root", "nowhere",
+            "--num-samples", "2", "--steps", "1000", "--device", "cpu", "--no-metrics",
+            "--no-oracle", "--record-vectors", "none", "--out", str(out), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(args[:-1], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    # Wait for the progress bar (stderr) to show sampling steps, then press Ctrl-C.
+    seen = b""
+    os.set_blocking(proc.stderr.fileno(), False)
+    deadline = time.monotonic() + 120
+    while b"/1000" not in seen and time.monotonic() < deadline:
+        assert proc.poll() is None, seen.decode()
+        seen += proc.stderr.read() or b""
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    os.set_blocking(proc.stderr.fileno(), True)
+    rest = proc.communicate(timeout=60)[1]
+    err = (seen + rest).decode()
+    assert proc.returncode == 130
+    assert "error: interrupted by SIGINT; partial outputs were removed" in err
+    assert "Traceback" not in err
+    assert not out.exists() or list(out.iterdir()) == []
 
 
 def test_cli_run(ckpt, tmp_path, capsys):
@@ -446,7 +493,7 @@ def test_cli_explicit_paper_sizes_are_not_reduced(tmp_path, monkeypatch, capsys)
     for extra in ([], ["--steps", "1000"], ["--steps", "20"]):
         with pytest.raises(SystemExit):
             main(["run", "--device", "cpu", *extra])
-    assert [(c.num_samples, c.steps) for c in seen] == [(8, 50), (64, 1000), (64, 20)]
+    assert [(c.num_samples, c.steps) for c in seen] == [(8, 1000), (64, 1000), (64, 20)]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("gradcheck.metrics") is None,
@@ -455,13 +502,21 @@ def test_metrics_are_computed_and_summarised(ckpt, tmp_path):
     from gradcheck.data.sportballs import generate_dataset
 
     data = tmp_path / "data"
-    # The paper protocol compares with 64 training images of the target class.
-    generate_dataset(data, n_train=280, n_val=8, n_test=8, image_size=32, progress=False)
+    # 64 held-out (test) images of the target class are the FID reference.
+    generate_dataset(data, n_train=16, n_val=8, n_test=260, image_size=32, progress=False)
     folder = run(tiny_cfg(ckpt, data, metrics=True, num_samples=4, steps=2), out=tmp_path / "r",
                  progress=False)
     metrics = load_json(folder / "metrics.json")
     assert metrics["n_samples"] == 4 and metrics["n_reference"] == 64
-    assert 0 <= metrics["accuracy_judge"] <= 1 and 0 <= metrics["accuracy_guiding"] <= 1
+    assert metrics["reference_split"] == "test"
+    # Exact intervals: never degenerate, never outside [0, 1], even for 0 or 4 of 4 correct.
+    for m in ("accuracy_judge", "accuracy_guiding"):
+        low, high = metrics[f"{m}_ci_low"], metrics[f"{m}_ci_high"]
+        assert 0 <= low <= metrics[m] <= high <= 1 and high - low > 0.3
     assert np.isfinite(metrics["fid"]) and metrics["extractor"]
+    # Strict JSON: no bare NaN (precision/recall are undefined at N = 4, stored as null).
+    json.loads((folder / "metrics.json").read_text(), parse_constant=lambda c: 1 / 0)
+    assert -1 <= metrics["mean_cos_prev_null"] <= 1 and metrics["max_x_norm_ratio"] > 0
     table = summary_table(metrics)
     assert "accuracy judge" in table and f"N={metrics['n_samples']}" in table
+    assert "null baseline" in table

@@ -15,15 +15,21 @@ from torchvision.models import mobilenet_v3_small
 from gradcheck.config import RunConfig
 from gradcheck.data.sportballs import generate_dataset
 from gradcheck.models import load_classifier, load_ddpm
-from gradcheck.paths import DEFAULT_CHECKPOINTS, default_classifier, default_ddpm
+from gradcheck.paths import checkpoint_set, default_classifier, default_ddpm
 from gradcheck.precision import measure_precision
 from gradcheck.runner import run
 
 KINDS = ("nonrobust", "robust", "adversarial", "judge")
 
 
+@pytest.fixture(autouse=True)
+def _paper_set(monkeypatch):
+    """These tests are about the paper-scale set, whichever set this machine defaults to."""
+    monkeypatch.setenv("GRADCHECK_CHECKPOINTS", "sportballs-v1")
+
+
 def test_shipped_checkpoints_are_small_fp16_safetensors():
-    files = [p for p in DEFAULT_CHECKPOINTS.rglob("*") if p.is_file()]
+    files = [p for p in checkpoint_set().rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) <= 64 * 2**20
     weights = [p for p in files if p.suffix == ".safetensors"]
     assert len(weights) == 8  # 4 UNet shards + 4 classifiers

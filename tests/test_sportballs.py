@@ -321,6 +321,7 @@ def test_cli_writes_data_and_png_tree(tmp_path: Path) -> None:
         (["--n-test", "3"], "n_test must be >= 4"),
         (["--image-size", "8"], "image_size must lie in 16..512 pixels, got 8"),
         (["--image-size", "100000"], "image_size must lie in 16..512 pixels, got 100000"),
+        (["--n-train", "1000000000000"], "the data set needs 1.14e+07 GiB but"),
     ],
 )
 def test_cli_rejects_bad_sizes(tmp_path: Path, extra: list[str], message: str) -> None:

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import gradcheck.paths
 from gradcheck import runner
 from gradcheck.cli import main
 from gradcheck.config import RunConfig, SweepConfig
@@ -34,7 +33,7 @@ def checkpoints(tiny_checkpoints: Path) -> Path:
 def _shipped_tiny(checkpoints: Path, monkeypatch: pytest.MonkeyPatch):
     """The tiny checkpoints stand in for the shipped ones; one thread keeps CPU runs quick on a
     busy 2-core machine."""
-    monkeypatch.setattr(gradcheck.paths, "DEFAULT_CHECKPOINTS", checkpoints)
+    monkeypatch.setenv("GRADCHECK_CHECKPOINTS", str(checkpoints))
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_ARRAY_TASK_ID",
                 "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_STEP"):
         monkeypatch.delenv(var, raising=False)

@@ -268,3 +268,11 @@ def test_config_fields_match_cli_options() -> None:
     cmd = typer.main.get_command(app).commands["train-classifier"]
     options = {p.name for p in cmd.params}
     assert options == {f.name for f in dataclasses.fields(TrainClassifierConfig)}
+
+
+def test_missing_data_set_leaves_no_checkpoint_tree(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["train-classifier", "--kind", "judge", "--data-root", str(tmp_path / "nowhere"),
+              "--out", str(tmp_path / "ck"), "--name", "x", "--no-progress"])
+    assert e.value.code == 2 and "nowhere" in capsys.readouterr().err
+    assert not (tmp_path / "ck").exists()

@@ -51,7 +51,8 @@ def tiny_run(data: Path, out: Path, **kw) -> dict:
     """A tiny CPU run: no intermediate grids or checkpoints, a 1-step grid at the end."""
     args = dict(data_root=str(data), out=str(out), name="t", preset="tiny", batch_size=8,
                 lr=3e-3, warmup_steps=10, log_every=5, sample_every=0, sample_steps=1,
-                checkpoint_every=0, fp16_export=False, progress=False, device="cpu")
+                checkpoint_every=0, fp16_export=False, progress=False, device="cpu",
+                mixed_precision="no")  # float32: the same arithmetic on every CPU
     return train_ddpm(**{**args, **kw})
 
 
@@ -223,6 +224,7 @@ def test_bad_inputs_give_one_line_errors(tiny_data: Path, trained: Path, tmp_pat
         (dict(max_steps=1, init_from=str(tmp_path)), "not a DDPM pipeline folder"),
         (dict(max_steps=1, batch_size=0), "batch_size must be > 0"),
         (dict(max_steps=1, mixed_precision="fp8"), "unknown mixed_precision"),
+        (dict(max_steps=1, lr=float("nan")), "lr must be > 0, got nan"),
         (dict(max_steps=1, seed=-1), "seed must be an integer in 0..4294967295, got -1"),
         (dict(max_steps=1, name="../escape"), "name '../escape' must be a plain folder name"),
         (dict(max_steps=1, name=""), "must be a plain folder name"),
@@ -363,3 +365,29 @@ def test_eval_ddpm_without_judge_says_why_fid_is_missing(trained: Path, tmp_path
     assert "class_share" not in s and "fid" not in s and "judge" in s["fid_skipped"]
     with pytest.raises(GradcheckError, match="steps must lie in 1..1000"):
         evaluate_ddpm(folder=str(trained / "t" / "ddpm"), steps=0, device="cpu")
+
+
+def test_auto_precision_on_a_cpu_is_measured_printed_and_recorded(tiny_data: Path,
+                                                                   tmp_path: Path, capsys):
+    """--mixed-precision auto times bf16 against float32 on this CPU, says which it took and
+    why, and records it in train_config.json; a resume keeps that arithmetic."""
+    from gradcheck.train_ddpm import CPU_BF16_MIN_SPEEDUP
+
+    tiny_run(tiny_data, tmp_path, max_steps=2, mixed_precision="auto")
+    said = capsys.readouterr().out
+    assert "train-ddpm on the CPU:" in said and "images/s" in said
+    cfg = json.loads((tmp_path / "t" / "ddpm" / "train_config.json").read_text())
+    choice = cfg["sittings"][0]["precision"]
+    rates = choice["cpu_images_per_s"]
+    want = "bf16" if rates["bf16"] >= CPU_BF16_MIN_SPEEDUP * rates["float32"] else "float32"
+    assert choice["autocast"] == want and choice["autocast"] in said
+    tiny_run(tiny_data, tmp_path, max_steps=3, mixed_precision="auto", resume=True)
+    assert "train-ddpm on the CPU:" not in capsys.readouterr().out
+    cfg = json.loads((tmp_path / "t" / "ddpm" / "train_config.json").read_text())
+    assert cfg["sittings"][1]["precision"] == choice
+
+
+def test_forced_precision_is_recorded(tiny_data: Path, tmp_path: Path):
+    tiny_run(tiny_data, tmp_path, max_steps=1, mixed_precision="bf16")
+    cfg = json.loads((tmp_path / "t" / "ddpm" / "train_config.json").read_text())
+    assert cfg["sittings"][0]["precision"]["autocast"] == "bf16"

@@ -1,4 +1,4 @@
-"""SportBalls: four procedurally drawn sport balls on a white canvas (DESIGN.md §4).
+"""SportBalls: four procedurally drawn sport balls on a white canvas (docs/formats.md).
 
 Classes, in label order: baseball (white, two red stitched seams), basketball (orange, black
 seam lines), soccer (white, black pentagons), volleyball (yellow, blue and white curved panels).
@@ -509,6 +509,18 @@ def _check_sizes(sizes: dict[str, Any]) -> None:
         raise GradcheckError(f"seed must be >= 0, got {sizes['seed']}")
 
 
+def _check_disk(root: Path, nbytes: int) -> None:
+    """Refuse a data set that cannot fit on the disk (image arrays; PNGs counted as big)."""
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if nbytes > free:
+        raise GradcheckError(f"the data set needs {nbytes / 2**30:.3g} GiB but {existing} has "
+                             f"{free / 2**30:.3g} GiB free; lower --n-train/--n-val/--n-test "
+                             "or --image-size")
+
+
 def generate_dataset(
     root: str | Path,
     n_train: int = 40000,
@@ -520,7 +532,7 @@ def generate_dataset(
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Generate SportBalls into ``root`` (DESIGN.md §4); return a summary.
+    """Generate SportBalls into ``root`` (docs/formats.md); return a summary.
 
     The summary has ``root``, ``counts`` (split -> class -> images), ``seconds``,
     ``images_per_s``, ``redrawn`` and ``sha256`` (split -> file -> hex digest).
@@ -538,6 +550,7 @@ def generate_dataset(
     holds_data = root.is_dir() and any(p.name != CARD for p in root.iterdir())
     if holds_data and not overwrite:
         raise GradcheckError(f"{root} already exists; pass --overwrite to replace it")
+    _check_disk(root, sum(n_split.values()) * 3 * cfg.image_size**2 * (2 if png else 1))
     start = time.perf_counter()
     # The committed dataset card lives in the root: a root holding only the card counts as
     # empty, and the card is carried into the new folder.

@@ -1,4 +1,4 @@
-"""What the papers report: GradCheck Table 1 (DESIGN.md §6) and the findings the report checks.
+"""What the papers report: GradCheck Table 1 (docs/metrics.md) and the findings the report checks.
 
 Values are copied from the papers, not computed; accuracies are fractions (0.9688 = 96.88%).
 """
@@ -97,6 +97,6 @@ FINDINGS: tuple[Finding, ...] = (
         "run with (scale sweep).",
     ),
 )
-"""GradCheck's four findings (DESIGN.md §6) and Kawar et al.'s scale-sweep claim."""
+"""GradCheck's four findings (docs/metrics.md) and Kawar et al.'s scale-sweep claim."""
 
 VERDICTS = ("supported", "not supported", "not testable with these runs")

@@ -247,7 +247,7 @@ def _table1(d: _Data) -> Section:
              f"{T.provenance(d.proto_runs)}.")
     sec.text(f"Paper: {PAPER_PROTOCOL}.")
     sec.text("Ours: mean and [95% t-interval] over seeds; differences are ours - paper. "
-             "FID at N = 64 is rank-deficient and biased (DESIGN.md §5): compare rows at equal N, "
+             "FID at N = 64 is rank-deficient and biased (docs/metrics.md): compare at equal N, "
              "read KID beside it. Accuracy 'guiding' is the paper's number (the classifier grades "
              "its own guidance); the judge is an independent classifier.")
     extractors = set(d.proto_runs["extractor"].dropna())
@@ -584,7 +584,7 @@ def default_extras(out: str | Path) -> list[Path]:
 
 
 def render_report(
-    runs: Sequence[str | Path] = ("runs",), out: str | Path = "reports", overwrite: bool = False,
+    runs: Sequence[str | Path] = ("runs",), out: str | Path = "report", overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
     """Build the report of the run folders at or below ``runs`` and write it to ``out``.

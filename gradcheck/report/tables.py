@@ -2,7 +2,7 @@
 
 Inputs are the run table (one row per run: config fields, metrics, provenance; see
 ``RUN_COLUMNS``) and step statistics (one row per run, step and logged quantity; see
-:func:`step_stats`). Intervals are over seeds (DESIGN.md §5).
+:func:`step_stats`). Intervals are over seeds (docs/metrics.md).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ PROTOCOL_KEYS = ("scale", "normalize", "target", "steps", "num_samples")
 
 METRIC_COLUMNS = (
     "fid", "kid_mean", "kid_std", "precision", "recall", "accuracy_guiding", "accuracy_judge",
-    "mean_cos_prev_raw", "mean_cos_prev_applied",
+    "mean_cos_prev_raw", "mean_cos_prev_applied", "mean_cos_prev_null", "max_x_norm_ratio",
 )
 """Per-run numbers from metrics.json (NaN when a run has no metrics)."""
 
@@ -41,13 +41,16 @@ RUN_COLUMNS = (
 STEP_QUANTITIES = (
     "cos_prev_raw", "cos_prev_applied", "cos_raw_applied", "cos_score", "cos_oracle",
     "grad_norm_raw", "grad_norm_applied", "score_norm", "log_prob_target", "prob_target_x0",
+    "cos_prev_null", "x_norm_ratio",
 )
-"""steps.parquet columns summarised over samples at every step (DESIGN.md §4)."""
+"""steps.parquet columns summarised over samples at every step (docs/formats.md)."""
 
 TABLE1_METRICS = (
     "fid", "kid_mean", "accuracy_guiding", "accuracy_judge", "mean_cos_prev_applied",
-    "mean_cos_prev_raw",
+    "mean_cos_prev_raw", "mean_cos_prev_null",
 )
+PROPORTIONS = ("accuracy_guiding", "accuracy_judge")
+"""Metrics that are shares: their intervals over seeds are clipped to [0, 1]."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -55,11 +58,15 @@ TABLE1_METRICS = (
 # ---------------------------------------------------------------------------------------------
 
 
-def interval(values: Iterable[float]) -> tuple[float, float, float]:
+def interval(values: Iterable[float], proportion: bool = False) -> tuple[float, float, float]:
     """(mean, low, high): the 95% t-interval over seeds of the finite values (a run without a
-    metric, e.g. --no-metrics, does not void the others); all NaN when none is finite."""
+    metric, e.g. --no-metrics, does not void the others); all NaN when none is finite. A
+    ``proportion``'s interval is clipped to [0, 1], where the share lives."""
     x = [float(v) for v in values if v is not None and np.isfinite(v)]
-    return seed_interval(x) if x else (math.nan, math.nan, math.nan)
+    mean, low, high = seed_interval(x) if x else (math.nan, math.nan, math.nan)
+    if proportion and np.isfinite(low):
+        low, high = max(low, 0.0), min(high, 1.0)
+    return mean, low, high
 
 
 def step_stats(steps: pd.DataFrame) -> pd.DataFrame:
@@ -120,7 +127,7 @@ def run_row(
     for k in METRIC_COLUMNS:
         v = metrics.get(k)
         row[k] = float(v) if v is not None else math.nan
-    for q in ("cos_prev_raw", "cos_prev_applied"):
+    for q in ("cos_prev_raw", "cos_prev_applied", "cos_prev_null"):
         if math.isnan(row[f"mean_{q}"]):
             s = steps_stats[steps_stats["quantity"] == q]
             row[f"mean_{q}"] = (
@@ -257,7 +264,7 @@ def at_protocol(runs: pd.DataFrame, protocol: dict[str, Any]) -> pd.DataFrame:
 
 
 def table1(runs: pd.DataFrame, protocol: dict[str, Any] | None = None) -> pd.DataFrame:
-    """GradCheck Table 1 from our runs beside the paper's values (DESIGN.md §6).
+    """GradCheck Table 1 from our runs beside the paper's values (docs/metrics.md).
 
     One row per (classifier, x0_estimate, stabilizer) at ``protocol`` (default
     :func:`table1_protocol`): the paper's eight rows first, then other configurations; for each
@@ -272,7 +279,8 @@ def table1(runs: pd.DataFrame, protocol: dict[str, Any] | None = None) -> pd.Dat
         row["n_seeds"] = int(g["seed"].nunique())
         row["seeds"] = _ranges(sorted(set(g["seed"].dropna().astype(int))))
         for m in TABLE1_METRICS:
-            row[m], row[f"{m}_ci_low"], row[f"{m}_ci_high"] = interval(g[m])
+            values = g[m] if m in g else []
+            row[m], row[f"{m}_ci_low"], row[f"{m}_ci_high"] = interval(values, m in PROPORTIONS)
         rows.append(row)
     ours = pd.DataFrame(rows, columns=[*TABLE1_KEYS, "label", "n_seeds", "seeds",
                                        *[f"{m}{s}" for m in TABLE1_METRICS
@@ -300,7 +308,7 @@ def table1(runs: pd.DataFrame, protocol: dict[str, Any] | None = None) -> pd.Dat
 
 def fmt_interval(mean: float, low: float, high: float, percent: bool = False,
                  digits: int = 2) -> str:
-    """'26.64 [24.10, 29.18]', '96.9% [93.0, 100.8]', '26.64' without an interval, '-' if NaN."""
+    """'26.64 [24.10, 29.18]', '96.9% [93.0, 100.0]', '26.64' without an interval, '-' if NaN."""
     if mean is None or pd.isna(mean):
         return "-"
     f = 100.0 if percent else 1.0
@@ -491,6 +499,11 @@ def findings(runs: pd.DataFrame, pooled: pd.DataFrame | None = None,
         ok, ev = _comparison(a, b, +1, -1)
         pc = paired_difference(a, b, "mean_cos_prev_applied")
         ev.append("mean cos_prev " + _describe("", pc).strip())
+        if "mean_cos_prev_null" in b:
+            applied, null = interval(b["mean_cos_prev_applied"]), interval(b["mean_cos_prev_null"])
+            ev.append(f"x0 + adam's cos_prev {fmt_interval(*applied, digits=3)} against "
+                      f"{fmt_interval(*null, digits=3)} that ADAM gives random gradients "
+                      "(D7' null baseline): only the excess is the gradients' own stability")
         verdicts["4"] = (untestable, "no seed in common") if ok is None else (
             "supported" if ok else "not supported", "robust -> + x0 + adam: " + "; ".join(ev))
 
@@ -545,7 +558,7 @@ def scale_curves(runs: pd.DataFrame) -> pd.DataFrame:
             row["n_seeds"] = int(gs["seed"].nunique())
             for m in ("fid", "kid_mean", "accuracy_guiding", "accuracy_judge",
                       "mean_cos_prev_applied"):
-                row[m], row[f"{m}_ci_low"], row[f"{m}_ci_high"] = interval(gs[m])
+                row[m], row[f"{m}_ci_low"], row[f"{m}_ci_high"] = interval(gs[m], m in PROPORTIONS)
             rows.append(row)
     out = pd.DataFrame(rows)
     if len(out):
