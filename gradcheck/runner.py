@@ -525,6 +525,7 @@ def _write_run(
         "wall_time_s": wall_time / batched_runs,
         "batched_runs": batched_runs,
         "batched_wall_time_s": wall_time,
+        "image_size": int(samples.shape[1]),  # the report marks sizes other than the paper's
         "hardware": meta["hardware"],
         "mean_cos_prev_raw": _nanmean(steps[col.COS_PREV_RAW]),
         "mean_cos_prev_applied": _nanmean(steps[col.COS_PREV_APPLIED]),

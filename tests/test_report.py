@@ -74,7 +74,26 @@ def test_table1_puts_the_papers_values_beside_ours_with_differences() -> None:
     assert oracle["classifier"] == "oracle" and math.isnan(oracle["paper_fid"])
     shown = T.format_table1(t1)
     assert shown.loc[4, "FID (paper)"] == "126.53" and shown.loc[4, "FID diff"] == "+2.00"
-    assert shown.loc[1, "FID"] == "-"
+    assert shown.loc[1, "FID"] == "-" and shown.loc[1, "seeds"] == "no runs"
+    assert shown.loc[4, "protocol vs paper"] == "same"
+
+
+def test_rows_of_another_protocol_are_marked_beside_the_paper() -> None:
+    rows = [dict(r, steps=50, num_samples=8, image_size=32) for r in _paper_runs()]
+    t1 = T.table1(T.runs_frame(rows))
+    shown = T.format_table1(t1)
+    assert (t1.loc[t1["in_paper"], "protocol_vs_paper"] == "50 steps; N = 8; 32x32").all()
+    assert shown.loc[0, "configuration"].endswith("\u2020")
+    assert shown.loc[0, "FID diff"].endswith("\u2020")
+    assert shown.loc[0, "protocol vs paper"] == "\u2020 50 steps; N = 8; 32x32"
+
+
+def test_accuracy_intervals_over_seeds_stay_within_zero_and_one() -> None:
+    rows = [_row("robust", False, "none", s, 30.0, acc) for s, acc in enumerate((1.0, 0.9))]
+    t1 = T.table1(T.runs_frame(rows))
+    r = t1[t1["n_seeds"] == 2].iloc[0]
+    assert r["accuracy_guiding_ci_high"] == 1.0 and r["accuracy_guiding_ci_low"] >= 0.0
+    assert r["fid_ci_low"] == r["fid_ci_high"] == 30.0
 
 
 def test_table1_protocol_is_the_one_covering_most_paper_configurations() -> None:
@@ -235,7 +254,10 @@ def test_report_renders_table1_paper_values_findings_and_a_self_contained_html(
     assert len(t1) == 8 and t1["in_paper"].all() and (t1["n_seeds"] == 1).all()
     assert np.allclose(t1["fid_diff"], 1.0) and np.allclose(t1["accuracy_guiding_diff"], 0.0)
     md = (out / "report.md").read_text()
-    assert "## Table 1" in md and "| non-robust + x0 + adam | 1 | 25.35 | 24.35 | +1.00 |" in md
+    # 10 steps, N = 2, 32x32: every row is marked as measured under another protocol.
+    assert "## Table 1" in md
+    assert "| non-robust + x0 + adam \u2020 | 1 | 25.35 | 24.35 | +1.00 \u2020 |" in md
+    assert "another protocol than the paper's" in md and "10 steps; N = 2; 32x32" in md
 
     found = pd.read_csv(out / "tables" / "findings.csv", dtype=str).set_index("finding")
     assert list(found.index) == ["1", "2", "3", "4", "K"]
@@ -300,6 +322,14 @@ def test_every_figure_states_n_seeds_extractor_hardware_and_time(
         footer = fig._supxlabel.get_text().replace("\n", " ")
         for part in ("N = ", "seeds", "extractor", "time"):
             assert part in footer, (name, footer)
+        # The footer lies inside the figure: nothing of it is clipped.
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        canvas = FigureCanvasAgg(fig)
+        canvas.draw()
+        renderer = canvas.get_renderer()
+        box, page = fig._supxlabel.get_window_extent(renderer), fig.bbox
+        assert page.x0 - 1 <= box.x0 and box.x1 <= page.x1 + 1, (name, box, page)
     run_footer = figures["norms"]._supxlabel.get_text().replace("\n", " ")
     assert "N = 2 samples per run; seeds 0 (1); extractor sportballs-judge-shufflenet" in run_footer
     assert "wall time" in run_footer and "CPU" in run_footer
@@ -309,3 +339,17 @@ def test_report_without_runs_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(GradcheckError, match="no run folders found"):
         render_report([tmp_path], out=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_long_footer_is_wrapped_inside_a_one_panel_figure() -> None:
+    """A single sample grid is 3 inches wide: its provenance footer wraps to fit."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from gradcheck.report.figures import samples_figure
+
+    footer = "; ".join(f"provenance item {i} with a long description" for i in range(12))
+    fig = samples_figure({"robust": np.zeros((4, 8, 8, 3), np.uint8)}, "samples", footer)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    box = fig._supxlabel.get_window_extent(canvas.get_renderer())
+    assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1, (box, fig.bbox)

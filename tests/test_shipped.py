@@ -57,7 +57,7 @@ def test_shipped_guiding_classifiers_load_strict_in_torchvision(kind):
 def data64(tmp_path_factory):
     """A small 64x64 data set: 64 baseballs for the metrics' reference set."""
     root = tmp_path_factory.mktemp("shipped") / "data"
-    generate_dataset(root, n_train=256, n_val=64, n_test=8, seed=0, progress=False)
+    generate_dataset(root, n_train=256, n_val=64, n_test=256, seed=0, progress=False)
     return root
 
 

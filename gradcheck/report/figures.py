@@ -35,7 +35,9 @@ def _figure(n_panels: int, title: str, footer: str, width: float = 5.2,
     axes = [fig.add_subplot(rows, cols, i + 1) for i in range(n_panels)]
     fig.suptitle(title, fontsize=11)
     # supxlabel is placed by the constrained layout, so the provenance never overlaps a panel.
-    fig.supxlabel("\n".join(textwrap.wrap(footer, 130)), fontsize=7, color="0.3")
+    # Wrapped to the figure's width (a 7 pt character is about 1/17 inch wide), never clipped.
+    chars = max(40, int(width * cols * 17))
+    fig.supxlabel("\n".join(textwrap.wrap(footer, chars)), fontsize=7, color="0.3")
     return fig, axes
 
 

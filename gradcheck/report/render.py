@@ -259,6 +259,11 @@ def _table1(d: _Data) -> Section:
         sec.note("These runs have no metrics (made with --no-metrics): only cos_prev is ours; "
                  "`gradcheck metrics RUN` adds them.")
     t1 = T.table1(d.runs, d.protocol)
+    differ = sorted({v for v in t1.loc[t1["in_paper"], "protocol_vs_paper"] if v})
+    if differ:
+        sec.note("\u2020 These rows were measured under another protocol than the paper's "
+                 f"(1,000 steps, N = 64, 64x64): {'; '.join(differ)}. Their differences to "
+                 "the paper's numbers are not like-for-like comparisons.")
     sec.add_table("table1", T.format_table1(t1), t1)
     return sec
 

@@ -35,8 +35,10 @@ METRIC_COLUMNS = (
 
 RUN_COLUMNS = (
     "run_id", "path", "seed", *CONFIG_KEYS, *METRIC_COLUMNS, "extractor", "n_samples",
-    "n_reference", "hardware", "wall_time_s",
+    "n_reference", "image_size", "hardware", "wall_time_s",
 )
+PAPER_PROTOCOL_SIZES = {"steps": 1000, "num_samples": 64, "image_size": 64}
+"""GradCheck's protocol: rows measured otherwise are marked wherever they meet its numbers."""
 
 STEP_QUANTITIES = (
     "cos_prev_raw", "cos_prev_applied", "cos_raw_applied", "cos_score", "cos_oracle",
@@ -134,7 +136,7 @@ def run_row(
                 float((s["mean"] * s["n"]).sum() / s["n"].sum()) if len(s) else math.nan
             )
     row["extractor"] = metrics.get("extractor")
-    for k in ("n_samples", "n_reference"):
+    for k in ("n_samples", "n_reference", "image_size"):
         row[k] = metrics.get(k)
     row["hardware"] = metrics.get("hardware") or lookup(config, "hardware")
     wall = metrics.get("wall_time_s", lookup(config, "wall_time_s"))
@@ -294,6 +296,10 @@ def table1(runs: pd.DataFrame, protocol: dict[str, Any] | None = None) -> pd.Dat
         method_name(*k) for k in out.loc[missing, list(TABLE1_KEYS)].itertuples(
             index=False, name=None)
     ]
+    out["protocol_vs_paper"] = [
+        _protocol_difference(sel[(sel["classifier"] == c) & (sel["x0_estimate"] == x)
+                                 & (sel["stabilizer"] == st)])
+        for c, x, st in out[list(TABLE1_KEYS)].itertuples(index=False, name=None)]
     out["fid_diff"] = out["fid"] - out["paper_fid"]
     out["accuracy_guiding_diff"] = out["accuracy_guiding"] - out["paper_accuracy"]
     order = {k: i for i, k in enumerate(PAPER_TABLE1[list(TABLE1_KEYS)].itertuples(
@@ -327,25 +333,46 @@ def _fmt(v: float, percent: bool = False, signed: bool = False) -> str:
     return f"{v * f:+.{d}f}{unit}" if signed else f"{v * f:.{d}f}{unit}"
 
 
+def _protocol_difference(runs: pd.DataFrame) -> str:
+    """How runs were measured otherwise than GradCheck's protocol ('' when not, or no runs)."""
+    parts = []
+    for key, want in PAPER_PROTOCOL_SIZES.items():
+        have = sorted({int(v) for v in runs[key].dropna()}) if key in runs else []
+        if have and have != [want]:
+            shown = ", ".join(f"{v}x{v}" if key == "image_size" else str(v) for v in have)
+            parts.append({"steps": f"{shown} steps", "num_samples": f"N = {shown}",
+                          "image_size": shown}[key])
+    return "; ".join(parts)
+
+
 def format_table1(t1: pd.DataFrame) -> pd.DataFrame:
-    """Table 1 as display strings: ours (mean [95% CI]) beside the paper and the difference."""
+    """Table 1 as display strings: ours (mean [95% CI]) beside the paper and the difference.
+
+    A row measured under another protocol (steps, N, image size) is marked with a dagger and
+    says how; its differences to the paper carry the dagger too, never silently.
+    """
     def ci(r: pd.Series, m: str, percent: bool = False, digits: int = 2) -> str:
         return fmt_interval(r[m], r[f"{m}_ci_low"], r[f"{m}_ci_high"], percent, digits)
 
     rows = []
     for _, r in t1.iterrows():
+        differs = bool(r.get("protocol_vs_paper")) and bool(r["in_paper"])
+        mark = " †" if differs else ""
         rows.append({
-            "configuration": r["label"],
-            "seeds": r["n_seeds"],
+            "configuration": r["label"] + mark,
+            "seeds": r["n_seeds"] if r["n_seeds"] else "no runs",
             "FID": ci(r, "fid"),
             "FID (paper)": _fmt(r["paper_fid"]),
-            "FID diff": _fmt(r["fid_diff"], signed=True),
+            "FID diff": _fmt(r["fid_diff"], signed=True) + mark,
             "KID": ci(r, "kid_mean", digits=4),
             "acc. guiding": ci(r, "accuracy_guiding", percent=True),
             "acc. (paper)": _fmt(r["paper_accuracy"], percent=True),
-            "acc. diff": _fmt(r["accuracy_guiding_diff"], percent=True, signed=True),
+            "acc. diff": _fmt(r["accuracy_guiding_diff"], percent=True, signed=True) + mark,
             "acc. judge": ci(r, "accuracy_judge", percent=True),
             "mean cos_prev": ci(r, "mean_cos_prev_applied", digits=3),
+            "cos_prev null": ci(r, "mean_cos_prev_null", digits=3),
+            "protocol vs paper": ("† " + r["protocol_vs_paper"]) if differs else
+            ("same" if r["n_seeds"] and r["in_paper"] else "-"),
         })
     return pd.DataFrame(rows)
 
