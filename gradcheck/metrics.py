@@ -51,6 +51,7 @@ from torch_fidelity.utils import create_feature_extractor
 
 from gradcheck import CLASS_NAMES
 from gradcheck.models import (
+    GUIDING_KINDS,
     check_image_size,
     classifier_features,
     classifier_logits,
@@ -92,7 +93,6 @@ RECOMPUTE_OPTIONS = (
     "judge", "data_root", "n_reference", "reference_seed", "extractor", "inception_weights",
     "device", "batch_size", "kid_subset_size", "n_bootstrap", "bootstrap_seed",
 )
-GUIDING_KINDS = ("nonrobust", "robust", "adversarial")
 
 
 # ---------------------------------------------------------------------------------------------

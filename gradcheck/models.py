@@ -111,6 +111,9 @@ def load_ddpm(folder: str | Path) -> tuple[UNet2DModel, DDPMScheduler]:
 # ---------------------------------------------------------------------------------------------
 
 CLASSIFIER_KINDS = ("nonrobust", "robust", "adversarial", "judge")
+"""The registry of classifier kinds: a shipped set has one folder per kind."""
+GUIDING_KINDS = CLASSIFIER_KINDS[:3]
+"""The kinds that guide; the judge grades samples and never guides (docs/metrics.md)."""
 INPUT_CONVENTION = (
     "float32 NCHW RGB, 3x64x64, values in [-1, 1] (x = 2 * uint8 / 255 - 1); "
     "logits over classes " + ", ".join(f"{i}={c}" for i, c in enumerate(CLASS_NAMES))

@@ -36,7 +36,12 @@ from gradcheck import CLASS_NAMES
 from gradcheck.attacks import pgd
 from gradcheck.config import PagConfig, config_to_dict
 from gradcheck.data.sportballs import ball_masks, load_factors, load_split
-from gradcheck.models import check_image_size, classifier_logits, load_classifier
+from gradcheck.models import (
+    CLASSIFIER_KINDS,
+    check_image_size,
+    classifier_logits,
+    load_classifier,
+)
 from gradcheck.oracle import EmpiricalOracle, oracle_available
 from gradcheck.paths import default_classifier
 from gradcheck.train_classifier import load_noise_schedule
@@ -56,7 +61,6 @@ from gradcheck.utils import (
 KAWAR_EPS = 100.0  # Kawar et al. §5.1: targeted PGD, ||delta||_2 <= 100 ...
 KAWAR_SHAPE = (3, 128, 128)  # ... on 128x128 ImageNet images in [-1, 1]
 KAWAR_RMS = KAWAR_EPS / math.sqrt(math.prod(KAWAR_SHAPE))  # per-pixel RMS of that radius: 0.451
-CLASSIFIER_NAMES = ("nonrobust", "robust", "adversarial", "judge")  # paths.default_classifier
 ORACLE = "oracle"
 PAG_COLUMNS = (
     "classifier", "class_name", "label", "t", "pag_score_mean", "pag_score_std", "n_images",
@@ -337,7 +341,7 @@ def pag_score_figure(table: pd.DataFrame) -> Figure:
 
 def resolve_classifier_folder(spec: str) -> tuple[str, Path]:
     """(name, folder) of a --classifiers entry: a kind (the shipped default folder) or a path."""
-    if spec in CLASSIFIER_NAMES:
+    if spec in CLASSIFIER_KINDS:
         folder = default_classifier(spec)
         if not folder.is_dir():
             raise GradcheckError(
@@ -348,7 +352,7 @@ def resolve_classifier_folder(spec: str) -> tuple[str, Path]:
     folder = Path(spec)
     if not folder.is_dir():
         raise GradcheckError(
-            f"--classifiers entry {spec!r} is neither a kind ({', '.join(CLASSIFIER_NAMES)}) "
+            f"--classifiers entry {spec!r} is neither a kind ({', '.join(CLASSIFIER_KINDS)}) "
             "nor a classifier folder"
         )
     return folder.name, folder

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import logging
 import math
@@ -31,7 +30,7 @@ from gradcheck import CLASS_NAMES
 from gradcheck import columns as col
 from gradcheck.config import RunConfig, config_to_dict
 from gradcheck.guidance import ClassifierGuidance, NetEval
-from gradcheck.models import check_image_size, load_classifier, load_ddpm
+from gradcheck.models import GUIDING_KINDS, check_image_size, load_classifier, load_ddpm
 from gradcheck.paths import (
     PAPER_SET,
     checkpoint_set_image_size,
@@ -65,9 +64,7 @@ from gradcheck.utils import (
 
 log = logging.getLogger(__name__)
 
-CLASSIFIER_KINDS = ("nonrobust", "robust", "adversarial")
-"""Guiding classifiers shipped in the reference checkpoints (paths.default_classifier)."""
-CLASSIFIER_CHOICES = (*CLASSIFIER_KINDS, "oracle")
+CLASSIFIER_CHOICES = (*GUIDING_KINDS, "oracle")
 PROTOCOLS = ("auto", "paper", "reduced")
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16", "auto")
 SHARED_FIELDS = ("num_samples", "batch_size", "steps", "seed", "device", "ddpm", "judge",
@@ -210,7 +207,7 @@ def _classifier_folder(classifier: str) -> Path | None:
     """The folder of a guiding classifier name or path; None for the oracle."""
     if classifier == "oracle":
         return None
-    if classifier in CLASSIFIER_KINDS:
+    if classifier in GUIDING_KINDS:
         return default_classifier(classifier)
     folder = Path(classifier)
     if folder.is_dir():
@@ -263,7 +260,7 @@ def _load_ddpm(folder: str) -> tuple[UNet2DModel, DDPMScheduler]:
 
 def _load_classifier(cfg: RunConfig, device: torch.device) -> tuple[nn.Module, dict]:
     folder = _classifier_folder(cfg.classifier)
-    if cfg.classifier in CLASSIFIER_KINDS and not folder.is_dir():
+    if cfg.classifier in GUIDING_KINDS and not folder.is_dir():
         raise GradcheckError(
             f"the shipped {cfg.classifier} classifier is missing at {folder}; it comes with the "
             "repository's checkpoints (set GRADCHECK_CHECKPOINTS if they live elsewhere), or train "
@@ -309,10 +306,6 @@ def _check_metrics(cfg: RunConfig, image_size: int) -> bool:
     """Whether metrics will be computed; fails now, not after sampling, if their inputs are
     missing or do not fit (the judge, the data set)."""
     if not cfg.metrics:
-        return False
-    if importlib.util.find_spec("gradcheck.metrics") is None:
-        log.warning("gradcheck.metrics is not available: metrics.json gets only the run's own "
-                    "summaries (no FID/KID/accuracy)")
         return False
     from gradcheck.metrics import load_judge, reference_images
 
@@ -594,7 +587,7 @@ def summary_table(row: dict[str, Any]) -> str:
                     f"{_fmt(row, 'kid_ci_high')}]  (95% bootstrap; same features and N)"),
         ]
     else:
-        lines.append(("metrics", "not computed (--no-metrics or gradcheck.metrics missing)"))
+        lines.append(("metrics", "not computed (--no-metrics)"))
     lines += [
         ("mean cos_prev raw", _fmt(row, "mean_cos_prev_raw", ".3f")),
         ("mean cos_prev applied", f"{_fmt(row, 'mean_cos_prev_applied', '.3f')}  (null "

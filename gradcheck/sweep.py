@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 from tqdm.auto import tqdm
 
 from gradcheck.config import RunConfig, SweepConfig
+from gradcheck.models import GUIDING_KINDS
 from gradcheck.utils import GradcheckError, check_choice
 
 T = TypeVar("T")
@@ -36,7 +37,7 @@ T = TypeVar("T")
 SCALES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 """GradCheck App. C.1 and Kawar et al. Table 5 (0.25-2) extended to 8."""
 
-SCALE_CLASSIFIERS = ("nonrobust", "robust", "adversarial")
+SCALE_CLASSIFIERS = GUIDING_KINDS
 """Vanilla vs robust (GradCheck's noisy-trained and Kawar's adversarially trained)."""
 
 GRIDS: dict[str, str] = {
@@ -64,7 +65,7 @@ def _grid_points(grid: str) -> list[dict[str, Any]]:
     if grid == "stabilizers":
         return [dict(classifier="nonrobust", x0_estimate=True, stabilizer=s) for s in STABILIZERS]
     return [dict(classifier=c, x0_estimate=False, stabilizer="none")
-            for c in ("nonrobust", "robust", "adversarial", "oracle")]
+            for c in (*GUIDING_KINDS, "oracle")]
 
 
 def grid_configs(grid: str, seeds: int | Sequence[int], base: RunConfig) -> list[RunConfig]:

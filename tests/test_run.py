@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import re
@@ -315,8 +314,6 @@ def _no_run_folder(out: Path) -> bool:
     ],
 )
 def test_bad_input_gives_clear_error_and_no_folder(ckpt, tmp_path, kwargs, message):
-    if kwargs.get("metrics") and importlib.util.find_spec("gradcheck.metrics") is None:
-        pytest.skip("gradcheck.metrics not available")
     if kwargs.get("metrics"):
         kwargs = {**kwargs, "judge": str(tmp_path / "missing-judge")}
     out = tmp_path / "runs"
@@ -353,8 +350,6 @@ def test_a_classifier_of_another_image_size_is_refused(ckpt, tmp_path):
 
 
 def test_a_judge_of_another_image_size_is_refused_before_sampling(ckpt, tiny_data, tmp_path):
-    if importlib.util.find_spec("gradcheck.metrics") is None:
-        pytest.skip("gradcheck.metrics not available")
     judge = tmp_path / "judge64"
     save_classifier(make_classifier("shufflenet_v2_x1_0"), judge,
                     classifier_config("judge", "shufflenet_v2_x1_0", image_size=64))
@@ -496,8 +491,6 @@ def test_cli_explicit_paper_sizes_are_not_reduced(tmp_path, monkeypatch, capsys)
     assert [(c.num_samples, c.steps) for c in seen] == [(8, 1000), (64, 1000), (64, 20)]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("gradcheck.metrics") is None,
-                    reason="gradcheck.metrics not available")
 def test_metrics_are_computed_and_summarised(ckpt, tmp_path):
     from gradcheck.data.sportballs import generate_dataset
 
