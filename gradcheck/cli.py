@@ -198,7 +198,9 @@ def eval_ddpm_cmd(
     data_root: str = _data_root_option("Data set root (test split)."),
     seed: int = typer.Option(0, help="Sampling seed."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
-    mixed_precision: str = typer.Option("bf16", help="bf16 | no (autocast on CUDA only)."),
+    mixed_precision: str = typer.Option(
+        "auto", help="auto (bf16 autocast on a GPU and on CPUs with native bf16, AVX-512 bf16 or "
+        "AMX; float32 elsewhere) | bf16 | no. Recorded in eval.json."),
     out: str | None = typer.Option(None, help="Output folder (default: FOLDER/eval)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
     progress: bool = typer.Option(True, help="Show the progress bar."),

@@ -108,12 +108,13 @@ class EvalDDPMConfig:
     folder: str = dataclasses.field(default_factory=_default_ddpm)  # the shipped DDPM
     num_samples: int = 1000  # samples drawn; sample i depends only on (seed, i)
     steps: int = 1000  # DDPM steps; fewer are respaced by DDPMScheduler.set_timesteps
-    batch_size: int = 250  # memory only: results do not depend on it
+    batch_size: int = 250  # memory only in float32 (bf16 kernels may round per batch shape)
     judge: str | None = None  # classifier folder for the class histogram and confidence
     data_root: str = dataclasses.field(default_factory=_default_data_root)  # test: FID reference
     seed: int = 0
     device: str = "auto"
-    mixed_precision: str = "bf16"  # bf16 | no; autocast on CUDA only
+    # auto = bf16 autocast on a GPU and on CPUs with native bf16 (AVX-512 bf16/AMX), else fp32
+    mixed_precision: str = "auto"  # auto | bf16 | no
     out: str | None = None  # default: FOLDER/eval/
     overwrite: bool = False
     progress: bool = True

@@ -41,7 +41,22 @@ from gradcheck.utils import (
 WHITE_BORDER = 0.95  # mean of the 1-pixel outer border in [0, 1] at or above this: white
 CONFIDENT = 0.9  # the judge's max probability at or above this: a confident sample
 GRID_SAMPLES = 64
-MIXED_PRECISION = ("bf16", "no")
+MIXED_PRECISION = ("auto", "bf16", "no")
+
+
+def sampling_bf16(mixed_precision: str, device: torch.device) -> bool:
+    """Whether unguided sampling runs the UNet in bf16 autocast: ``auto`` on a GPU, and on a CPU
+    with native bf16 units (AVX-512 bf16 or AMX: 2.1x the float32 forward of the small32 UNet;
+    emulated elsewhere, slower than float32); ``bf16`` always; ``no`` never."""
+    check_choice("mixed_precision", mixed_precision, MIXED_PRECISION)
+    if mixed_precision != "auto":
+        return mixed_precision == "bf16"
+    if device.type == "cuda":
+        return True
+    cpu = getattr(torch, "cpu", None)
+    return device.type == "cpu" and any(
+        bool(getattr(cpu, f, lambda: False)())
+        for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
 
 
 @torch.no_grad()
@@ -52,7 +67,7 @@ def sample_images(
     steps: int = 1000,
     seed: int = 0,
     batch_size: int = 250,
-    mixed_precision: str = "bf16",
+    mixed_precision: str = "auto",
     progress: bool = False,
 ) -> torch.Tensor:
     """Unconditional DDPM samples as uint8 (N, 3, H, W) on the CPU; sample i uses only (seed, i).
@@ -61,14 +76,13 @@ def sample_images(
     """
     check_positive("num_samples", num_samples)
     check_positive("batch_size", batch_size)
-    check_choice("mixed_precision", mixed_precision, MIXED_PRECISION)
     T = scheduler.config.num_train_timesteps
     if not 1 <= steps <= T:
         raise GradcheckError(f"steps must lie in 1..{T}, got {steps}")
     device = next(unet.parameters()).device
     sched = DDPMScheduler.from_config(scheduler.config)  # set_timesteps mutates: keep ours private
     sched.set_timesteps(steps, device=device)
-    bf16 = mixed_precision == "bf16" and device.type == "cuda"
+    bf16 = sampling_bf16(mixed_precision, device)
     size = unet.config.sample_size
     was_training = unet.training
     unet.eval()
@@ -93,7 +107,7 @@ def sample_images(
 @torch.no_grad()
 def mean_colour_slope(
     unet: UNet2DModel, scheduler: DDPMScheduler, num_samples: int = 256, seed: int = 0,
-    mixed_precision: str = "bf16",
+    mixed_precision: str = "auto",
 ) -> float:
     """Least-squares slope of eps_theta's per-channel image mean on that of pure-noise inputs at
     t = T - 1, where E[eps | x_t] is about x_t / sqrt(1 - abar_t): 1 when the model removes the
@@ -103,8 +117,8 @@ def mean_colour_slope(
     x = randn_per_sample((3, size, size), sample_generators(seed, range(num_samples), device),
                          device)
     t = torch.full((num_samples,), scheduler.config.num_train_timesteps - 1, device=device)
-    bf16 = mixed_precision == "bf16" and device.type == "cuda"
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+    with torch.autocast(device.type, dtype=torch.bfloat16,
+                        enabled=sampling_bf16(mixed_precision, device)):
         eps = unet(x, t).sample.float()
     m_in, m_out = x.mean(dim=(2, 3)).flatten(), eps.mean(dim=(2, 3)).flatten()
     m_in, m_out = m_in - m_in.mean(), m_out - m_out.mean()
@@ -198,7 +212,7 @@ def evaluate_ddpm(config: EvalDDPMConfig | None = None, **overrides: Any) -> dic
     check_positive("num_samples", cfg.num_samples)
     check_seed(cfg.seed)
     check_positive("batch_size", cfg.batch_size)
-    check_choice("mixed_precision", cfg.mixed_precision, MIXED_PRECISION)
+    sampling_bf16(cfg.mixed_precision, torch.device("cpu"))  # checks the choice
     device = resolve_device(cfg.device)
     unet, scheduler = load_ddpm(cfg.folder)
     T = scheduler.config.num_train_timesteps
@@ -210,6 +224,8 @@ def evaluate_ddpm(config: EvalDDPMConfig | None = None, **overrides: Any) -> dic
         check_image_size(judge_config, unet.config.sample_size, f"judge {cfg.judge}",
                          "the DDPM makes")
     out = Path(cfg.out) if cfg.out is not None else Path(cfg.folder) / "eval"
+
+    from gradcheck.metrics import proportion_interval
 
     with atomic_output_dir(out, cfg.overwrite) as tmp:
         start = time.perf_counter()
@@ -226,7 +242,10 @@ def evaluate_ddpm(config: EvalDDPMConfig | None = None, **overrides: Any) -> dic
         summary: dict[str, Any] = {
             "num_samples": cfg.num_samples,
             "steps": cfg.steps,
+            "sampling_autocast": "bf16" if sampling_bf16(cfg.mixed_precision, device)
+            else "float32",
             "white_border_share": float(rows["white_border"].mean()),
+            "white_border_share_ci": list(proportion_interval(rows["white_border"])),
             "border_mean": float(rows["border_mean"].mean()),
             "mean_colour_slope": mean_colour_slope(unet, scheduler, seed=cfg.seed,
                                                    mixed_precision=cfg.mixed_precision),
@@ -242,9 +261,12 @@ def evaluate_ddpm(config: EvalDDPMConfig | None = None, **overrides: Any) -> dic
             nonzero = share[share > 0]
             summary.update({
                 "class_share": dict(zip(CLASS_NAMES, map(float, share), strict=True)),
+                "class_share_ci": {c: list(proportion_interval(rows["pred_class"] == i))
+                                   for i, c in enumerate(CLASS_NAMES)},
                 # 1 = every class equally often, 0 = one class only (docs/scales.md's notes).
                 "class_entropy": float(-(nonzero * np.log(nonzero)).sum() / np.log(len(share))),
                 "confident_share": float(rows["confident"].mean()),
+                "confident_share_ci": list(proportion_interval(rows["confident"])),
                 "mean_max_prob": float(rows["max_prob"].mean()),
             })
         summary.update(_fid_kid(samples, judge, cfg, device))
