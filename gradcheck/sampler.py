@@ -1,7 +1,8 @@
 """The guided DDPM loop (docs/maths.md D1-D7). It emits one read-only GuidanceStep per step.
 
-:func:`sample_guided` is a plain function, like k-diffusion's samplers: everything it does is in
-the loop of :func:`_sample_lanes`, numbered by the equations of docs/maths.md. Observers (the
+:func:`sample_reference` is the loop to read: one configuration, D1-D7 of docs/maths.md top to
+bottom in one page. :func:`sample_guided` computes the same samples bit for bit (tested) in the
+loop of :func:`_sample_lanes`, numbered by the same equations, with what a study needs on top. Observers (the
 recorder, a progress bar) receive a frozen :class:`GuidanceStep` of detached copies, so they can
 never change a sample.
 
@@ -155,6 +156,61 @@ def ddpm_step(
     if t > 0:
         return mean + (scheduler._get_variance(t) ** 0.5) * noise
     return mean + 0
+
+
+def sample_reference(
+    unet: UNet2DModel,
+    scheduler: DDPMScheduler,
+    guidance: GuidanceSource | None,
+    generators: Sequence[torch.Generator],
+    *,
+    target: int = 0,
+    scale: float = 1.0,
+    normalize: bool = True,
+    normalize_to: str = "score",
+    stabilizer: str = "none",
+    diffusion_time: bool = True,
+    steps: int = 1000,
+    callback: Callable[[dict], None] | None = None,
+) -> torch.Tensor:
+    """The guided loop to read: one configuration, the whole batch, D1-D7 of docs/maths.md top
+    to bottom -> x_0 (B, 3, H, W). :func:`sample_guided` computes exactly this (tested
+    bit-identical in float32) and adds what a study needs: configurations sharing UNet calls,
+    fixed row pieces, the precision policy, and observers that record every step."""
+    check_sampling_args(scheduler, steps, scale, target)
+    scheduler.set_timesteps(steps)
+    T, device, size = scheduler.config.num_train_timesteps, unet.device, unet.config.sample_size
+    stabilize = make_stabilizer(stabilizer, T / steps if diffusion_time else 1.0)
+    y = torch.full((len(generators),), target, dtype=torch.long, device=device)
+    x = randn_per_sample((unet.config.in_channels, size, size), generators, device)  # x_T
+    gtilde_prev = None
+    for t in scheduler.timesteps.tolist():
+        abar = scheduler.alphas_cumprod[t]
+        t_dev = torch.full((), t, dtype=torch.long, device=device)
+
+        def eps_fn(x_in: torch.Tensor, t_dev: torch.Tensor = t_dev) -> torch.Tensor:
+            return unet(x_in, t_dev).sample.float()
+
+        # D2-D3: eps_theta(x_t, t) and g_t = grad log p(y | x_in), x_in = x_t or x0_hat.
+        if guidance is None:
+            with torch.no_grad():
+                eps, g = eps_fn(x), torch.zeros_like(x)
+        else:
+            out = guidance(eps_fn, x, t, abar, y)
+            eps, g = out.eps, out.grad
+        score = score_from_eps(eps, abar)  # D1
+        h = stabilize(g)  # D4 (D4': betas in diffusion time)
+        reference = score if normalize_to == "score" else eps
+        gtilde, _ = normalize_guidance(h, reference, normalize)  # D5
+        noise = randn_per_sample(x.shape[1:], generators, device) if t > 0 else None
+        sigma2 = float(scheduler._get_variance(t))
+        with torch.no_grad():  # D6: the unguided step with the same noise, plus s sigma^2 gtilde
+            x = ddpm_step(scheduler, eps, t, x, noise) + (scale * sigma2) * gtilde
+        if callback is not None:  # D7: stability, the cosine to the previous step's vector
+            cos_prev = None if gtilde_prev is None else cosine(gtilde, gtilde_prev)
+            callback({"t": t, "g": g, "gtilde": gtilde, "cos_prev": cos_prev})
+        gtilde_prev = gtilde
+    return x
 
 
 def _host_noise(shape: tuple[int, ...], gens: Sequence[torch.Generator],
