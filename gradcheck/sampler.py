@@ -2,9 +2,9 @@
 
 :func:`sample_reference` is the loop to read: one configuration, D1-D7 of docs/maths.md top to
 bottom in one page. :func:`sample_guided` computes the same samples bit for bit (tested) in the
-loop of :func:`_sample_lanes`, numbered by the same equations, with what a study needs on top. Observers (the
-recorder, a progress bar) receive a frozen :class:`GuidanceStep` of detached copies, so they can
-never change a sample.
+loop of :func:`_sample_lanes`, numbered by the same equations, with what a study needs on top.
+Observers (the recorder, a progress bar) receive a frozen :class:`GuidanceStep` of detached
+copies, so they can never change a sample.
 
 Several guidance configurations ("lanes") can share one loop (:func:`sample_lanes`, used by the
 sweep): same seeds, same x_T and noise, one UNet pass for the lanes that need no gradient
