@@ -596,12 +596,20 @@ def report_cmd(
         "report", help="Output folder (reports/ holds the committed reference reports)."),
     overwrite: bool = typer.Option(
         False, help="Replace an existing report (other files in the folder are kept)."),
+    records: str | None = typer.Option(
+        None, help="Also write a compact record of every run folder found (config, metrics, "
+        "per-step summaries, first samples) into this folder; the report renders from records "
+        "as from run folders, so records are what to keep or commit."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Table 1 beside the paper, the findings' verdicts and figures: report.md, report.html
     (self-contained), figures/ (PNG, PDF), tables/ (CSV)."""
-    from gradcheck.report import render_report
+    from gradcheck.report import find_inputs, render_report, write_records
 
+    if records is not None:
+        runs_found = [r for r in find_inputs(runs or ["runs"]).runs
+                      if (r / "steps.parquet").is_file()]
+        typer.echo(f"{len(write_records(runs_found, records, overwrite))} records in {records}")
     folder = render_report(runs or ["runs"], out=out, overwrite=overwrite, progress=progress)
     typer.echo(f"{folder / 'report.md'}\n{folder / 'report.html'}")
 # [survey: survey.py]

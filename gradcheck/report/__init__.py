@@ -4,6 +4,12 @@
 inputs and is the only writer; ``paper`` holds the published numbers the report compares with.
 """
 
-from gradcheck.report.render import build_report, find_inputs, load_runs, render_report
+from gradcheck.report.render import (
+    build_report,
+    find_inputs,
+    load_runs,
+    render_report,
+    write_records,
+)
 
-__all__ = ["build_report", "find_inputs", "load_runs", "render_report"]
+__all__ = ["build_report", "find_inputs", "load_runs", "render_report", "write_records"]

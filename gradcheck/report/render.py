@@ -33,6 +33,9 @@ from gradcheck.report.paper import PAPER_CLASSIFIER_ACCURACY, PAPER_PROTOCOL
 from gradcheck.utils import GradcheckError, atomic_output_dir, load_json
 
 RUN_MARKERS = ("config.json", "steps.parquet")
+RECORD_STEPS = "step_stats.parquet"  # a compact record's per-step summaries (tables.step_stats)
+RECORD_SAMPLES = "samples_head.npy"  # its first samples, for the sample grids
+RECORD_HEAD = 16
 """Files that make a folder a run folder (the runner writes a run atomically)."""
 
 SEARCH_DEPTH = 3
@@ -55,8 +58,9 @@ class Inputs:
 
 
 def is_run(folder: Path) -> bool:
-    """Is ``folder`` a finished run folder?"""
-    return all((folder / m).is_file() for m in RUN_MARKERS)
+    """Is ``folder`` a finished run folder, or a compact record of one (:func:`write_records`)?"""
+    return (folder / "config.json").is_file() and (
+        (folder / "steps.parquet").is_file() or (folder / RECORD_STEPS).is_file())
 
 
 def find_inputs(paths: Sequence[str | Path]) -> Inputs:
@@ -97,13 +101,40 @@ def read_run(folder: Path) -> tuple[dict[str, Any], pd.DataFrame]:
     """(run table row, per-step statistics) of one run folder."""
     config = load_json(folder / "config.json")
     metrics = load_json(folder / "metrics.json") if (folder / "metrics.json").is_file() else {}
-    schema = pq.read_schema(folder / "steps.parquet")
-    cols = [c for c in ("step", "t", *T.STEP_QUANTITIES) if c in schema.names]
-    steps = pd.read_parquet(folder / "steps.parquet", columns=cols)
-    stats = T.step_stats(steps)
     run_id = str(metrics.get("run_id") or config.get("run_id") or folder.name)
+    if (folder / "steps.parquet").is_file():
+        stats = T.step_stats(_steps(folder))
+    else:  # a compact record: the summaries themselves
+        stats = pd.read_parquet(folder / RECORD_STEPS)
     stats.insert(0, "run_id", run_id)
     return T.run_row(run_id, folder, config, metrics, stats), stats
+
+
+def _steps(folder: Path) -> pd.DataFrame:
+    schema = pq.read_schema(folder / "steps.parquet")
+    cols = [c for c in ("step", "t", *T.STEP_QUANTITIES) if c in schema.names]
+    return pd.read_parquet(folder / "steps.parquet", columns=cols)
+
+
+def write_records(runs: Sequence[Path], out: str | Path, overwrite: bool = False) -> list[Path]:
+    """A compact record of each run folder under ``out/<run id>/``: config.json, metrics.json,
+    samples.png, the per-step summaries of steps.parquet (``step_stats.parquet``) and the first
+    samples (``samples_head.npy``): kilobytes instead of megabytes, enough to render the report
+    again (`gradcheck report` reads records and run folders alike)."""
+    written = []
+    for folder in runs:
+        folder = Path(folder)
+        if not (folder / "steps.parquet").is_file():
+            raise GradcheckError(f"{folder} is not a run folder (no steps.parquet)")
+        final = Path(out) / folder.name
+        with atomic_output_dir(final, overwrite=overwrite) as tmp:
+            for name in ("config.json", "metrics.json", "samples.png"):
+                if (folder / name).is_file():
+                    shutil.copy2(folder / name, tmp / name)
+            T.step_stats(_steps(folder)).to_parquet(tmp / RECORD_STEPS, index=False)
+            np.save(tmp / RECORD_SAMPLES, _samples(str(folder), RECORD_HEAD))
+        written.append(final)
+    return written
 
 
 def load_runs(folders: Sequence[Path], progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -204,8 +235,9 @@ class Section:
 
 
 def _samples(path: str, n: int = 16) -> np.ndarray:
-    """The first ``n`` samples (n, H, W, 3) uint8 of a run folder."""
-    x = np.load(Path(path) / "samples.npy", mmap_mode="r", allow_pickle=False)
+    """The first ``n`` samples (n, H, W, 3) uint8 of a run folder or record."""
+    name = "samples.npy" if (Path(path) / "samples.npy").is_file() else RECORD_SAMPLES
+    x = np.load(Path(path) / name, mmap_mode="r", allow_pickle=False)
     return np.asarray(x[:n])
 
 
