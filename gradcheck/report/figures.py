@@ -24,6 +24,8 @@ QUANTITY_TITLES = {
     "score_norm": "||score|| (D1)",
     "cos_score": "cos(g~, score)",
     "cos_oracle": "cos(g~, oracle gradient) (D8)",
+    "cos_prev_null": "cos_prev of the stabiliser on random gradients (D7')",
+    "x_norm_ratio": "||x_t|| / expected norm",
 }
 
 
@@ -42,28 +44,36 @@ def _figure(n_panels: int, title: str, footer: str, width: float = 5.2,
 
 
 def _colors(labels: Sequence[str]) -> dict[str, tuple]:
-    from matplotlib import colormaps
+    import seaborn as sns
 
-    cmap = colormaps["tab10" if len(labels) <= 10 else "tab20"]
-    return {lab: cmap(i % cmap.N) for i, lab in enumerate(labels)}
+    palette = sns.color_palette("tab10" if len(labels) <= 10 else "tab20", len(labels))
+    return dict(zip(labels, palette, strict=True))
 
 
 def _over_t(ax: Axes, pooled: pd.DataFrame, quantity: str, band: bool = True,
-            log: bool = False) -> None:
-    """Mean (and +-std band) of one step quantity over t, one line per ``label``."""
-    data = pooled[pooled["quantity"] == quantity]
+            log: bool = False, dashes: bool = False, legend: bool = True) -> None:
+    """Mean (and +-std band) of one step quantity over t, one line per ``label`` (seaborn's
+    lineplot on the pooled means; the bands are the pooled spread over samples)."""
+    import seaborn as sns
+
+    data = pooled[pooled["quantity"] == quantity].sort_values("t", ascending=False)
     labels = sorted(data["label"].unique())
     colors = _colors(labels)
-    for lab in labels:
-        d = data[data["label"] == lab].sort_values("t", ascending=False)
-        ax.plot(d["t"], d["mean"], color=colors[lab], label=lab, lw=1.3)
-        if band:
-            lo, hi = d["mean"] - d["std"], d["mean"] + d["std"]
-            if log:
-                lo = lo.where(lo > 0, d["mean"] / 10)
-            ax.fill_between(d["t"], lo, hi, color=colors[lab], alpha=0.18, lw=0)
+    if len(data):
+        sns.lineplot(data=data, x="t", y="mean", hue="label", hue_order=labels, palette=colors,
+                     ax=ax, lw=1.0 if dashes else 1.3, linestyle="--" if dashes else "-",
+                     legend=legend and not dashes, errorbar=None, sort=False)
+    for lab in labels if band else ():
+        d = data[data["label"] == lab]
+        lo, hi = d["mean"] - d["std"], d["mean"] + d["std"]
+        if log:
+            lo = lo.where(lo > 0, d["mean"] / 10)
+        ax.fill_between(d["t"], lo, hi, color=colors[lab], alpha=0.18, lw=0)
+    if dashes:
+        return  # an overlay on a panel that another quantity set up
     ax.set_xlim(max(data["t"].max(), 1) if len(data) else 1, 0)  # sampling runs from T to 0
     ax.set_xlabel("t (sampling proceeds to the right)")
+    ax.set_ylabel("")
     ax.set_title(QUANTITY_TITLES.get(quantity, quantity), fontsize=9)
     if log:
         ax.set_yscale("log")
@@ -77,12 +87,18 @@ def cos_prev_figure(pooled: pd.DataFrame, title: str, footer: str) -> Figure:
     """
     fig, (left, right) = _figure(2, title, footer)
     _over_t(left, pooled, "cos_prev_applied")
+    # D7': dashed, what each stabiliser gives isotropic random gradients of the same norms.
+    _over_t(left, pooled, "cos_prev_null", band=False, dashes=True)
     _over_t(right, pooled, "cos_prev_raw")
     for ax in (left, right):
         ax.set_ylim(-1.05, 1.05)
         ax.axhline(0, color="0.5", lw=0.6)
         ax.set_ylabel("cosine to the previous step")
-    left.legend(fontsize=7, loc="lower left")
+    if left.get_legend() is not None:
+        left.legend(fontsize=7, loc="lower left", title="dashed: null baseline (D7')",
+                    title_fontsize=7)
+    if right.get_legend() is not None:
+        right.get_legend().remove()
     return fig
 
 
