@@ -168,12 +168,53 @@ def classifier_card(folder: Path, script: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def set_card(root: Path, script: str) -> str:
+    """The set's README: one line per model with its headline numbers, links to the cards."""
+    ddpm = root / "ddpm"
+    train = json.loads((ddpm / "train_config.json").read_text())
+    unet = json.loads((ddpm / "unet" / "config.json").read_text())
+    size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file()
+               and "train_state" not in p.parts)
+    lines = [
+        f"# Checkpoint set `{root.name}`",
+        "",
+        f"A {unet['sample_size']}x{unet['sample_size']} reference set: the unconditional DDPM "
+        "and the four classifiers, trained with the project's own commands "
+        f"(`{script}`), fp16 safetensors, {size / 2**20:.1f} MiB in all. Every number below is "
+        "read from the files the commands wrote (`scripts/model_cards.py`).",
+        "",
+        "| model | what | headline numbers | card |",
+        "|---|---|---|---|",
+    ]
+    ev_path = ddpm / "eval" / "eval.json"
+    ev = json.loads(ev_path.read_text()) if ev_path.is_file() else {}
+    ddpm_numbers = f"{train['step']:,} steps, {train['train_seconds'] / 60:.0f} CPU min"
+    if ev:
+        ddpm_numbers += (f"; white borders {pct(ev['white_border_share'])}, judge-confident "
+                         f"{pct(ev.get('confident_share'))} of {ev['num_samples']} samples")
+    lines.append(f"| DDPM | `UNet2DModel` {unet['block_out_channels']} | {ddpm_numbers} | "
+                 "[ddpm/README.md](ddpm/README.md) |")
+    for folder in sorted((root / "classifiers").iterdir()):
+        if not (folder / "config.json").is_file():
+            continue
+        cfg = json.loads((folder / "config.json").read_text())
+        numbers = (f"clean {pct(cfg['clean_val_accuracy'])}, noisy latents "
+                   f"{pct(cfg['noisy_val_accuracy'])}")
+        pgd = cfg.get("pgd_l2_accuracy", {})
+        if "0.5" in pgd:
+            numbers += f", L2 PGD eps 0.5: {pct(pgd['0.5'])}"
+        card = f"classifiers/{folder.name}/README.md"
+        lines.append(f"| `{cfg['kind']}` | {cfg['arch']} | {numbers} | [{card}]({card}) |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("set", type=Path)
     ap.add_argument("--script", default="scripts/sportballs32.sh")
     args = ap.parse_args()
     (args.set / "ddpm" / "README.md").write_text(ddpm_card(args.set / "ddpm", args.script))
+    (args.set / "README.md").write_text(set_card(args.set, args.script))
     for folder in sorted((args.set / "classifiers").iterdir()):
         if (folder / "config.json").is_file():
             (folder / "README.md").write_text(classifier_card(folder, args.script))
