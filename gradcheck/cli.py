@@ -37,6 +37,13 @@ def _data_root_option(help: str) -> typer.models.OptionInfo:
         "datasets/sportballs for sportballs-v1]")
 
 
+def _sized_data_root_option(help: str, by: str) -> typer.models.OptionInfo:
+    """--data-root of commands whose image size is set by ``by``: GRADCHECK_DATA when set, else
+    that size's data set (datasets/sportballs for 64, datasets/sportballsN for N)."""
+    return typer.Option(None, envvar="GRADCHECK_DATA",
+                        help=f"{help} [default: the data set of {by}'s image size]")
+
+
 def _choose_checkpoints(value: str | None) -> str | None:
     """--checkpoints: a set name or folder, made the process's GRADCHECK_CHECKPOINTS, so every
     default (DDPM, classifiers, judge, data set) follows it; said in one line."""
@@ -113,7 +120,7 @@ def make_dataset(
 # [train-ddpm, eval-ddpm: train_ddpm.py]
 @app.command("train-ddpm")
 def train_ddpm_cmd(
-    data_root: str = _data_root_option("Data set root (train split)."),
+    data_root: str | None = _sized_data_root_option("Data set root (train split).", "--preset"),
     out: str = typer.Option("checkpoints", help="Root; writes OUT/NAME/ddpm and its train state."),
     name: str = typer.Option("sportballs-v1", help="Checkpoint set name."),
     preset: str = typer.Option(
@@ -164,8 +171,12 @@ def train_ddpm_cmd(
 ) -> None:
     """Train the unconditional DDPM (several GPUs: `accelerate launch -m gradcheck train-ddpm`)."""
     from gradcheck.config import TrainDDPMConfig
+    from gradcheck.models import UNET_PRESETS
+    from gradcheck.paths import data_root_for
     from gradcheck.train_ddpm import train_ddpm
 
+    if data_root is None:
+        data_root = data_root_for(UNET_PRESETS.get(preset, {}).get("sample_size", 64))
     s = train_ddpm(TrainDDPMConfig(
         data_root=data_root, out=out, name=name, preset=preset, max_minutes=max_minutes,
         max_steps=max_steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
@@ -189,13 +200,13 @@ def train_ddpm_cmd(
 @app.command("eval-ddpm")
 def eval_ddpm_cmd(
     folder: str | None = typer.Argument(
-        None, help="DDPM pipeline folder [default: the shipped checkpoints/sportballs-v1/ddpm]."),
+        None, help="DDPM pipeline folder [default: the checkpoint set's ddpm/]."),
     num_samples: int = typer.Option(1000, help="Samples; sample i depends only on (seed, i)."),
     steps: int = typer.Option(1000, help="DDPM steps (fewer are respaced)."),
     batch_size: int = typer.Option(250, help="Batch size (memory only)."),
     judge: str | None = typer.Option(
         None, help="Judge classifier folder: class histogram, confidence, FID/KID features."),
-    data_root: str = _data_root_option("Data set root (test split)."),
+    data_root: str | None = _sized_data_root_option("Data set root (test split).", "the DDPM"),
     seed: int = typer.Option(0, help="Sampling seed."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     mixed_precision: str = typer.Option(
@@ -206,14 +217,22 @@ def eval_ddpm_cmd(
     progress: bool = typer.Option(True, help="Show the progress bar."),
 ) -> None:
     """Unconditional sample quality: white borders, judge classes, FID/KID -> eval.json."""
+    from pathlib import Path
+
     from gradcheck.config import EvalDDPMConfig
     from gradcheck.eval_ddpm import evaluate_ddpm
-    from gradcheck.paths import default_ddpm
+    from gradcheck.paths import data_root_for, default_ddpm
+    from gradcheck.utils import load_json
 
+    folder = folder or str(default_ddpm())
+    if data_root is None:
+        unet_config = Path(folder) / "unet" / "config.json"
+        size = load_json(unet_config).get("sample_size", 64) if unet_config.is_file() else 64
+        data_root = data_root_for(int(size))
     s = evaluate_ddpm(EvalDDPMConfig(
-        folder=folder or str(default_ddpm()), num_samples=num_samples, steps=steps,
-        batch_size=batch_size, judge=judge, data_root=data_root, seed=seed, device=device,
-        mixed_precision=mixed_precision, out=out, overwrite=overwrite, progress=progress,
+        folder=folder, num_samples=num_samples, steps=steps, batch_size=batch_size, judge=judge,
+        data_root=data_root, seed=seed, device=device, mixed_precision=mixed_precision, out=out,
+        overwrite=overwrite, progress=progress,
     ))
     typer.echo(f"{s['num_samples']} samples, {s['steps']} steps: white border "
                f"{s['white_border_share']:.1%}, mean-colour slope at t=T-1 "
@@ -330,7 +349,7 @@ def run_cmd(
         "sqrt(1 - abar_t) x the score's)."),
     diffusion_time: bool = typer.Option(
         True, "--diffusion-time/--no-diffusion-time",
-        help="Stabiliser betas in diffusion time, beta ** (T / steps) (D4'; identical at 1000 "
+        help="Stabiliser betas in diffusion time, beta ** (T // steps) (D4'; identical at 1000 "
         "steps); --no-diffusion-time counts sampler steps."),
     scale: float = typer.Option(1.0, help="Guidance scale s (D6); 0 = unguided, same noise."),
     target: str = typer.Option(
@@ -495,7 +514,8 @@ def pag_cmd(
     seed: int = typer.Option(0, help="Seed of the image choice and the noise draws."),
     batch_size: int = typer.Option(64, help="Gradient batch size (results do not depend on it)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
-    out: str = typer.Option("reports/pag", help="Output folder."),
+    out: str = typer.Option(
+        "report/pag", help="Output folder (`gradcheck report` reads it there)."),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
@@ -736,7 +756,7 @@ def precision_cmd(
         help="Gradient through the x0-estimate (D2; the sensitive one) or on x_t."),
     target: str = typer.Option("baseball", help="Target class: a name or 0-3."),
     ddpm: str | None = typer.Option(
-        None, help="DDPM pipeline folder [default: the shipped checkpoints/sportballs-v1/ddpm]."),
+        None, help="DDPM pipeline folder [default: the checkpoint set's ddpm/]."),
     data_root: str = _data_root_option("Data set root (test images)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N (TF32 is emulated "
                                "on a CPU, real on a GPU)."),

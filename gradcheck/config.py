@@ -164,7 +164,7 @@ class RunConfig:
     # D5's reference norm: score (docs/maths.md D5) | eps (Augustin et al.'s code scales to
     # ||eps_theta|| = sqrt(1 - abar_t) ||score||: weaker at low noise, x1/13 at t = 20).
     normalize_to: str = "score"
-    # D4': stabiliser betas in diffusion time, beta ** (T / steps) (same as the paper at
+    # D4': stabiliser betas in diffusion time, beta ** (T // steps) (same as the paper at
     # steps = T); False counts sampler steps, which drove 50-step ADAM chains to noise.
     diffusion_time: bool = True
     # s of D6. The paper's value is lost from our copy (App. C.1). Under D5, gtilde has the norm
@@ -247,5 +247,5 @@ class PagConfig:
     seed: int = 0  # image choice and noise draws
     batch_size: int = 64  # gradient batches only; results do not depend on it
     device: str = "auto"
-    out: str = "reports/pag"
+    out: str = "report/pag"  # where `gradcheck report` (default out report/) reads it
     overwrite: bool = False

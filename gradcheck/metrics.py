@@ -559,10 +559,13 @@ def write_metrics(run_folder: str | Path, row: dict[str, Any]) -> None:
                         lambda p: pq.write_table(table.replace_schema_metadata(meta), p))
 
 
-def _guiding_classifier(name: str | None, device: torch.device) -> tuple[nn.Module, dict] | None:
+def _guiding_classifier(
+    name: str | None, device: torch.device, checkpoints: str | None = None
+) -> tuple[nn.Module, dict] | None:
+    """The classifier that guided a run; a kind is looked up in the set the run recorded."""
     if name is None or name == "oracle":
         return None
-    folder = default_classifier(name) if name in GUIDING_KINDS else Path(name)
+    folder = default_classifier(name, checkpoints) if name in GUIDING_KINDS else Path(name)
     return load_classifier(folder, device)
 
 
@@ -591,7 +594,8 @@ def recompute_run_metrics(run_folder: str | Path, **overrides: Any) -> dict[str,
         **{k: v for k, v in overrides.items() if v is not None},
     }
     device = resolve_device(options.get("device", "auto"))
-    guiding = _guiding_classifier(config.get("classifier"), device)
+    recorded_set = (config.get("run_metadata") or {}).get("checkpoints")
+    guiding = _guiding_classifier(config.get("classifier"), device, recorded_set)
     row = evaluate_samples(samples, int(config["target"]), guiding=guiding, **options)
 
     identity = {k: config[k] for k in RUN_IDENTITY_FIELDS if k in config}

@@ -36,15 +36,19 @@ def checkpoint_set_name() -> str:
     set without one."""
     chosen = os.environ.get("GRADCHECK_CHECKPOINTS")
     if chosen:
+        for name in REFERENCE_SETS:  # a shipped set given by its folder is that set
+            if chosen != name and Path(chosen).resolve() == REPO_ROOT / "checkpoints" / name:
+                return name
         return chosen
     import torch
 
     return PAPER_SET if torch.cuda.is_available() else CPU_SET
 
 
-def checkpoint_set() -> Path:
-    """The folder of the chosen reference set (:func:`checkpoint_set_name`)."""
-    name = checkpoint_set_name()
+def checkpoint_set(name: str | None = None) -> Path:
+    """The folder of a reference set: ``name`` (a set name or folder), else the chosen one
+    (:func:`checkpoint_set_name`)."""
+    name = name or checkpoint_set_name()
     return REPO_ROOT / "checkpoints" / name if name in REFERENCE_SETS else Path(name)
 
 
@@ -73,6 +77,7 @@ def default_ddpm() -> Path:
     return checkpoint_set() / "ddpm"
 
 
-def default_classifier(kind: str) -> Path:
-    """The shipped classifier folder of one kind (nonrobust, robust, adversarial, judge)."""
-    return checkpoint_set() / "classifiers" / kind
+def default_classifier(kind: str, checkpoints: str | None = None) -> Path:
+    """The shipped classifier folder of one kind (nonrobust, robust, adversarial, judge) in
+    the set ``checkpoints`` (default: the chosen set)."""
+    return checkpoint_set(checkpoints) / "classifiers" / kind

@@ -70,9 +70,9 @@ PRECISIONS = ("fp32", "tf32", "bf16", "fp16", "auto")
 SHARED_FIELDS = ("num_samples", "batch_size", "steps", "seed", "device", "ddpm", "judge",
                  "data_root", "precision", "net_batch", "compile")
 """Fields that configurations sampled together (:func:`run_many`) must share."""
-NOT_HASHED = ("batch_size", "net_batch", "protocol")
-"""Fields that never change a run's results (the sizes themselves are hashed)."""
-HASHED_UNLESS_DEFAULT = {"diffusion_time": True, "normalize_to": "score"}
+NOT_HASHED = ("batch_size", "protocol")
+"""Fields that never change a run's results (the sizes they resolve to are hashed). net_batch
+stays hashed: a different row count may round differently (guidance.NetEval)."""
 PAPER_SIZE = (64, 1000)  # GradCheck §3.4: 64 samples, T = 1000 steps
 CPU_SIZE = (8, 1000)  # auto without a GPU: the paper's full chain, fewer samples (minutes)
 REDUCED_SIZE = (8, 50)  # opt-in only: a respaced chain, for trying the tool, not for numbers
@@ -165,9 +165,12 @@ def _hash_view(cfg: RunConfig) -> dict[str, Any]:
     d = config_to_dict(cfg)
     for field in NOT_HASHED:
         d.pop(field)
-    for field, default in HASHED_UNLESS_DEFAULT.items():
-        if d[field] == default:
-            d.pop(field)  # fields added later: the ids of earlier runs stay valid
+    # Fields added later are hashed only where they can change results, so the ids of earlier
+    # runs stay valid: D5 to eps, and D4' when a stabiliser with memory runs a respaced chain.
+    if d["normalize_to"] == "score":
+        d.pop("normalize_to")
+    if cfg.steps == PAPER_SIZE[1] or cfg.stabilizer == "none":
+        d.pop("diffusion_time")
     name = checkpoint_set_name()
     shipped = "<shipped {}>" if name == PAPER_SET else f"<shipped {Path(name).name} {{}}>"
     if d["ddpm"] == str(default_ddpm()):
@@ -513,7 +516,8 @@ def _write_run(
     row = {
         "run_id": config["run_id"],
         **{k: config[k] for k in ("classifier", "x0_estimate", "stabilizer", "normalize",
-                                  "scale", "target", "seed", "steps", "num_samples")},
+                                  "normalize_to", "diffusion_time", "scale", "target", "seed",
+                                  "steps", "num_samples")},
         # Runs sampled together share one wall time: each records its share, so sums add up.
         "wall_time_s": wall_time / batched_runs,
         "batched_runs": batched_runs,

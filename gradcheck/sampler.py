@@ -126,7 +126,7 @@ class Lane:
     normalize: bool = True
     stabilizer: str | Callable[[], Stabilizer] = "none"
     observers: Sequence[Observer] = ()
-    # D4': a named stabiliser's betas follow diffusion time (beta ** (T / steps)); False
+    # D4': a named stabiliser's betas follow diffusion time (beta ** (T // steps)); False
     # counts sampler steps, as the paper's 1,000-step chains did (identical at steps = T).
     diffusion_time: bool = True
     normalize_to: str = "score"  # D5's reference norm: score (docs/maths.md) | eps (Augustin)
@@ -178,9 +178,10 @@ def sample_reference(
     bit-identical in float32) and adds what a study needs: configurations sharing UNet calls,
     fixed row pieces, the precision policy, and observers that record every step."""
     check_sampling_args(scheduler, steps, scale, target)
+    check_choice("normalize_to", normalize_to, NORMALIZE_TO)
     scheduler.set_timesteps(steps)
     T, device, size = scheduler.config.num_train_timesteps, unet.device, unet.config.sample_size
-    stabilize = make_stabilizer(stabilizer, T / steps if diffusion_time else 1.0)
+    stabilize = make_stabilizer(stabilizer, T // steps if diffusion_time else 1.0)
     y = torch.full((len(generators),), target, dtype=torch.long, device=device)
     x = randn_per_sample((unet.config.in_channels, size, size), generators, device)  # x_T
     gtilde_prev = None
@@ -318,7 +319,7 @@ def _sample_lanes(
     y = torch.cat([torch.full((b,), lane.target, dtype=torch.long, device=device)
                    for lane in lanes])
     sample_ids = torch.as_tensor(indices, dtype=torch.long)
-    time_scale = scheduler.config.num_train_timesteps / steps
+    time_scale = scheduler.config.num_train_timesteps // steps  # the respaced gap in t
 
     def fresh_stabilizer(lane: Lane) -> Stabilizer:
         if not isinstance(lane.stabilizer, str):
@@ -431,7 +432,7 @@ def _sample_lanes(
         # 6.-7. Per lane: stability (D7), the cosine to the previous sampling step, raw and
         #    applied; then the step's report to the lane's observers (copies: they cannot
         #    change a sample). Nothing here waits for the device.
-        z = randn_per_sample((c, *size), null_gens, device)  # D7', one draw shared by lanes
+        z = _host_noise((c, *size), null_gens, device)  # D7', one draw shared by lanes
         for i, lane in enumerate(lanes):
             rows, gi = lane_rows[i], g[lane_rows[i]]
             if g_prev[i] is None:

@@ -7,8 +7,9 @@ so state never crosses sampling runs, batches or samples. Updates are out of pla
 ``h`` never aliases the state, and the state never aliases a caller's tensor.
 
 Time constants count diffusion time, not sampler steps (docs/maths.md D4'): with ``steps`` < T
-respaced steps every beta becomes ``beta ** (T / steps)`` (``time_scale = T / steps``), so the
-memory spans the same share of the chain as at T steps. Counted in sampler steps, ADAM's
+respaced steps every beta becomes ``beta ** (T // steps)`` (``time_scale``, the gap in t between
+diffusers' "leading" respaced steps), so the memory spans the same share of the chain as at T
+steps. Counted in sampler steps, ADAM's
 beta1 = 0.9 remembers 20% of a 50-step chain instead of 1%, and its momentum carried x_t to
 8.5x its expected norm in a Gaussian toy (1.24x in diffusion time). At steps = T nothing changes.
 
@@ -151,6 +152,6 @@ def check_stabilizer(name: str) -> None:
 
 
 def make_stabilizer(name: str, time_scale: float = 1.0) -> Stabilizer:
-    """A fresh stabiliser (empty state) of a registered name; ``time_scale`` = T / steps."""
+    """A fresh stabiliser (empty state) of a registered name; ``time_scale`` = T // steps."""
     check_stabilizer(name)
     return STABILIZERS[name](time_scale=time_scale)

@@ -580,8 +580,9 @@ def train_ddpm(config: TrainDDPMConfig | None = None, **overrides: Any) -> dict[
     if not cfg.resume and cfg.overwrite and main:
         shutil.rmtree(state_dir, ignore_errors=True)  # a new run: no stale grids or state
 
-    if ckpt is not None and "precision" in ckpt["state"]["sittings"][-1]:
-        precision = ckpt["state"]["sittings"][-1]["precision"]  # resume: the same arithmetic
+    last = ckpt["state"]["sittings"][-1] if ckpt is not None else {}
+    if cfg.mixed_precision == "auto" and "precision" in last:
+        precision = last["precision"]  # resume with auto: the arithmetic it measured before
     else:
         precision = choose_autocast(cfg.mixed_precision, device, cfg.preset,
                                     cfg.batch_size // world, cfg.channels_last,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -88,21 +89,31 @@ def torch_flags_restored() -> Iterator[None]:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
+def _owner_tag() -> str:
+    """Who may judge whether a temporary's process lives: this host (its full name), this boot
+    and this PID namespace (containers sharing a host name and a folder count as others)."""
+    parts = [socket.gethostname()]
+    for path in ("/proc/sys/kernel/random/boot_id", "/proc/self/ns/pid"):
+        with contextlib.suppress(OSError):
+            parts.append(os.readlink(path) if path.endswith("pid") else Path(path).read_text())
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:10]
+
+
 def _temporary_name(final: Path, kind: str) -> Path:
-    """``.<name>.<kind>-<host>-<pid>-<random>``: whose it is, so stale ones can be told apart."""
-    host = re.sub(r"[^A-Za-z0-9]+", "_", socket.gethostname())[:32] or "host"
-    return final.parent / f".{final.name}.{kind}-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    """``.<name>.<kind>-<owner>-<pid>-<random>``: whose it is, so stale ones can be told apart."""
+    owner = f"{_owner_tag()}-{os.getpid()}"
+    return final.parent / f".{final.name}.{kind}-{owner}-{uuid.uuid4().hex[:8]}"
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     """Remove the temporary folders that killed processes (kill -9, power loss) left in
-    ``folder`` -> the removed paths. Only folders of this host whose process is gone: never one
-    that a live process, or another machine sharing the folder, is writing."""
+    ``folder`` -> the removed paths. Only those of this host, boot and PID namespace whose
+    process is gone: never one that a live process, another machine or another container
+    sharing the folder is writing."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    host = re.sub(r"[^A-Za-z0-9]+", "_", socket.gethostname())[:32] or "host"
-    pattern = re.compile(rf"^\..+\.(?:tmp|old)-{re.escape(host)}-(\d+)-[0-9a-f]{{8}}$")
+    pattern = re.compile(rf"^\..+\.(?:tmp|old)-{_owner_tag()}-(\d+)-[0-9a-f]{{8}}$")
     removed = []
     for p in folder.iterdir():
         m = pattern.match(p.name)

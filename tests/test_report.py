@@ -101,8 +101,11 @@ def test_table1_protocol_is_the_one_covering_most_paper_configurations() -> None
     rows += [_row("robust", False, "none", 0, 50.0, 0.5, scale=s) for s in (2.0, 4.0)]
     rows += [_row("robust", False, "none", 0, 99.0, 0.5, num_samples=8)]
     runs = T.runs_frame(rows)
-    assert T.table1_protocol(runs) == {"scale": 1.0, "normalize": True, "target": 0,
-                                       "steps": 1000, "num_samples": 64}
+    proto = T.table1_protocol(runs)
+    assert {k: proto[k] for k in ("scale", "normalize", "target", "steps", "num_samples",
+                                  "normalize_to", "diffusion_time")} == {
+        "scale": 1.0, "normalize": True, "target": 0, "steps": 1000, "num_samples": 64,
+        "normalize_to": "score", "diffusion_time": True}
     t1 = T.table1(runs)
     assert t1.loc[0, "fid"] == pytest.approx(26.641)  # not the scale-2, scale-4 or N=8 runs
 
@@ -237,7 +240,7 @@ def test_report_renders_table1_paper_values_findings_and_a_self_contained_html(
     from gradcheck.pag import pag_table
 
     out = tiny_runs / "reports"
-    # `gradcheck pag` writes into reports/pag by default: the report must use it and keep it.
+    # `gradcheck pag` writes into report/pag by default: the report must use it and keep it.
     (out / "pag").mkdir(parents=True)
     pag_table("robust", np.full((2, 4), 2.0), np.arange(4), (0, 500)).to_parquet(
         out / "pag" / "pag.parquet")
@@ -380,3 +383,15 @@ def test_report_renders_the_same_tables_from_compact_records(tiny_runs: Path,
         b = pd.read_csv(tmp_path / "from_records" / "tables" / table).drop(columns="path",
                                                                            errors="ignore")
         pd.testing.assert_frame_equal(a, b)
+
+
+def test_runs_of_other_settings_are_never_pooled_into_one_row() -> None:
+    """The same configuration with D5 scaled to eps (or at another image size) is another
+    configuration: Table 1 keeps to one protocol and its intervals count only those runs."""
+    rows = _paper_runs(seeds=3)
+    rows += [dict(r, normalize_to="eps", run_id=r["run_id"] + "-eps") for r in _paper_runs(2)]
+    rows += [dict(r, image_size=32, run_id=r["run_id"] + "-32") for r in _paper_runs(2)]
+    runs = T.runs_frame(rows)
+    assert runs["config"].nunique() == 24
+    t1 = T.table1(runs)
+    assert (t1.loc[t1["in_paper"], "n_seeds"] == 3).all()

@@ -314,13 +314,11 @@ def test_sweep_killed_with_sigkill_resumes_to_the_uninterrupted_result(
             proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
     # A kill during a folder's writing leaves its temporary sibling: plant one of a dead process.
-    import re
-    import socket
+    from gradcheck.utils import _owner_tag
 
     gone = subprocess.Popen(["true"])
     gone.wait()
-    host = re.sub(r"[^A-Za-z0-9]+", "_", socket.gethostname())[:32]
-    (out / f".some-run.tmp-{host}-{gone.pid}-0123abcd" / "half").mkdir(parents=True)
+    (out / f".some-run.tmp-{_owner_tag()}-{gone.pid}-0123abcd" / "half").mkdir(parents=True)
     assert sweep(out).wait(timeout=600) == 0
     assert finished(out) == finished(reference) and len(finished(out)) == 8
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []

@@ -69,20 +69,18 @@ def test_check_positive_refuses_nan_and_infinity():
 
 
 def test_stale_temporary_folders_of_dead_processes_are_removed(tmp_path):
-    """kill -9 leaves .<name>.tmp-<host>-<pid>-<hex>; the next output in the folder removes it,
-    but never one whose process is alive or that another host is writing."""
-    import re
-    import socket
+    """kill -9 leaves .<name>.tmp-<owner>-<pid>-<hex>; the next output in the folder removes it,
+    but never one whose process is alive or whose owner (host, boot, PID namespace) is another."""
     import subprocess
 
-    from gradcheck.utils import atomic_output_dir
+    from gradcheck.utils import _owner_tag, atomic_output_dir
 
-    host = re.sub(r"[^A-Za-z0-9]+", "_", socket.gethostname())[:32]
+    me = _owner_tag()
     gone = subprocess.Popen(["true"])
     gone.wait()
-    dead = tmp_path / f".run1.tmp-{host}-{gone.pid}-0123abcd"
-    live = tmp_path / f".run2.tmp-{host}-{os.getpid()}-0123abcd"
-    other = tmp_path / f".run3.tmp-elsewhere-{gone.pid}-0123abcd"
+    dead = tmp_path / f".run1.tmp-{me}-{gone.pid}-0123abcd"
+    live = tmp_path / f".run2.tmp-{me}-{os.getpid()}-0123abcd"
+    other = tmp_path / f".run3.tmp-0000000000-{gone.pid}-0123abcd"
     for p in (dead, live, other):
         (p / "part").mkdir(parents=True)
     with atomic_output_dir(tmp_path / "run4") as tmp:

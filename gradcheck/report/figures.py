@@ -51,14 +51,15 @@ def _colors(labels: Sequence[str]) -> dict[str, tuple]:
 
 
 def _over_t(ax: Axes, pooled: pd.DataFrame, quantity: str, band: bool = True,
-            log: bool = False, dashes: bool = False, legend: bool = True) -> None:
+            log: bool = False, dashes: bool = False, legend: bool = True,
+            colors: dict[str, tuple] | None = None) -> None:
     """Mean (and +-std band) of one step quantity over t, one line per ``label`` (seaborn's
     lineplot on the pooled means; the bands are the pooled spread over samples)."""
     import seaborn as sns
 
     data = pooled[pooled["quantity"] == quantity].sort_values("t", ascending=False)
     labels = sorted(data["label"].unique())
-    colors = _colors(labels)
+    colors = colors or _colors(labels)
     if len(data):
         sns.lineplot(data=data, x="t", y="mean", hue="label", hue_order=labels, palette=colors,
                      ax=ax, lw=1.0 if dashes else 1.3, linestyle="--" if dashes else "-",
@@ -86,10 +87,11 @@ def cos_prev_figure(pooled: pd.DataFrame, title: str, footer: str) -> Figure:
     ``pooled``: columns label, t, quantity, mean, std (pooled over seeds).
     """
     fig, (left, right) = _figure(2, title, footer)
-    _over_t(left, pooled, "cos_prev_applied")
+    colors = _colors(sorted(pooled["label"].unique()))  # one colour per configuration
+    _over_t(left, pooled, "cos_prev_applied", colors=colors)
     # D7': dashed, what each stabiliser gives isotropic random gradients of the same norms.
-    _over_t(left, pooled, "cos_prev_null", band=False, dashes=True)
-    _over_t(right, pooled, "cos_prev_raw")
+    _over_t(left, pooled, "cos_prev_null", band=False, dashes=True, colors=colors)
+    _over_t(right, pooled, "cos_prev_raw", colors=colors)
     for ax in (left, right):
         ax.set_ylim(-1.05, 1.05)
         ax.axhline(0, color="0.5", lw=0.6)

@@ -442,7 +442,7 @@ def _gradient_quality(d: _Data) -> Section:
         sec.note("No run recorded cos_oracle (runs made with --no-oracle or without the "
                  "training set).")
     if not d.inputs.pag:
-        sec.note("No pag.parquet found (`gradcheck pag` writes reports/pag/).")
+        sec.note("No pag.parquet found (`gradcheck pag` writes report/pag/).")
         return sec
     pag, metas = read_pag(d.inputs.pag)
     if not {"classifier", "t", "pag_score_mean", "n_images"} <= set(pag.columns):
@@ -611,7 +611,7 @@ def write_report(sections: Sequence[Section], folder: Path) -> None:
 
 REPORT_ENTRIES = ("report.md", "report.html", "figures", "tables", "inputs.json")
 """What the report writes into ``out``; anything else there (e.g. `gradcheck pag`'s default
-reports/pag/) is carried over when the report replaces the folder."""
+report/pag/) is carried over when the report replaces the folder."""
 
 
 def default_extras(out: str | Path) -> list[Path]:

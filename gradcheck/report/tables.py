@@ -20,11 +20,14 @@ from gradcheck.report.paper import FINDINGS, PAPER_TABLE1, TABLE1_KEYS
 
 CONFIG_KEYS = (
     "classifier", "x0_estimate", "stabilizer", "normalize", "scale", "target", "steps",
-    "num_samples",
+    "num_samples", "normalize_to", "diffusion_time", "image_size",
 )
 """Run-config fields that make a configuration: runs equal in these differ only by seed."""
 
-PROTOCOL_KEYS = ("scale", "normalize", "target", "steps", "num_samples")
+PROTOCOL_KEYS = ("scale", "normalize", "target", "steps", "num_samples", "normalize_to",
+                 "diffusion_time", "image_size")
+VARIANT_DEFAULTS = {"normalize_to": "score", "diffusion_time": True}
+"""Settings added after the first runs: runs that predate them had these values."""
 """Fields shared by all rows of one Table 1 (the measurement protocol)."""
 
 METRIC_COLUMNS = (
@@ -35,7 +38,7 @@ METRIC_COLUMNS = (
 
 RUN_COLUMNS = (
     "run_id", "path", "seed", *CONFIG_KEYS, *METRIC_COLUMNS, "extractor", "n_samples",
-    "n_reference", "image_size", "hardware", "wall_time_s",
+    "n_reference", "hardware", "wall_time_s",
 )
 PAPER_PROTOCOL_SIZES = {"steps": 1000, "num_samples": 64, "image_size": 64}
 """GradCheck's protocol: rows measured otherwise are marked wherever they meet its numbers."""
@@ -135,6 +138,8 @@ def run_row(
             row[f"mean_{q}"] = (
                 float((s["mean"] * s["n"]).sum() / s["n"].sum()) if len(s) else math.nan
             )
+    for k, default in VARIANT_DEFAULTS.items():
+        row[k] = default if row[k] is None else row[k]
     row["extractor"] = metrics.get("extractor")
     for k in ("n_samples", "n_reference", "image_size"):
         row[k] = metrics.get(k)
@@ -155,7 +160,10 @@ def runs_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
         df[k] = pd.to_numeric(df[k], errors="coerce").astype("Int64")
     df["classifier"] = df["classifier"].astype(str)
     df["stabilizer"] = df["stabilizer"].astype(str)
-    df["config"] = df[list(CONFIG_KEYS)].astype(str).agg("|".join, axis=1)
+    for k, default in VARIANT_DEFAULTS.items():
+        df[k] = df[k].where(df[k].notna(), default).astype(type(default))
+    df["image_size"] = pd.to_numeric(df["image_size"], errors="coerce").astype("Int64")
+    df["config"] = df[list(CONFIG_KEYS)].apply(lambda c: c.map(str)).agg("|".join, axis=1)
     df["label"] = config_labels(df)
     return df.sort_values(["label", "seed", "run_id"]).reset_index(drop=True)
 
@@ -189,14 +197,15 @@ def method_names(runs: pd.DataFrame) -> list[str]:
 
 def config_labels(runs: pd.DataFrame) -> pd.Series:
     """A short label per run naming its configuration; fields appear only where runs differ."""
-    varying = {k: runs[k].nunique(dropna=False) > 1 for k in ("scale", "target", "steps",
-                                                               "num_samples")}
+    shown = (("scale", "s"), ("target", "target"), ("steps", "T"), ("num_samples", "N"),
+             ("normalize_to", "D5 norm"), ("diffusion_time", "D4' diffusion time"),
+             ("image_size", "size"))
+    varying = {k: runs[k].nunique(dropna=False) > 1 for k, _ in shown}
 
     def label(r: pd.Series) -> str:
         text = method_name(r["classifier"], r["x0_estimate"], r["stabilizer"], r["normalize"])
         extra = [f"{short}={r[k]:g}" if k == "scale" else f"{short}={r[k]}"
-                 for k, short in (("scale", "s"), ("target", "target"), ("steps", "T"),
-                                  ("num_samples", "N")) if varying[k]]
+                 for k, short in shown if varying[k]]
         return f"{text} ({', '.join(extra)})" if extra else text
 
     return runs.apply(label, axis=1) if len(runs) else pd.Series([], dtype=str)
@@ -261,7 +270,8 @@ def at_protocol(runs: pd.DataFrame, protocol: dict[str, Any]) -> pd.DataFrame:
     """The runs measured under ``protocol``."""
     mask = np.ones(len(runs), dtype=bool)
     for k, v in protocol.items():
-        mask &= (runs[k] == v).fillna(False).to_numpy(dtype=bool)
+        same = runs[k].isna() if pd.isna(v) else (runs[k] == v).fillna(False)
+        mask &= same.to_numpy(dtype=bool)
     return runs[mask]
 
 
