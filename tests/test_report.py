@@ -395,3 +395,17 @@ def test_runs_of_other_settings_are_never_pooled_into_one_row() -> None:
     assert runs["config"].nunique() == 24
     t1 = T.table1(runs)
     assert (t1.loc[t1["in_paper"], "n_seeds"] == 3).all()
+
+
+def test_report_with_its_default_out_works_in_a_checkout(tiny_runs: Path, tmp_path: Path,
+                                                         monkeypatch) -> None:
+    """A checkout holds the committed reports/; `gradcheck report RUNS` with no --out writes
+    report/ beside it instead of asking for --overwrite."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "README.md").write_text("committed")
+    with pytest.raises(SystemExit) as e:
+        main(["report", str(tiny_runs / "runs"), "--no-progress"])
+    assert e.value.code == 0
+    assert (tmp_path / "report" / "report.md").is_file()
+    assert (tmp_path / "reports" / "README.md").read_text() == "committed"

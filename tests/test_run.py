@@ -519,3 +519,25 @@ def test_metrics_are_computed_and_summarised(ckpt, tmp_path):
     table = summary_table(metrics)
     assert "accuracy judge" in table and f"N={metrics['n_samples']}" in table
     assert "null baseline" in table
+
+
+def test_arguments_are_checked_before_the_ddpm_weights_load(ckpt, tmp_path, monkeypatch):
+    """--steps beyond T, a broken classifier and a missing judge fail at once, from the DDPM's
+    JSON configs alone: the weights (up to a minute to load) are never read."""
+    import gradcheck.runner as runner_module
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the DDPM weights were loaded before the arguments were checked")
+
+    monkeypatch.setattr(runner_module, "load_ddpm", no_weights)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((ckpt / "clf" / "config.json").read_text())
+    weights = (ckpt / "clf" / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(weights[:100])  # a truncated file
+    for kwargs, message in ((dict(steps=5000), "steps must be an integer in 1..1000"),
+                            (dict(classifier=str(broken)), "model.safetensors"),
+                            (dict(metrics=True, judge=str(tmp_path / "nojudge")), "nojudge")):
+        with pytest.raises(GradcheckError, match=message):
+            run(tiny_cfg(ckpt, **kwargs), out=tmp_path / "runs", progress=False)
+    assert not (tmp_path / "runs").exists()
