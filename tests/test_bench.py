@@ -71,10 +71,11 @@ def test_bench_runs_only_the_sections_asked_and_reports_each_measurement(
     # each measurement is printed as soon as it is taken
     assert err.count("... UNet forward") == len(r["unet"])
     assert err.count("  guided-x0  ") == 2 and err.count("steps/s") == 1  # header first
-    # FLOPs are counted per pass: the backward to the input costs more than another forward
+    # FLOPs are counted per pass: the backward to the input costs about another forward (torch
+    # 2.14 counts 2.0x on the tiny UNet; earlier versions counted its attention backward higher)
     per_call = {(x["layout"], x["pass"]): x["tflops"] * x["ms"] for x in r["unet"]}
     for layout in UNET_LAYOUTS:
-        assert 2 < per_call[(layout, "forward+grad")] / per_call[(layout, "forward")] < 3
+        assert 1.9 < per_call[(layout, "forward+grad")] / per_call[(layout, "forward")] < 3
 
 
 def test_bench_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
