@@ -1,4 +1,4 @@
-"""Guidance maths (DESIGN.md D1, D2, D3, D5, D7) and the classifier gradient source."""
+"""Guidance maths (docs/maths.md D1, D2, D3, D5, D7) and the classifier gradient source."""
 
 from __future__ import annotations
 

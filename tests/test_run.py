@@ -1,4 +1,4 @@
-"""`gradcheck run`: the run folder (DESIGN.md §4), reproducibility, errors, the command line."""
+"""`gradcheck run`: the run folder (docs/formats.md), reproducibility, errors, the command line."""
 
 from __future__ import annotations
 
@@ -329,7 +329,7 @@ def test_bad_input_gives_clear_error_and_no_folder(ckpt, tmp_path, kwargs, messa
 
 
 def test_the_judge_never_guides(ckpt, tmp_path):
-    """DESIGN.md §5: the judge is independent of the guiding classifier."""
+    """docs/metrics.md: the judge is independent of the guiding classifier."""
     out = tmp_path / "runs"
     judge = str(ckpt / "judge")
     with pytest.raises(GradcheckError, match=r"is a judge \(kind 'judge'\), which grades "):

@@ -1,4 +1,4 @@
-"""The guided loop (DESIGN.md D1-D7): pairing, invariances, read-only observers, bad input."""
+"""The guided loop (docs/maths.md D1-D7): pairing, invariances, read-only observers, bad input."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SportBalls generator, writer and reader (gradcheck/data/sportballs.py; DESIGN.md §4)."""
+"""SportBalls generator, writer and reader (gradcheck/data/sportballs.py; docs/formats.md)."""
 
 from __future__ import annotations
 
