@@ -1,4 +1,4 @@
-"""Stabilisers (docs/maths.md D4): torch.optim equivalence, bias correction, per-sample fresh state."""
+"""Stabilisers (docs/maths.md D4): torch.optim equivalence, bias correction, fresh state."""
 
 from __future__ import annotations
 
