@@ -44,6 +44,7 @@ from torch import nn
 from gradcheck.utils import (
     GradcheckError,
     check_choice,
+    load_json,
     resolve_device,
     run_metadata,
     torch_flags_restored,
@@ -51,7 +52,8 @@ from gradcheck.utils import (
 
 SAMPLING_MODES = ("unguided", "guided-xt", "guided-x0")
 RECORDER_MODES = ("off", "subset", "all")
-SECTIONS = ("dataset", "training", "unet", "sampling", "pipeline", "fid", "table1-mini")
+SECTIONS = ("dataset", "training", "unet", "sampling", "pipeline", "fid", "table1-mini",
+            "table1-cpu")
 """What ``run_bench`` measures by default, in order (``--table1`` adds the full protocol)."""
 UNET_PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 UNET_LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
@@ -257,7 +259,7 @@ def bench_unet(
     autotuning are CUDA's; bf16 there says nothing about a GPU). Independent of the bench's
     ``precision``: it compares them. What the sampler could gain from each setting, before it
     adopts one."""
-    from gradcheck.guidance import NetEval
+    from gradcheck.numerics import NetworkCalls
 
     unet, _, _, origin = _models(sizes, device)
     size = unet.config.sample_size
@@ -272,7 +274,7 @@ def bench_unet(
             pass_flops = {kind: _counted_flops(partial(_unet_pass, unet, x, t, kind))
                           for kind in UNET_PASSES}
             for precision in precisions:
-                net = NetEval.for_precision(precision, cuda=True)
+                net = NetworkCalls.for_precision(precision, cuda=True)
                 peak = device_peak_tflops(device, precision)
                 for layout, memory_format in UNET_LAYOUTS.items():
                     unet.to(memory_format=memory_format)
@@ -282,7 +284,7 @@ def bench_unet(
                         for kind in UNET_PASSES:
 
                             def call(kind: str = kind, x_in: torch.Tensor = x_in,
-                                     t: torch.Tensor = t, net: NetEval = net) -> None:
+                                     t: torch.Tensor = t, net: NetworkCalls = net) -> None:
                                 with net.numerics(), net.unet_autocast(device):
                                     _unet_pass(unet, x_in, t, kind)
 
@@ -324,7 +326,7 @@ def bench_sampling(
 ) -> list[dict[str, Any]]:
     """Steps/s, recorder overhead, peak memory and TFLOP/s per (batch, mode, recorder); the
     recorder's overhead is against "off", which is always measured first."""
-    from gradcheck.guidance import NetEval
+    from gradcheck.numerics import NetworkCalls
     from gradcheck.recorder import StepRecorder
     from gradcheck.sampler import sample_guided
     from gradcheck.utils import sample_generators
@@ -336,7 +338,7 @@ def bench_sampling(
     say(SAMPLING_HEADER)
     size = unet.config.sample_size
     for batch in sizes.batches:
-        net = NetEval.for_precision(precision, rows=batch, cuda=device.type == "cuda")
+        net = NetworkCalls.for_precision(precision, rows=batch, cuda=device.type == "cuda")
         for mode in SAMPLING_MODES:
             guidance = _guidance(mode, clf)
             flops = _step_flops(unet, clf, mode, batch, size, device)
@@ -344,7 +346,7 @@ def bench_sampling(
             for record in ("off", *(r for r in recorders if r != "off")):
 
                 def chain(record: str = record, guidance=guidance, batch: int = batch,
-                          net: NetEval = net) -> None:
+                          net: NetworkCalls = net) -> None:
                     recorder = (StepRecorder("bench", batch, n_steps, record)
                                 if record != "off" else None)
                     sample_guided(unet, scheduler, guidance, sample_generators(0, range(batch)),
@@ -380,11 +382,11 @@ def bench_pipeline(
     precision as the sampler's."""
     from diffusers import DDPMPipeline
 
-    from gradcheck.guidance import NetEval
+    from gradcheck.numerics import NetworkCalls
 
     unet, scheduler, _, _ = _models(sizes, device)
     pipe = DDPMPipeline(unet=unet, scheduler=scheduler)
-    numerics = NetEval.for_precision(precision, cuda=device.type == "cuda")
+    numerics = NetworkCalls.for_precision(precision, cuda=device.type == "cuda")
     pipe.set_progress_bar_config(disable=True)
     rows = []
     for batch in sizes.batches:
@@ -497,6 +499,80 @@ def _mini_table1_base(sizes: BenchSizes, tmp: Path, device: torch.device, precis
                      record_vectors="subset", data_root=str(tmp / "no-data"))
 
 
+CPU_TABLE1_SETTINGS: dict[str, dict[str, Any]] = {
+    # The sampler as it ran on a CPU before the speed work (issue "CPU speed of the study").
+    "fp32 eager": dict(precision="fp32", net_batch=8, compile=False),
+    "default": {},  # RunConfig's defaults, resolved for the CPU (runner.resolve_config)
+    "no vectors": dict(record_vectors="none"),  # the default less the recorder's vector copies
+}
+"""``table1-cpu``: the settings compared, each a RunConfig override."""
+
+
+def bench_table1_cpu(
+    steps: int, repeats: int, say: Callable[[str], None] = lambda _: None,
+) -> dict[str, Any]:
+    """One seed of Table 1 on the shipped 32x32 set (N = 64), per :data:`CPU_TABLE1_SETTINGS`.
+
+    Each setting samples the 8 configurations together on a ``steps``-step respaced chain,
+    ``repeats`` times in turn (interleaved, so drift hits both); the median sampling time per
+    step, times 1,000, plus the rest of a run (loading, metrics, writing; measured on the last
+    repeat) gives the per-seed time of the 1,000-step protocol. A respaced chain visits the
+    same mix of t as the full one, so precision switches by D2's gain cost what they cost there.
+    """
+    from gradcheck import runner
+    from gradcheck.config import RunConfig
+    from gradcheck.paths import checkpoint_set_image_size
+    from gradcheck.sweep import grid_configs
+
+    if checkpoint_set_image_size() != 32:
+        raise GradcheckError("bench section table1-cpu needs the 32x32 set: run it without a "
+                             "GPU or with --checkpoints sportballs32-v1")
+    per_step: dict[str, list[float]] = {name: [] for name in CPU_TABLE1_SETTINGS}
+    rest: dict[str, float] = {}
+    resolved: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(repeats):
+            for name, override in CPU_TABLE1_SETTINGS.items():
+                last = r == repeats - 1
+                base = RunConfig(device="cpu", num_samples=64, steps=steps, metrics=last,
+                                 **override)
+                cfgs = grid_configs("table1", 1, base)
+                out = Path(tmp) / f"{name.replace(' ', '-')}-{r}"
+                start = time.perf_counter()
+                folders = runner.run_many(cfgs, out=out, progress=False)
+                total = time.perf_counter() - start
+                sampling = load_json(folders[0] / "metrics.json")["batched_wall_time_s"]
+                per_step[name].append(sampling / steps)
+                say(f"{name}: {sampling / steps:.3f} s per step ({steps} steps, repeat {r + 1})")
+                if last:
+                    rest[name] = total - sampling
+                    c = runner.resolve_config(base)
+                    resolved[name] = {k: getattr(c, k) for k in (
+                        "precision", "net_batch", "compile", "record_vectors")}
+    rows = {}
+    for name in CPU_TABLE1_SETTINGS:
+        step_s = statistics.median(per_step[name])
+        rows[name] = {**resolved[name], "step_s": step_s, "step_s_all": per_step[name],
+                      "rest_s": rest[name], "per_seed_s": 1000 * step_s + rest[name]}
+    base_s = rows["fp32 eager"]["per_seed_s"]
+    for row in rows.values():
+        row["speedup"] = base_s / row["per_seed_s"]
+    return {"configurations": 8, "num_samples": 64, "timed_steps": steps,
+            "protocol_steps": 1000, "settings": rows}
+
+
+def _table1_cpu_lines(t: dict[str, Any]) -> list[str]:
+    lines = [f"Table 1 at 32x32, one seed ({t['configurations']} configurations x "
+             f"{t['num_samples']} samples x {t['protocol_steps']} steps, metrics included; "
+             f"per step: median of the {t['timed_steps']}-step respaced chains)"]
+    for name, r in t["settings"].items():
+        lines.append(f"  {name:<11} precision {r['precision']:<5} net-batch {r['net_batch']:<3} "
+                     f"compile {str(r['compile']):<5} vectors {r['record_vectors']:<6} "
+                     f"{r['step_s']:.3f} s/step  "
+                     f"{r['per_seed_s'] / 60:5.1f} min per seed  {r['speedup']:.2f}x")
+    return lines
+
+
 # ---- the whole bench ---------------------------------------------------------------------------
 
 
@@ -576,6 +652,9 @@ def run_bench(
     if "table1-mini" in sections:
         say("Table 1 configurations together vs one by one")
         result["table1_mini"] = bench_table1(sizes, dev, precision, full=False)
+    if "table1-cpu" in sections:
+        say("Table 1 at 32x32 on the CPU: float32 eager vs the default")
+        result["table1_cpu"] = bench_table1_cpu(sizes.sampling_steps, repeats, say)
     if table1:
         say("Table 1 protocol (64 samples x 1,000 steps, 8 configurations, metrics)")
         result["table1"] = bench_table1(sizes, dev, precision, full=True)
@@ -626,6 +705,8 @@ def format_report(result: dict[str, Any]) -> str:
                      f"{m['num_samples']} samples x {m['steps']} steps): together "
                      f"{m['together_s']:.1f} s, one by one {m['one_by_one_s']:.1f} s "
                      f"({m['speedup']:.2f}x), identical samples: {m['identical_samples']}")
+    if "table1_cpu" in result:
+        lines += ["", *_table1_cpu_lines(result["table1_cpu"])]
     if "table1" in result:
         p = result["table1"]
         lines.append(f"Table 1 protocol ({p['configurations']} configurations x "

@@ -9,6 +9,7 @@ import sys
 import typer
 
 import gradcheck
+from gradcheck import config as C
 from gradcheck.paths import REFERENCE_SETS, default_data_root
 from gradcheck.utils import GradcheckError
 
@@ -21,6 +22,16 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
+
+
+_DATA = C.DatasetConfig  # its fields' defaults are the options' defaults
+_EVAL = C.EvalDDPMConfig  # its fields' defaults are the options' defaults
+_METRICS = C.MetricsConfig  # its fields' defaults are the options' defaults
+_PAG = C.PagConfig  # its fields' defaults are the options' defaults
+_RUN = C.RunConfig  # its fields' defaults are the options' defaults
+_SWEEP = C.SweepConfig  # its fields' defaults are the options' defaults
+_CLF = C.TrainClassifierConfig  # its fields' defaults are the options' defaults
+_DDPM = C.TrainDDPMConfig  # its fields' defaults are the options' defaults
 
 
 def _version(value: bool) -> None:
@@ -89,12 +100,13 @@ def make_dataset(
     root: str | None = typer.Option(
         None, envvar="GRADCHECK_DATA", help="Output folder (must not exist) [default: "
         "datasets/sportballs for 64x64, datasets/sportballsN for NxN]."),
-    n_train: int = typer.Option(40000, help="Training images (balanced over the 4 classes)."),
-    n_val: int = typer.Option(5000, help="Validation images."),
-    n_test: int = typer.Option(5000, help="Test images."),
-    seed: int = typer.Option(0, help="Fixes every byte of the data set."),
-    image_size: int = typer.Option(64, help="Image side in pixels."),
-    png: bool = typer.Option(False, "--png", help="Also write png/{split}/{class}/NNNNN.png."),
+    n_train: int = typer.Option(
+        _DATA.n_train, help="Training images (balanced over the 4 classes)."),
+    n_val: int = typer.Option(_DATA.n_val, help="Validation images."),
+    n_test: int = typer.Option(_DATA.n_test, help="Test images."),
+    seed: int = typer.Option(_DATA.seed, help="Fixes every byte of the data set."),
+    image_size: int = typer.Option(_DATA.image_size, help="Image side in pixels."),
+    png: bool = typer.Option(_DATA.png, "--png", help="Also write png/{split}/{class}/NNNNN.png."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing root."),
 ) -> None:
     """Generate the SportBalls data set: image arrays, labels, factors.parquet, preview.png."""
@@ -121,53 +133,63 @@ def make_dataset(
 @app.command("train-ddpm")
 def train_ddpm_cmd(
     data_root: str | None = _sized_data_root_option("Data set root (train split).", "--preset"),
-    out: str = typer.Option("checkpoints", help="Root; writes OUT/NAME/ddpm and its train state."),
-    name: str = typer.Option("sportballs-v1", help="Checkpoint set name."),
+    out: str = typer.Option(_DDPM.out, help="Root; writes OUT/NAME/ddpm and its train state."),
+    name: str = typer.Option(_DDPM.name, help="Checkpoint set name."),
     preset: str = typer.Option(
-        "paper", help="UNet preset: paper (64x64, 22.4M) | small32 (32x32, 3.15M: the CPU "
+        _DDPM.preset, help="UNet preset: paper (64x64, 22.4M) | small32 (32x32, 3.15M: the CPU "
         "scale) | tiny (32x32, tests)."),
     max_minutes: float | None = typer.Option(
         None, help="Wall-clock budget of this call (data loading and compilation included); "
         "ends with a checkpoint and export."),
     max_steps: int | None = typer.Option(None, help="Total optimiser steps (across sittings)."),
-    batch_size: int = typer.Option(256, help="Global batch size (split over processes)."),
-    lr: float = typer.Option(5e-4, help="AdamW peak learning rate."),
-    warmup_steps: int = typer.Option(250, help="Linear learning-rate warm-up steps."),
-    adam_beta1: float = typer.Option(0.9, help="AdamW beta1."),
-    adam_beta2: float = typer.Option(0.99, help="AdamW beta2."),
-    weight_decay: float = typer.Option(0.0, help="AdamW weight decay."),
-    grad_clip: float = typer.Option(1.0, help="Max global gradient norm (0: no clipping)."),
+    batch_size: int = typer.Option(
+        _DDPM.batch_size, help="Global batch size (split over processes)."),
+    lr: float = typer.Option(_DDPM.lr, help="AdamW peak learning rate."),
+    warmup_steps: int = typer.Option(
+        _DDPM.warmup_steps, help="Linear learning-rate warm-up steps."),
+    adam_beta1: float = typer.Option(_DDPM.adam_beta1, help="AdamW beta1."),
+    adam_beta2: float = typer.Option(_DDPM.adam_beta2, help="AdamW beta2."),
+    weight_decay: float = typer.Option(_DDPM.weight_decay, help="AdamW weight decay."),
+    grad_clip: float = typer.Option(
+        _DDPM.grad_clip, help="Max global gradient norm (0: no clipping)."),
     min_snr_gamma: float = typer.Option(
-        5.0, help="Min-SNR-gamma loss weighting min(SNR, gamma)/SNR; 0 = the simple loss."),
+        _DDPM.min_snr_gamma, help="Min-SNR-gamma loss weighting min(SNR, gamma)/SNR; 0 = the "
+        "simple loss."),
     multiscale_weight: float = typer.Option(
-        0.0, help="Weight of the low-frequency error term (Hoogeboom et al. 2023) that teaches "
-        "the UNet to remove the noise's mean colour (white backgrounds); 0 = plain loss; "
-        "try 0.02."),
-    ema_decay: float = typer.Option(0.9995, help="EMA decay (ceiling of the warm-up)."),
-    ema_warmup: bool = typer.Option(True, help="EMA decay min(ema_decay, (1+step)/(10+step))."),
-    hflip: bool = typer.Option(False, help="Random horizontal flips (the volleyball is chiral)."),
+        _DDPM.multiscale_weight, help="Weight of the low-frequency error term (Hoogeboom et al. "
+        "2023) that teaches the UNet to remove the noise's mean colour (white backgrounds); "
+        "0 = plain loss; try 0.02."),
+    ema_decay: float = typer.Option(_DDPM.ema_decay, help="EMA decay (ceiling of the warm-up)."),
+    ema_warmup: bool = typer.Option(
+        _DDPM.ema_warmup, help="EMA decay min(ema_decay, (1+step)/(10+step))."),
+    hflip: bool = typer.Option(
+        _DDPM.hflip, help="Random horizontal flips (the volleyball is chiral)."),
     max_images: int | None = typer.Option(None, help="Use only the first N training images."),
     mixed_precision: str = typer.Option(
-        "auto", help="auto (bf16 on a GPU; on a CPU bf16 where a timed probe finds it >= 1.2x "
-        "faster, else float32; printed and recorded) | bf16 | no."),
-    channels_last: bool = typer.Option(True, help="NHWC memory format for the UNet."),
+        _DDPM.mixed_precision, help="auto (bf16 on a GPU; on a CPU bf16 where a timed probe finds "
+        "it >= 1.2x faster, else float32; printed and recorded) | bf16 | no."),
+    channels_last: bool = typer.Option(
+        _DDPM.channels_last, help="NHWC memory format for the UNet."),
     compile: bool = typer.Option(
-        False, "--compile", help="torch.compile the UNet: 1.81x images/s on an H100 after about "
-        "150 s of compiling, so worth it past a few minutes."),
-    seed: int = typer.Option(0, help="Seed of initialisation, batches, timesteps and noise."),
-    log_every: int = typer.Option(50, help="Steps between progress-bar updates."),
+        _DDPM.compile, "--compile", help="torch.compile the UNet: 1.81x images/s on an H100 after "
+        "about 150 s of compiling, so worth it past a few minutes."),
+    seed: int = typer.Option(
+        _DDPM.seed, help="Seed of initialisation, batches, timesteps and noise."),
+    log_every: int = typer.Option(_DDPM.log_every, help="Steps between progress-bar updates."),
     sample_every: int = typer.Option(
-        1000, help="Steps between sample grids (EMA); 0 = only at the end."),
-    sample_steps: int = typer.Option(50, help="Respaced DDPM steps for those grids."),
+        _DDPM.sample_every, help="Steps between sample grids (EMA); 0 = only at the end."),
+    sample_steps: int = typer.Option(
+        _DDPM.sample_steps, help="Respaced DDPM steps for those grids."),
     checkpoint_every: int = typer.Option(
-        2000, help="Steps between train state + export; 0 = only at the end."),
-    fp16_export: bool = typer.Option(True, help="Export the EMA UNet in fp16 (shards < 16 MiB)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue OUT/NAME's train state."),
+        _DDPM.checkpoint_every, help="Steps between train state + export; 0 = only at the end."),
+    fp16_export: bool = typer.Option(
+        _DDPM.fp16_export, help="Export the EMA UNet in fp16 (shards < 16 MiB)."),
+    resume: bool = typer.Option(_DDPM.resume, "--resume", help="Continue OUT/NAME's train state."),
     init_from: str | None = typer.Option(
         None, help="Start from an exported DDPM folder (model and EMA); fresh optimiser."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT/NAME's DDPM."),
-    progress: bool = typer.Option(True, help="Show the progress bar."),
+    device: str = typer.Option(_DDPM.device, help="auto | cpu | cuda | cuda:N."),
+    overwrite: bool = typer.Option(_DDPM.overwrite, "--overwrite", help="Replace OUT/NAME's DDPM."),
+    progress: bool = typer.Option(_DDPM.progress, help="Show the progress bar."),
 ) -> None:
     """Train the unconditional DDPM (several GPUs: `accelerate launch -m gradcheck train-ddpm`)."""
     from gradcheck.config import TrainDDPMConfig
@@ -201,20 +223,22 @@ def train_ddpm_cmd(
 def eval_ddpm_cmd(
     folder: str | None = typer.Argument(
         None, help="DDPM pipeline folder [default: the checkpoint set's ddpm/]."),
-    num_samples: int = typer.Option(1000, help="Samples; sample i depends only on (seed, i)."),
-    steps: int = typer.Option(1000, help="DDPM steps (fewer are respaced)."),
-    batch_size: int = typer.Option(250, help="Batch size (memory only)."),
+    num_samples: int = typer.Option(
+        _EVAL.num_samples, help="Samples; sample i depends only on (seed, i)."),
+    steps: int = typer.Option(_EVAL.steps, help="DDPM steps (fewer are respaced)."),
+    batch_size: int = typer.Option(_EVAL.batch_size, help="Batch size (memory only)."),
     judge: str | None = typer.Option(
         None, help="Judge classifier folder: class histogram, confidence, FID/KID features."),
     data_root: str | None = _sized_data_root_option("Data set root (test split).", "the DDPM"),
-    seed: int = typer.Option(0, help="Sampling seed."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    seed: int = typer.Option(_EVAL.seed, help="Sampling seed."),
+    device: str = typer.Option(_EVAL.device, help="auto | cpu | cuda | cuda:N."),
     mixed_precision: str = typer.Option(
-        "auto", help="auto (bf16 autocast on a GPU and on CPUs with native bf16, AVX-512 bf16 or "
-        "AMX; float32 elsewhere) | bf16 | no. Recorded in eval.json."),
+        _EVAL.mixed_precision, help="auto (bf16 autocast on a GPU and on CPUs with native bf16, "
+        "AVX-512 bf16 or AMX; float32 elsewhere) | bf16 | no. Recorded in eval.json."),
     out: str | None = typer.Option(None, help="Output folder (default: FOLDER/eval)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
-    progress: bool = typer.Option(True, help="Show the progress bar."),
+    overwrite: bool = typer.Option(
+        _EVAL.overwrite, "--overwrite", help="Replace an existing output."),
+    progress: bool = typer.Option(_EVAL.progress, help="Show the progress bar."),
 ) -> None:
     """Unconditional sample quality: white borders, judge classes, FID/KID -> eval.json."""
     from pathlib import Path
@@ -256,33 +280,41 @@ def eval_ddpm_cmd(
 def train_classifier_cmd(
     kind: str = typer.Option(..., help="nonrobust | robust | adversarial | judge."),
     time_conditioned: bool = typer.Option(
-        False, help="Robust/adversarial only: the network also gets t (a constant 4th input "
-        "channel t/1000)."),
+        _CLF.time_conditioned, help="Robust/adversarial only: the network also gets t (a constant "
+        "4th input channel t/1000)."),
     ddpm: str | None = typer.Option(
         None, help="DDPM folder. Its scheduler config gives the noise schedule (required for "
         "robust and adversarial); its UNet, when present, adds x0-estimate (D2) evaluation."),
     data_root: str = _data_root_option("Data set root."),
-    out: str = typer.Option("checkpoints", help="Root; writes OUT/NAME/classifiers/KIND."),
-    name: str = typer.Option("sportballs-v1", help="Checkpoint set name."),
-    epochs: int = typer.Option(30, help="Maximum epochs (early stopping usually ends sooner)."),
-    batch_size: int = typer.Option(256, help="Batch size."),
-    lr: float = typer.Option(2e-3, help="AdamW peak learning rate (warm-up, cosine to lr/10)."),
-    weight_decay: float = typer.Option(0.05, help="AdamW weight decay."),
-    patience: int = typer.Option(5, help="Epochs without better validation accuracy to stop."),
+    out: str = typer.Option(_CLF.out, help="Root; writes OUT/NAME/classifiers/KIND."),
+    name: str = typer.Option(_CLF.name, help="Checkpoint set name."),
+    epochs: int = typer.Option(
+        _CLF.epochs, help="Maximum epochs (early stopping usually ends sooner)."),
+    batch_size: int = typer.Option(_CLF.batch_size, help="Batch size."),
+    lr: float = typer.Option(_CLF.lr, help="AdamW peak learning rate (warm-up, cosine to lr/10)."),
+    weight_decay: float = typer.Option(_CLF.weight_decay, help="AdamW weight decay."),
+    patience: int = typer.Option(
+        _CLF.patience, help="Epochs without better validation accuracy to stop."),
     max_minutes: float | None = typer.Option(None, help="Wall-clock cap; keeps the best weights."),
-    seed: int = typer.Option(0, help="Seed of initialisation, batches, noise and evaluation."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
-    amp: bool = typer.Option(True, help="bf16 autocast on CUDA."),
-    fp16: bool = typer.Option(False, help="Store the weights in float16 (for shipping)."),
-    attack_eps: float = typer.Option(0.5, help="Adversarial: L2 PGD radius (Kawar et al.)."),
-    attack_step_size: float = typer.Option(0.083, help="Adversarial: PGD step size."),
-    attack_steps: int = typer.Option(7, help="Adversarial: maximum PGD steps (early stop)."),
-    eval_samples: int = typer.Option(1000, help="Validation images in accuracy_by_t.parquet."),
-    eval_pgd_steps: int = typer.Option(20, help="Evaluation PGD steps (step 2.5 eps / steps)."),
+    seed: int = typer.Option(
+        _CLF.seed, help="Seed of initialisation, batches, noise and evaluation."),
+    device: str = typer.Option(_CLF.device, help="auto | cpu | cuda | cuda:N."),
+    amp: bool = typer.Option(_CLF.amp, help="bf16 autocast on CUDA."),
+    fp16: bool = typer.Option(_CLF.fp16, help="Store the weights in float16 (for shipping)."),
+    attack_eps: float = typer.Option(
+        _CLF.attack_eps, help="Adversarial: L2 PGD radius (Kawar et al.)."),
+    attack_step_size: float = typer.Option(
+        _CLF.attack_step_size, help="Adversarial: PGD step size."),
+    attack_steps: int = typer.Option(
+        _CLF.attack_steps, help="Adversarial: maximum PGD steps (early stop)."),
+    eval_samples: int = typer.Option(
+        _CLF.eval_samples, help="Validation images in accuracy_by_t.parquet."),
+    eval_pgd_steps: int = typer.Option(
+        _CLF.eval_pgd_steps, help="Evaluation PGD steps (step 2.5 eps / steps)."),
     eval_pgd_eps: list[float] = typer.Option(
-        [0.0, 0.25, 0.5, 1.0, 2.0, 4.0], help="Evaluation L2 PGD radii (repeat the option)."),
-    overwrite: bool = typer.Option(False, help="Replace an existing classifier folder."),
-    progress: bool = typer.Option(True, help="Show progress bars."),
+        list(_CLF.eval_pgd_eps), help="Evaluation L2 PGD radii (repeat the option)."),
+    overwrite: bool = typer.Option(_CLF.overwrite, help="Replace an existing classifier folder."),
+    progress: bool = typer.Option(_CLF.progress, help="Show progress bars."),
 ) -> None:
     """Train a guiding classifier or the judge, then write its accuracy_by_t.parquet."""
     from gradcheck.config import TrainClassifierConfig
@@ -328,13 +360,12 @@ def eval_classifier_cmd(
 
 @app.command("run")
 def run_cmd(
-    ctx: typer.Context,
     checkpoints: str | None = _checkpoints_option(),
     classifier: str = typer.Option(
-        "nonrobust", help="nonrobust | robust | adversarial (the shipped classifiers) | oracle "
+        _RUN.classifier, help="nonrobust | robust | adversarial (the shipped classifiers) | oracle "
         "(exact empirical posterior, D8) | a classifier folder."),
     x0_estimate: bool = typer.Option(
-        False, "--x0-estimate/--no-x0-estimate",
+        _RUN.x0_estimate, "--x0-estimate/--no-x0-estimate",
         help="Guide with the classifier on the one-step x0-estimate (D2, GradCheck Eq. 3)."),
     adam: bool | None = typer.Option(
         None, "--adam/--no-adam", help="Shorthand for --stabilizer adam (D4) / none."),
@@ -342,23 +373,27 @@ def run_cmd(
         None, help="Gradient stabiliser (D4): none | adam | ema | rmsprop | adam-nobias "
         "[default: none]."),
     normalize: bool = typer.Option(
-        True, "--normalize/--no-normalize",
+        _RUN.normalize, "--normalize/--no-normalize",
         help="Scale the guidance to a reference norm (D5, GradCheck Eq. 2; docs/maths.md)."),
     normalize_to: str = typer.Option(
-        "score", help="D5's reference norm: score (GradCheck) | eps (Augustin et al.'s code, "
-        "sqrt(1 - abar_t) x the score's)."),
+        _RUN.normalize_to, help="D5's reference norm: score (GradCheck) | eps (Augustin et al.'s "
+        "code, sqrt(1 - abar_t) x the score's)."),
     diffusion_time: bool = typer.Option(
-        True, "--diffusion-time/--no-diffusion-time",
+        _RUN.diffusion_time, "--diffusion-time/--no-diffusion-time",
         help="Stabiliser betas in diffusion time, beta ** (T // steps) (D4'; identical at 1000 "
         "steps); --no-diffusion-time counts sampler steps."),
-    scale: float = typer.Option(1.0, help="Guidance scale s (D6); 0 = unguided, same noise."),
+    scale: float = typer.Option(
+        _RUN.scale, help="Guidance scale s (D6); 0 = unguided, same noise."),
     target: str = typer.Option(
         "baseball", help="Target class: baseball | basketball | soccer | volleyball | 0-3."),
-    num_samples: int = typer.Option(64, help="Samples (paper: 64)."),
-    batch_size: int = typer.Option(64, help="Batch size (memory only; results do not change)."),
-    steps: int = typer.Option(1000, help="Sampling steps; fewer than T = 1000 respace the chain."),
-    seed: int = typer.Option(0, help="Seed; sample i depends only on (seed, i)."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    num_samples: int | None = typer.Option(
+        None, help="Samples [default: 64 on a GPU, 8 on a CPU; the paper: 64]."),
+    batch_size: int = typer.Option(
+        _RUN.batch_size, help="Batch size (memory only; results do not change)."),
+    steps: int | None = typer.Option(
+        None, help="Sampling steps; fewer than T = 1000 respace the chain [default: 1000]."),
+    seed: int = typer.Option(_RUN.seed, help="Seed; sample i depends only on (seed, i)."),
+    device: str = typer.Option(_RUN.device, help="auto | cpu | cuda | cuda:N."),
     ddpm: str | None = typer.Option(
         None, help="DDPM pipeline folder [default: the checkpoint set's ddpm/]."),
     judge: str | None = typer.Option(
@@ -369,22 +404,25 @@ def run_cmd(
         None, "--oracle/--no-oracle", help="Log cos_oracle against the exact gradient (D8) "
         "[default: on a GPU when the data set exists]."),
     record_vectors: str = typer.Option(
-        "subset", help="none | subset (8 samples, every 10th step; x0-estimates in fp16) | "
-        "all (float32)."),
+        _RUN.record_vectors, help="none | subset (8 samples, every 10th step; x0-estimates in "
+        "fp16) | all (float32)."),
     protocol: str = typer.Option(
-        "auto", help="auto (8 samples x 1000 steps without a GPU unless sizes are given) | "
+        _RUN.protocol, help="auto (8 samples x 1000 steps without a GPU unless sizes are given) | "
         "paper (64 x 1000) | reduced (8 x 50, respaced: for trying the tool, not for numbers)."),
-    metrics: bool = typer.Option(True, "--metrics/--no-metrics", help="Compute metrics.json."),
-    precision: str = typer.Option(
-        "fp32", help="fp32 (true float32; TF32 off on a GPU) | tf32 (GPU) | bf16 | fp16 (UNet "
-        "autocast) | auto (fp16 UNet and TF32, but x0-estimate gradients at t >= 700 in "
-        "float32; fp32 on a CPU). tf32/bf16/fp16 corrupt x0-estimate gradients at high noise: "
-        "`gradcheck precision`."),
+    metrics: bool = typer.Option(
+        _RUN.metrics, "--metrics/--no-metrics", help="Compute metrics.json."),
+    precision: str | None = typer.Option(
+        None, help="fp32 (true float32; TF32 off on a GPU) | tf32 (GPU) | bf16 | fp16 (UNet "
+        "autocast) | auto (GPU: fp16 UNet and TF32, but x0-estimate gradients at t >= 700 in "
+        "float32; CPU: bf16 UNet where no gradient passes through it, x0-estimate gradients in "
+        "float32). tf32/bf16/fp16 corrupt x0-estimate gradients at high noise: `gradcheck "
+        "precision` [default: auto on a CPU, fp32 on a GPU]."),
     net_batch: int | None = typer.Option(
         None, help="Rows per network call, padded: samples are identical for every batch size "
-        "[default: 64 on a GPU, 8 on a CPU]."),
+        "[default: 64; on a CPU at most the number of samples]."),
     compile: bool = typer.Option(
-        False, "--compile/--no-compile", help="torch.compile the UNet (worth it for long runs)."),
+        _RUN.compile, "--compile/--no-compile", help="torch.compile the UNet (worth it for long "
+        "runs)."),
     out: str = typer.Option("runs", help="Parent folder of the run folder."),
     name: str | None = typer.Option(None, help="Run folder name [default: derived from config]."),
     overwrite: bool = typer.Option(False, help="Replace an existing run folder."),
@@ -403,11 +441,6 @@ def run_cmd(
     if adam is False and stabilizer == "adam":
         raise GradcheckError("--no-adam conflicts with --stabilizer adam; give one")
     stabilizer = "adam" if adam else stabilizer or "none"
-    # By name: typer may bring its own copy of click's ParameterSource enum.
-    sized = any(getattr(ctx.get_parameter_source(p), "name", None) == "COMMANDLINE"
-                for p in ("num_samples", "steps"))
-    if protocol == "auto" and sized and (num_samples, steps) == (64, 1000):
-        protocol = "paper"  # explicit paper sizes: do not reduce them on a CPU
     extra = {k: v for k, v in (("ddpm", ddpm), ("judge", judge)) if v is not None}
     cfg = RunConfig(
         classifier=classifier, x0_estimate=x0_estimate, stabilizer=stabilizer,
@@ -437,8 +470,8 @@ def metrics_cmd(
         help="The standard FID Inception-v3 file pt_inception-2015-12-05-6726825d.pth (SHA-256 "
         "checked; nothing is downloaded)."),
     extractor: str = typer.Option(
-        "auto", help="auto | judge | inception. auto: Inception when weights are given, else the "
-        "judge's penultimate features."),
+        _METRICS.extractor, help="auto | judge | inception. auto: Inception when weights are "
+        "given, else the judge's penultimate features."),
     n_reference: int | None = typer.Option(
         None, help="Training images of the target class to compare with (default: as recorded, "
         "else 64)."),
@@ -448,10 +481,12 @@ def metrics_cmd(
     data_root: str | None = typer.Option(None, help="Data set root (default: the run's)."),
     kid_subset_size: int | None = typer.Option(
         None, help="KID subset size, at most N (default: min(N, n_reference))."),
-    n_bootstrap: int = typer.Option(1000, help="Bootstrap resamples for accuracy and KID."),
-    bootstrap_seed: int = typer.Option(0, help="Seed of the bootstrap."),
-    batch_size: int = typer.Option(64, help="Feature batch size (results do not depend on it)."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    n_bootstrap: int = typer.Option(
+        _METRICS.n_bootstrap, help="Bootstrap resamples for accuracy and KID."),
+    bootstrap_seed: int = typer.Option(_METRICS.bootstrap_seed, help="Seed of the bootstrap."),
+    batch_size: int = typer.Option(
+        _METRICS.batch_size, help="Feature batch size (results do not depend on it)."),
+    device: str = typer.Option(_METRICS.device, help="auto | cpu | cuda | cuda:N."),
 ) -> None:
     """Recompute a run's FID/KID/precision/recall and accuracies; rewrite its metrics files."""
     from gradcheck.metrics import recompute_run_metrics
@@ -500,23 +535,24 @@ def pag_cmd(
     oracle: bool | None = typer.Option(
         None, "--oracle/--no-oracle", help="Add the exact oracle gradient (D8) as a source; "
         "default: when the data set's train split exists."),
-    data_root: str = _data_root_option("Data set root (val images; train split for the "
-                                       "oracle)."),
+    data_root: str = _data_root_option("Data set root (val images; train split for the oracle)."),
     ddpm: str | None = typer.Option(
         None, help="DDPM folder whose scheduler gives abar_t (default: docs/maths.md schedule)."),
-    num_images: int = typer.Option(16, help="Validation images per class for the PAG scores."),
+    num_images: int = typer.Option(
+        _PAG.num_images, help="Validation images per class for the PAG scores."),
     timesteps: str = typer.Option("0,100,250,500,750", help="Comma-separated timesteps t."),
     pgd_eps: float | None = typer.Option(
         None, help="Targeted PGD L2 radius (default: Kawar's 100 at 3x128x128 by per-pixel RMS; "
         "50.0 at 3x64x64)."),
-    pgd_steps: int = typer.Option(7, help="Targeted PGD steps (Kawar et al.: 7)."),
+    pgd_steps: int = typer.Option(_PAG.pgd_steps, help="Targeted PGD steps (Kawar et al.: 7)."),
     pgd_step_size: float | None = typer.Option(None, help="PGD step (default 2.5 eps / steps)."),
-    seed: int = typer.Option(0, help="Seed of the image choice and the noise draws."),
-    batch_size: int = typer.Option(64, help="Gradient batch size (results do not depend on it)."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    seed: int = typer.Option(_PAG.seed, help="Seed of the image choice and the noise draws."),
+    batch_size: int = typer.Option(
+        _PAG.batch_size, help="Gradient batch size (results do not depend on it)."),
+    device: str = typer.Option(_PAG.device, help="auto | cpu | cuda | cuda:N."),
     out: str = typer.Option(
-        "report/pag", help="Output folder (`gradcheck report` reads it there)."),
-    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+        _PAG.out, help="Output folder (`gradcheck report` reads it there)."),
+    overwrite: bool = typer.Option(_PAG.overwrite, help="Replace an existing output folder."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """PAG: gradient maps, large-eps targeted PGD and PAG scores (D9) per classifier."""
@@ -540,13 +576,12 @@ def pag_cmd(
 @app.command("sweep")
 def sweep_cmd(
     checkpoints: str | None = _checkpoints_option(),
-    grid: str = typer.Option("table1", help="table1 | scales | stabilizers | classifiers."),
-    seeds: int = typer.Option(3, help="Seeds 0..SEEDS-1 of every configuration."),
+    grid: str = typer.Option(_SWEEP.grid, help="table1 | scales | stabilizers | classifiers."),
+    seeds: int = typer.Option(_SWEEP.seeds, help="Seeds 0..SEEDS-1 of every configuration."),
     shard: str | None = typer.Option(
         None, help="Run only shard i/n (0-based, round-robin over seeds with --batch-configs when "
         "there are at least n, else over runs; --seeds 5 --shard k/5 runs seed k). Default: "
-        "the launcher's "
-        "(accelerate/torchrun RANK/WORLD_SIZE, SLURM array task), else all runs."),
+        "the launcher's (accelerate/torchrun RANK/WORLD_SIZE, SLURM array task), else all runs."),
     out: str = typer.Option("runs", help="Folder of the run folders."),
     scale: float | None = typer.Option(
         None, help="Guidance scale s for grids that do not vary it (default: run's)."),
@@ -576,7 +611,7 @@ def sweep_cmd(
     compile: bool | None = typer.Option(
         None, "--compile/--no-compile", help="torch.compile the UNet (see `run`)."),
     batch_configs: bool = typer.Option(
-        True, "--batch-configs/--no-batch-configs",
+        _SWEEP.batch_configs, "--batch-configs/--no-batch-configs",
         help="Sample the configurations of a seed together (same results, shared UNet calls)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
@@ -749,8 +784,9 @@ def precision_cmd(
     classifiers: str = typer.Option(
         "nonrobust,robust", help="Comma-separated guiding classifiers (names or folders)."),
     modes: str = typer.Option(
-        "fp64,tf32,bf16,fp16,auto",
-        help="Precisions compared with float32: fp64 | tf32 | bf16 | fp16 | auto."),
+        "fp64,tf32,bf16,fp16,auto,cpu-auto",
+        help="Precisions compared with float32: fp64 | tf32 | bf16 | fp16 | auto (the GPU's) | "
+        "cpu-auto (the CPU's --precision auto)."),
     x0_estimate: bool = typer.Option(
         True, "--x0-estimate/--no-x0-estimate",
         help="Gradient through the x0-estimate (D2; the sensitive one) or on x_t."),

@@ -175,9 +175,11 @@ class RunConfig:
     # baseball: GradCheck App. C, the class of every paper experiment. A class name is taken too
     # and resolved to its index (runner.resolve_config), so run ids do not depend on the spelling.
     target: int | str = 0
-    num_samples: int = 64  # paper protocol: 64 samples (GradCheck §3.4)
+    # None = the protocol's (runner.resolve_config): 64 x 1000 on a GPU (GradCheck §3.4), 8 x
+    # 1000 on a CPU; a sweep's runs are 64 x 1000 everywhere. Given values are kept.
+    num_samples: int | None = None
     batch_size: int = 64  # memory only: results do not depend on it (one generator per sample)
-    steps: int = 1000  # sampling steps; T = 1000 = the paper; fewer respace the chain
+    steps: int | None = None  # sampling steps; None = T = 1000 (the paper); fewer respace
     seed: int = 0  # sample i depends only on (seed, i)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     ddpm: str = dataclasses.field(default_factory=_default_ddpm)  # shipped DDPM pipeline folder
@@ -185,16 +187,18 @@ class RunConfig:
     data_root: str = dataclasses.field(default_factory=_default_data_root)  # oracle, FID reference
     oracle: bool | None = None  # cos_oracle (D8); None = when the data set exists (GPU) or asked
     record_vectors: str = "subset"  # none | subset (8 samples, every 10th step) | all
-    protocol: str = "auto"  # auto | paper (64 x 1000) | reduced (8 x 50; CPU default, see runner)
+    protocol: str = "auto"  # auto (sizes above) | paper (64 x 1000) | reduced (8 x 50, opt-in)
     metrics: bool = True  # metrics.json via gradcheck.metrics at the end of the run
-    # How the networks run (guidance.NetEval). fp32 = true float32 (TF32 off on a GPU); tf32
+    # How the networks run (numerics.NetworkCalls). fp32 = true float32 (TF32 off on a GPU); tf32
     # (GPU), bf16 and fp16 (UNet autocast) are faster but corrupt x0-estimate gradients at high
-    # noise; auto = float16 UNet and TF32 except x0-estimate gradients where D2 amplifies
-    # rounding (t >= 700), which stay float32; float32 on a CPU (NetEval's docstring has the
-    # numbers). Guidance maths are always fp32/fp64.
-    precision: str = "fp32"  # fp32 | tf32 | bf16 | fp16 | auto
+    # noise. auto: on a GPU a float16 UNet and TF32 except x0-estimate gradients where D2
+    # amplifies rounding (t >= 700), which stay float32; on a CPU a bf16 UNet for the calls no
+    # gradient passes through and float32 for every x0-estimate gradient (NetworkCalls's
+    # docstring has the numbers). None = auto on a CPU, fp32 on a GPU. Guidance maths are always
+    # fp32/fp64.
+    precision: str | None = None  # fp32 | tf32 | bf16 | fp16 | auto
     # Rows per network call (pieces padded to it): samples are bit-identical for every batch
-    # size and for configurations sampled together. None = 64 on a GPU, 8 on a CPU.
+    # size and for configurations sampled together. None = 64 (on a CPU at most num_samples).
     net_batch: int | None = None
     compile: bool = False  # torch.compile the UNet (one shape thanks to net_batch)
 # [metrics: metrics.py]

@@ -18,13 +18,13 @@ import numpy as np
 import pandas as pd
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
-from PIL import Image
-from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
 from gradcheck import CLASS_NAMES
 from gradcheck.config import EvalDDPMConfig, config_to_dict
-from gradcheck.models import check_image_size, classifier_logits, load_classifier, load_ddpm
+from gradcheck.data.sportballs import load_split
+from gradcheck.models import check_image_size, classify, load_classifier, load_ddpm
+from gradcheck.numerics import cpu_has_native_bf16
 from gradcheck.utils import (
     GradcheckError,
     atomic_output_dir,
@@ -35,7 +35,9 @@ from gradcheck.utils import (
     resolve_device,
     run_metadata,
     sample_generators,
+    save_image_grid,
     save_json,
+    to_uint8,
 )
 
 WHITE_BORDER = 0.95  # mean of the 1-pixel outer border in [0, 1] at or above this: white
@@ -53,10 +55,7 @@ def sampling_bf16(mixed_precision: str, device: torch.device) -> bool:
         return mixed_precision == "bf16"
     if device.type == "cuda":
         return True
-    cpu = getattr(torch, "cpu", None)
-    return device.type == "cpu" and any(
-        bool(getattr(cpu, f, lambda: False)())
-        for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    return device.type == "cpu" and cpu_has_native_bf16()
 
 
 @torch.no_grad()
@@ -98,7 +97,7 @@ def sample_images(
             # One generator per sample again, so the step noise is batch-independent too.
             x = sched.step(eps.float(), t, x, generator=gens).prev_sample
             bar.update()
-        out.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
+        out.append(to_uint8(x))
     bar.close()
     unet.train(was_training)
     return torch.cat(out)
@@ -134,53 +133,21 @@ def border_means(images: torch.Tensor) -> torch.Tensor:
     return x[..., mask].mean(dim=(1, 2))
 
 
-def image_grid(images: torch.Tensor, nrow: int | None = None) -> np.ndarray:
-    """uint8 (N, 3, H, W) -> one uint8 grid image (H', W', 3) with 2-pixel gray gutters."""
-    nrow = nrow or max(1, math.isqrt(len(images) - 1) + 1)
-    grid = make_grid(images, nrow=nrow, padding=2, pad_value=128)
-    return grid.permute(1, 2, 0).numpy()
-
-
-def save_grid(images: torch.Tensor, path: str | Path) -> None:
-    """Write uint8 (N, 3, H, W) images as one PNG grid."""
-    Image.fromarray(image_grid(images)).save(path)
-
-
-@torch.no_grad()
-def judge_predictions(
-    judge: torch.nn.Module, images: torch.Tensor, batch_size: int = 250
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(predicted class (N,), max probability (N,)) of a classifier on uint8 (N, 3, H, W)."""
-    device = next(judge.parameters()).device
-    preds, maxp = [], []
-    for i in range(0, len(images), batch_size):
-        x = images[i : i + batch_size].to(device).float() / 127.5 - 1
-        probs = classifier_logits(judge, x, 0).float().softmax(dim=1)
-        p, c = probs.max(dim=1)
-        preds.append(c.cpu())
-        maxp.append(p.cpu())
-    return torch.cat(preds), torch.cat(maxp)
-
-
 def _fid_kid(
     samples: torch.Tensor, judge: torch.nn.Module | None, cfg: EvalDDPMConfig,
     device: torch.device,
 ) -> dict[str, Any]:
     """FID/KID of the samples against the whole test split via gradcheck.metrics, or the reason
     they were not computed (under ``fid_skipped``)."""
-    try:
-        from gradcheck import metrics
-    except ImportError as e:
-        return {"fid_skipped": f"gradcheck.metrics not importable: {e}"}
+    from gradcheck import metrics
+
     if judge is None and metrics.resolve_inception_weights(None) is None:
         return {"fid_skipped": "no feature extractor: pass --judge (judge features) or set "
                                f"{metrics.INCEPTION_ENV}"}
     root = Path(cfg.data_root)
     try:
-        from gradcheck.data.sportballs import load_split
-
         reference, _ = load_split(root, "test")
-    except (GradcheckError, OSError, ImportError) as e:
+    except (GradcheckError, OSError) as e:
         return {"fid_skipped": f"no test split in {root}: {e}"}
     reference = np.asarray(reference)
     gen = samples.permute(0, 2, 3, 1).numpy()
@@ -252,7 +219,7 @@ def evaluate_ddpm(config: EvalDDPMConfig | None = None, **overrides: Any) -> dic
             "sampling_s": sampling_s,
         }
         if judge is not None:
-            pred, maxp = judge_predictions(judge, samples, cfg.batch_size)
+            pred, maxp = classify(judge, samples, cfg.batch_size)
             rows["pred_class"] = pred.numpy().astype(np.int64)
             rows["class_name"] = [CLASS_NAMES[i] for i in pred.tolist()]
             rows["max_prob"] = maxp.numpy().astype(np.float64)
@@ -272,7 +239,7 @@ def evaluate_ddpm(config: EvalDDPMConfig | None = None, **overrides: Any) -> dic
         summary.update(_fid_kid(samples, judge, cfg, device))
 
         rows.to_parquet(tmp / "eval.parquet", index=False)
-        save_grid(samples[:GRID_SAMPLES], tmp / "samples.png")
+        save_image_grid(samples[:GRID_SAMPLES], tmp / "samples.png")
         save_json(tmp / "eval.json", {**summary, "config": config_to_dict(cfg),
                                       "metadata": run_metadata(device)})
     return {**summary, "out": str(out)}

@@ -24,8 +24,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 import torch_fidelity
 from torch import nn
@@ -54,7 +52,7 @@ from gradcheck.models import (
     GUIDING_KINDS,
     check_image_size,
     classifier_features,
-    classifier_logits,
+    classify,
     load_classifier,
 )
 from gradcheck.paths import default_classifier, default_data_root
@@ -63,10 +61,12 @@ from gradcheck.utils import (
     check_choice,
     check_positive,
     check_seed,
+    from_uint8,
     load_json,
     resolve_device,
     run_metadata,
     strict_json,
+    write_parquet,
 )
 
 JUDGE_EXTRACTOR = "sportballs-judge-shufflenet"
@@ -146,8 +146,7 @@ class JudgeFeatureExtractor(FeatureExtractorBase):
             raise GradcheckError(
                 f"expected uint8 images (B, 3, H, W), got {x.dtype} {tuple(x.shape)}"
             )
-        x = 2 * x.float() / 255 - 1
-        return (classifier_features(self.judge, x).float(),)
+        return (classifier_features(self.judge, from_uint8(x)).float(),)
 
 
 if JUDGE_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:  # module reloads must not re-register
@@ -374,17 +373,9 @@ def classifier_correct(
 
     Runs on the model's own device; time-conditioned models see t = 0 (final, clean samples).
     """
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    preds = []
-    for i in range(0, len(images), batch_size):
-        x = torch.from_numpy(np.array(images[i : i + batch_size]))
-        x = 2 * x.permute(0, 3, 1, 2).to(device).float() / 255 - 1
-        t = torch.zeros(len(x), dtype=torch.long, device=device)
-        preds.append(classifier_logits(model, x, t).argmax(dim=1).cpu())
-    model.train(was_training)
-    return (torch.cat(preds) == target).numpy()
+    pred, _ = classify(model, torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2),
+                       batch_size)
+    return (pred == target).numpy()
 
 
 def _check_images(samples: np.ndarray) -> None:
@@ -552,11 +543,8 @@ def write_metrics(run_folder: str | Path, row: dict[str, Any]) -> None:
     folder = Path(run_folder)
     text = strict_json(row)
     _replace_atomically(folder / "metrics.json", lambda p: p.write_text(text))
-    table = pa.Table.from_pandas(pd.DataFrame([row]), preserve_index=False)
-    meta = {**(table.schema.metadata or {}),
-            b"gradcheck": strict_json(run_metadata(torch.device(row.get("metrics_device", "cpu"))))}
-    _replace_atomically(folder / "metrics.parquet",
-                        lambda p: pq.write_table(table.replace_schema_metadata(meta), p))
+    write_parquet(pd.DataFrame([row]), folder / "metrics.parquet",
+                  run_metadata(torch.device(row.get("metrics_device", "cpu"))))
 
 
 def _guiding_classifier(

@@ -17,7 +17,14 @@ from torch import nn
 from torchvision.models import mobilenet_v3_small, shufflenet_v2_x1_0
 
 from gradcheck import CLASS_NAMES
-from gradcheck.utils import GradcheckError, check_choice, load_json, refuse_pickle, save_json
+from gradcheck.utils import (
+    GradcheckError,
+    check_choice,
+    from_uint8,
+    load_json,
+    refuse_pickle,
+    save_json,
+)
 
 # ---------------------------------------------------------------------------------------------
 # DDPM
@@ -126,6 +133,8 @@ TIME_CONVENTION = (
 
 class TimeConditionedClassifier(nn.Module):
     """A classifier that also sees the diffusion timestep t as a constant extra input channel."""
+
+    time_aware = True  # called as model(x, t) (classifier_logits)
 
     def __init__(self, net: nn.Module, num_train_timesteps: int = 1000) -> None:
         super().__init__()
@@ -263,7 +272,35 @@ def check_image_size(config: dict[str, Any], size: int, what: str, other: str) -
 
 
 def classifier_logits(model: nn.Module, x: torch.Tensor, t: torch.Tensor | int | None = None):
-    """Logits of any gradcheck classifier; ``t`` reaches only time-conditioned ones."""
-    if isinstance(model, TimeConditionedClassifier):
+    """Logits of any gradcheck classifier or the oracle; ``t`` reaches only time-aware models
+    (``time_aware = True``: a :class:`TimeConditionedClassifier`, the empirical oracle)."""
+    if getattr(model, "time_aware", False):
         return model(x, t)
     return model(x)
+
+
+@torch.no_grad()
+def classify(
+    model: nn.Module, images: torch.Tensor, batch_size: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images (N, 3, H, W) -> (predicted class (N,), its probability (N,)) on the CPU, in
+    eval mode on the model's device; time-conditioned models see t = 0 (clean images)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    preds, probs = [], []
+    for i in range(0, len(images), batch_size):
+        x = from_uint8(images[i:i + batch_size].to(device))
+        p, c = classifier_log_probs(model, x, 0).exp().max(dim=1)
+        preds.append(c.cpu())
+        probs.append(p.cpu())
+    model.train(was_training)
+    return torch.cat(preds), torch.cat(probs)
+
+
+def classifier_log_probs(
+    model: nn.Module, x: torch.Tensor, t: torch.Tensor | int | None = None
+) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, C) float32 log-probabilities of :func:`classifier_logits` (the
+    oracle's are normalised already, and log_softmax leaves them unchanged)."""
+    return torch.log_softmax(classifier_logits(model, x, t).float(), dim=1)

@@ -48,6 +48,8 @@ class EmpiricalOracle(nn.Module):
     classifier it always needs ``t``.
     """
 
+    time_aware = True  # called as model(x_t, t) (models.classifier_logits)
+
     def __init__(
         self,
         images: torch.Tensor,

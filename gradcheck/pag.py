@@ -18,15 +18,12 @@ writer.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from matplotlib.figure import Figure
 from torch import nn
@@ -36,10 +33,11 @@ from gradcheck import CLASS_NAMES
 from gradcheck.attacks import pgd
 from gradcheck.config import PagConfig, config_to_dict
 from gradcheck.data.sportballs import ball_masks, load_factors, load_split
+from gradcheck.guidance import log_prob_gradient
 from gradcheck.models import (
     CLASSIFIER_KINDS,
     check_image_size,
-    classifier_logits,
+    classifier_log_probs,
     load_classifier,
 )
 from gradcheck.oracle import EmpiricalOracle, oracle_available
@@ -56,6 +54,7 @@ from gradcheck.utils import (
     run_metadata,
     sample_generators,
     save_json,
+    write_parquet,
 )
 
 KAWAR_EPS = 100.0  # Kawar et al. §5.1: targeted PGD, ||delta||_2 <= 100 ...
@@ -81,26 +80,6 @@ def kawar_equivalent_eps(image_shape: tuple[int, ...] = (3, 64, 64)) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-def log_probs(source: GradientSource, x: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
-    """x (B, 3, H, W), t -> (B, C) log p(. | x); classifiers get t only if time-conditioned."""
-    if isinstance(source, EmpiricalOracle):
-        return source.log_prob(x, t)
-    return torch.log_softmax(classifier_logits(source, x, t).float(), dim=1)
-
-
-def source_gradient(
-    source: GradientSource, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor | int
-) -> torch.Tensor:
-    """grad_x log p(y | x) (B, 3, H, W) of x (B, 3, H, W) on labels y (B,); exact for the oracle."""
-    if isinstance(source, EmpiricalOracle):
-        return source.grad_log_prob(x, t, y)
-    x = x.detach().requires_grad_(True)
-    with torch.enable_grad():
-        lp = log_probs(source, x, t).gather(1, y[:, None]).sum()
-        (g,) = torch.autograd.grad(lp, x)
-    return g
-
-
 def gradient_maps(
     source: GradientSource,
     x0: torch.Tensor,
@@ -117,7 +96,7 @@ def gradient_maps(
         abar = float(alphas_cumprod[t])
         x_t = math.sqrt(abar) * x0 + math.sqrt(1 - abar) * noise
         grads = [
-            source_gradient(source, x_t[i:i + batch_size], y[i:i + batch_size], t).float().cpu()
+            log_prob_gradient(source, x_t[i:i + batch_size], y[i:i + batch_size], t)[0].cpu()
             for i in range(0, x0.shape[0], batch_size)
         ]
         out.append(torch.cat(grads))
@@ -145,16 +124,6 @@ def pag_scores(grads: torch.Tensor | np.ndarray, masks: np.ndarray) -> np.ndarra
     return (inside / outside).numpy()  # torch: 0 / 0 = NaN, x / 0 = inf, without warnings
 
 
-def minmax_normalize(g: torch.Tensor | np.ndarray) -> np.ndarray:
-    """Per map min-max normalisation to [0, 1] (Kawar Figure 3): (..., 3, H, W) -> same shape.
-
-    A constant map becomes 0.5 (mid grey)."""
-    a = np.asarray(g, dtype=np.float64)
-    lo = a.min(axis=(-3, -2, -1), keepdims=True)
-    span = a.max(axis=(-3, -2, -1), keepdims=True) - lo
-    return np.where(span > 0, (a - lo) / np.where(span > 0, span, 1.0), 0.5)
-
-
 def targeted_pgd_grid(
     source: GradientSource,
     x: torch.Tensor,
@@ -176,7 +145,7 @@ def targeted_pgd_grid(
         xa = pgd(model, x, y, eps=eps, step_size=step_size, steps=steps, norm="l2",
                  targeted=True, early_stop=False, t=0, clamp=(-1.0, 1.0))
         with torch.no_grad():
-            p = log_probs(source, xa, 0).exp()[:, target]
+            p = classifier_log_probs(source, xa, 0).exp()[:, target]
         adv.append(xa.detach().cpu())
         prob.append(p.float().cpu())
     return torch.stack(adv, dim=1), torch.stack(prob, dim=1)
@@ -195,7 +164,7 @@ class _FixedTimestep(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Tables and figures (pure)
+# Tables (pure; the figures are report.figures')
 # ---------------------------------------------------------------------------------------------
 
 
@@ -216,122 +185,6 @@ def pag_table(
                 "n_images": int(ok.size), "n_undefined": int(s.size - ok.size),
             })
     return pd.DataFrame(rows, columns=list(PAG_COLUMNS))
-
-
-def _to_rgb(x: np.ndarray) -> np.ndarray:
-    """(3, H, W) in [-1, 1] -> (H, W, 3) in [0, 1]."""
-    return np.clip((np.asarray(x).transpose(1, 2, 0) + 1) / 2, 0, 1)
-
-
-def _image_grid(n_rows: int, n_cols: int, size: tuple[float, float], hspace: float,
-                bottom: float, top: float) -> tuple[Figure, np.ndarray]:
-    """A figure of ``size`` inches with (n_rows, n_cols) tickless image axes, 0.6 inch on the
-    left for row labels and ``bottom`` / ``top`` inches of margin. A fixed grid: constrained
-    layout costs seconds for ~100 image axes and gains nothing here."""
-    width, height = size
-    fig = Figure(figsize=size)
-    axes = fig.subplots(n_rows, n_cols, squeeze=False,
-                        gridspec_kw=dict(wspace=0.05, hspace=hspace, left=0.6 / width, right=0.99,
-                                         bottom=bottom / height, top=1 - top / height))
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    return fig, axes
-
-
-def gradient_map_figure(
-    images: np.ndarray,
-    maps: dict[str, np.ndarray],
-    timesteps: tuple[int, ...],
-    row_labels: list[str],
-) -> Figure:
-    """Kawar Figure 3: images (R, 3, H, W) in [-1, 1] and per source gradients (T, R, 3, H, W),
-    min-max normalised per map; one column per (source, t)."""
-    n_rows, n_t = images.shape[0], len(timesteps)
-    n_cols = 1 + n_t * len(maps)
-    fig, axes = _image_grid(n_rows, n_cols, (0.9 * n_cols + 0.6, 0.95 * n_rows + 0.9),
-                            hspace=0.05, bottom=0.1, top=0.9)
-    for r in range(n_rows):
-        axes[r, 0].imshow(_to_rgb(images[r]))
-        axes[r, 0].set_ylabel(row_labels[r], fontsize=8)
-        for k, (name, g) in enumerate(maps.items()):
-            normed = minmax_normalize(g[:, r])
-            for ti, t in enumerate(timesteps):
-                ax = axes[r, 1 + k * n_t + ti]
-                ax.imshow(normed[ti].transpose(1, 2, 0))
-                if r == 0:
-                    ax.set_title(f"{name}\nt={t}", fontsize=7)
-    axes[0, 0].set_title("image", fontsize=7)
-    title = r"$\nabla_x \log p(y \mid x_t)$ on the true class, min-max normalised per map"
-    if ORACLE in maps:
-        title += ("\noracle: the exact gradient (D8); at small t its posterior is one-hot on the "
-                  "nearest training image, and grey = zero gradient (that image has class y)")
-    fig.suptitle(title, fontsize=8)
-    return fig
-
-
-def pgd_figure(
-    images: np.ndarray,
-    adversarial: dict[str, np.ndarray],
-    probs: dict[str, np.ndarray],
-    row_labels: list[str],
-    eps: float,
-    steps: int,
-    step_size: float,
-    class_names: tuple[str, ...] = CLASS_NAMES,
-) -> Figure:
-    """Kawar Figure 4: sources (S, 3, H, W) and per source model targeted PGD results
-    (S, C, 3, H, W) with target probabilities (S, C); one row per source image, one block of C
-    target columns per model."""
-    s, c = images.shape[0], len(class_names)
-    n_cols = 1 + c * len(adversarial)
-    fig, axes = _image_grid(s, n_cols, (0.95 * n_cols + 0.6, 1.1 * s + 1.2), hspace=0.3,
-                            bottom=0.25, top=1.0)
-    for i in range(s):
-        axes[i, 0].imshow(_to_rgb(images[i]))
-        axes[i, 0].set_ylabel(row_labels[i], fontsize=7)
-        for k, (name, adv) in enumerate(adversarial.items()):
-            for j in range(c):
-                ax = axes[i, 1 + k * c + j]
-                ax.imshow(_to_rgb(adv[i, j]))
-                ax.set_xlabel(f"p={probs[name][i, j]:.2f}", fontsize=6, labelpad=1)
-                if i == 0:
-                    ax.set_title(f"{name}\n-> {class_names[j]}", fontsize=7)
-    axes[0, 0].set_title("source", fontsize=7)
-    rms = eps / math.sqrt(math.prod(images.shape[1:]))
-    fig.suptitle(
-        f"targeted L2 PGD at t=0 towards each class: eps = {eps:.1f} (per-pixel RMS {rms:.3f}; "
-        f"Kawar et al.: eps = 100 at 3x128x128, RMS {KAWAR_RMS:.3f}), "
-        f"{steps} steps of {step_size:.2f}, no early stop\n"
-        "p = the model's probability of the target class", fontsize=8,
-    )
-    return fig
-
-
-def pag_score_figure(table: pd.DataFrame) -> Figure:
-    """PAG score (D9) vs t from pag.parquet rows: one panel per class, one line per source,
-    error bars = standard error of the mean over images; 1 = no preference for the ball."""
-    classes = [c for c in CLASS_NAMES if c in set(table["class_name"])]
-    fig = Figure(figsize=(3.0 * len(classes) + 0.5, 3.2), layout="constrained")
-    axes = fig.subplots(1, len(classes), squeeze=False, sharey=True)[0]
-    for ax, cls in zip(axes, classes, strict=True):
-        part = table[table["class_name"] == cls]
-        for name, rows in part.groupby("classifier", sort=False):
-            rows = rows.sort_values("t")
-            sem = rows["pag_score_std"].fillna(0) / np.sqrt(rows["n_images"].clip(lower=1))
-            ax.errorbar(rows["t"], rows["pag_score_mean"], yerr=sem, marker="o", ms=3,
-                        capsize=2, label=name)
-        ax.axhline(1.0, color="grey", ls="--", lw=0.8)
-        ax.set_yscale("log")
-        ax.set_title(cls, fontsize=9)
-        ax.set_xlabel("t")
-    axes[0].set_ylabel("PAG score: mean G on ball / off ball")
-    axes[-1].legend(fontsize=7)
-    fig.suptitle(
-        "PAG score (D9), mean over images, bars: standard error. At small t the oracle's "
-        "posterior is one-hot on the nearest training image (D8):\nits gradient is zero (no "
-        "score, point missing) when that image has the true class", fontsize=8)
-    return fig
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,14 +239,6 @@ def _check_config(cfg: PagConfig) -> None:
         raise GradcheckError(f"--classifiers names one entry twice: {','.join(cfg.classifiers)}")
     if ORACLE in cfg.classifiers:
         raise GradcheckError("the oracle is not a classifier folder; use --oracle")
-
-
-def _write_parquet(table: pd.DataFrame, path: Path, metadata: dict[str, Any]) -> None:
-    """A parquet file with the run's config and versions in its schema metadata."""
-    arrow = pa.Table.from_pandas(table, preserve_index=False)
-    meta = {**(arrow.schema.metadata or {}),
-            b"gradcheck": json.dumps(metadata, default=str).encode()}
-    pq.write_table(arrow.replace_schema_metadata(meta), path)
 
 
 def _save_figure(fig: Figure, folder: Path, stem: str) -> None:
@@ -487,6 +332,8 @@ def run_pag(cfg: PagConfig | None = None, progress: bool = True, **overrides: An
         "schedule": schedule_source, "oracle": use_oracle, "sources": [n for n, _ in sources],
         "val_indices": idx.tolist(), **run_metadata(device),
     }
+    from gradcheck.report.figures import gradient_map_figure, pag_score_figure, pgd_figure
+
     row_labels = [f"{CLASS_NAMES[int(y[r])]} #{int(idx[r])}" for r in fig_rows]
     figures = {
         "gradient_maps": gradient_map_figure(x0[fig_rows].cpu().numpy(), maps,
@@ -496,8 +343,8 @@ def run_pag(cfg: PagConfig | None = None, progress: bool = True, **overrides: An
         "pag_score": pag_score_figure(table),
     }
     with atomic_output_dir(out, overwrite=cfg.overwrite) as tmp:
-        _write_parquet(table, tmp / "pag.parquet", meta)
-        _write_parquet(pgd_table, tmp / "pgd.parquet", meta)
+        write_parquet(table, tmp / "pag.parquet", meta)
+        write_parquet(pgd_table, tmp / "pgd.parquet", meta)
         for stem, fig in figures.items():
             _save_figure(fig, tmp, stem)
         save_json(tmp / "config.json", meta)

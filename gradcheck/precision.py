@@ -5,13 +5,13 @@ effect on a result can be measured on a CPU: :func:`emulate_tf32` makes every co
 linear layer of the given modules round its input, weight and incoming gradient to TF32 whenever
 PyTorch's TF32 flags for that operation are on (``torch.backends.cudnn.conv.fp32_precision`` for
 convolutions, ``torch.backends.cuda.matmul.fp32_precision`` for linear layers). So the same code
-that switches TF32 on a GPU (:meth:`gradcheck.guidance.NetEval.numerics`, including the per-call
-switches of ``precision="auto"``) switches the emulation on a CPU. Not emulated: the two matmuls
-inside ``scaled_dot_product_attention`` (a few percent of the UNet's FLOPs).
+that switches TF32 on a GPU (:meth:`gradcheck.numerics.NetworkCalls.numerics`, including the
+per-call switches of ``precision="auto"``) switches the emulation on a CPU. Not emulated: the two
+matmuls inside ``scaled_dot_product_attention`` (a few percent of the UNet's FLOPs).
 
 :func:`gradient_agreement` is the measurement behind ``gradcheck precision`` and the table in
-:class:`~gradcheck.guidance.NetEval`: the cosine between each precision's guidance gradient and the
-float32 one, per t, on noised test images.
+:class:`~gradcheck.numerics.NetworkCalls`: the cosine between each precision's guidance gradient
+and the float32 one, per t, on noised test images.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from gradcheck.guidance import ClassifierGuidance, NetEval, cosine, d2_gain
+from gradcheck.guidance import ClassifierGuidance, cosine
 from gradcheck.models import check_image_size
+from gradcheck.numerics import NetworkCalls, d2_gain
 from gradcheck.paths import default_data_root
 from gradcheck.utils import (
     GradcheckError,
@@ -43,7 +44,7 @@ from gradcheck.utils import (
 TF32_DROPPED_BITS = 13
 """float32 keeps 23 explicit mantissa bits, TF32 keeps 10: the lowest 13 are rounded away."""
 
-MODES = ("fp64", "tf32", "bf16", "fp16", "auto")
+MODES = ("fp64", "tf32", "bf16", "fp16", "auto", "cpu-auto")
 """Precisions :func:`gradient_agreement` compares with float32 (see ``gradcheck precision``)."""
 
 
@@ -154,8 +155,11 @@ def _gradient(mode: str, unet: nn.Module, clf: nn.Module, x_t: torch.Tensor, t: 
     float64 models given, x_t converted)."""
     device = x_t.device
     # The GPU's settings on any device: TF32 is emulated on a CPU, float16 runs for real.
-    call = NetEval.for_precision("fp32" if mode == "fp64" else mode, cuda=True).at(
-        abar, x0_estimate)
+    if mode == "cpu-auto":
+        call = NetworkCalls.for_precision("auto", cuda=False)
+    else:
+        call = NetworkCalls.for_precision("fp32" if mode == "fp64" else mode, cuda=True)
+    call = call.at(abar, x0_estimate)
     t_dev = torch.full((), t, dtype=torch.long, device=device)
     if mode == "fp64":
         x_t = x_t.double()
@@ -186,8 +190,9 @@ def gradient_agreement(
 
     Per (classifier, t, mode): the minimum and mean over images of the cosine to the float32
     gradient, and of ||g_mode - g_fp32|| / ||g_fp32||. TF32 is emulated on a CPU and real on a
-    GPU; ``auto`` is :meth:`NetEval.for_precision("auto") <NetEval.for_precision>`. fp64 runs
-    the whole computation in float64 (the check that float32 itself is accurate).
+    GPU; ``auto`` is :meth:`NetworkCalls.for_precision("auto") <NetworkCalls.for_precision>` on a
+    GPU, ``cpu-auto`` the same on a CPU.
+    fp64 runs the whole computation in float64 (the check that float32 itself is accurate).
     """
     _check_modes(modes)
     _check_timesteps(timesteps, len(alphas_cumprod))

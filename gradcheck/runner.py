@@ -29,8 +29,9 @@ from tqdm.auto import tqdm
 from gradcheck import CLASS_NAMES
 from gradcheck import columns as col
 from gradcheck.config import RunConfig, config_to_dict
-from gradcheck.guidance import ClassifierGuidance, NetEval
+from gradcheck.guidance import ClassifierGuidance
 from gradcheck.models import GUIDING_KINDS, check_image_size, load_classifier, load_ddpm
+from gradcheck.numerics import NetworkCalls
 from gradcheck.paths import (
     PAPER_SET,
     checkpoint_set_image_size,
@@ -43,11 +44,11 @@ from gradcheck.paths import (
 from gradcheck.recorder import RECORD_VECTORS, StepRecorder, expected_vector_bytes
 from gradcheck.sampler import (
     NORMALIZE_TO,
-    Lane,
+    GuidanceConfig,
     Observer,
     check_sampling_args,
-    sample_lanes,
-    to_uint8,
+    check_scale,
+    sample_configs,
 )
 from gradcheck.stabilizers import check_stabilizer
 from gradcheck.utils import (
@@ -59,7 +60,9 @@ from gradcheck.utils import (
     resolve_device,
     run_metadata,
     sample_generators,
+    save_image_grid,
     save_json,
+    to_uint8,
 )
 
 log = logging.getLogger(__name__)
@@ -72,7 +75,7 @@ SHARED_FIELDS = ("num_samples", "batch_size", "steps", "seed", "device", "ddpm",
 """Fields that configurations sampled together (:func:`run_many`) must share."""
 NOT_HASHED = ("batch_size", "protocol")
 """Fields that never change a run's results (the sizes they resolve to are hashed). net_batch
-stays hashed: a different row count may round differently (guidance.NetEval)."""
+stays hashed: a different row count may round differently (numerics.NetworkCalls)."""
 PAPER_SIZE = (64, 1000)  # GradCheck §3.4: 64 samples, T = 1000 steps
 CPU_SIZE = (8, 1000)  # auto without a GPU: the paper's full chain, fewer samples (minutes)
 REDUCED_SIZE = (8, 50)  # opt-in only: a respaced chain, for trying the tool, not for numbers
@@ -106,15 +109,17 @@ def validate_config(cfg: RunConfig) -> None:
     elif not 0 <= cfg.target < len(CLASS_NAMES):
         raise GradcheckError(f"unknown target {cfg.target}; choose 0-{len(CLASS_NAMES) - 1} "
                              f"({', '.join(CLASS_NAMES)})")
-    if not math.isfinite(cfg.scale) or cfg.scale < 0:
-        raise GradcheckError(f"scale must be a finite number >= 0, got {cfg.scale}")
+    check_scale(cfg.scale)
     for name in ("num_samples", "batch_size", "steps"):
         value = getattr(cfg, name)
+        if value is None and name != "batch_size":
+            continue  # the protocol's (resolve_config)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise GradcheckError(f"{name} must be an integer >= 1, got {value!r}")
     check_choice("record_vectors", cfg.record_vectors, RECORD_VECTORS)
     check_choice("protocol", cfg.protocol, PROTOCOLS)
-    check_choice("precision", cfg.precision, PRECISIONS)
+    if cfg.precision is not None:
+        check_choice("precision", cfg.precision, PRECISIONS)
     check_choice("normalize_to", cfg.normalize_to, NORMALIZE_TO)
     if not isinstance(cfg.diffusion_time, bool):
         raise GradcheckError(f"diffusion_time must be True or False, got {cfg.diffusion_time!r}")
@@ -129,29 +134,33 @@ def validate_config(cfg: RunConfig) -> None:
 
 
 def resolve_config(cfg: RunConfig) -> RunConfig:
-    """The config a run actually uses: the protocol's sample count and steps filled in.
+    """The config a run actually uses: sizes, precision and net batch filled in.
 
-    ``paper`` forces 64 samples x 1000 steps and ``reduced`` 8 x 50. ``auto`` keeps the fields,
-    except without a GPU when they are still the paper defaults: then it draws 8 samples with
-    the full 1,000-step chain (:data:`CPU_SIZE`), so the design card's command finishes in
-    minutes on a laptop with the CPU-scale checkpoints. A class name as ``target``
-    (``RunConfig(target="soccer")``, as the CLI takes it) becomes its index.
+    ``paper`` forces 64 samples x 1000 steps and ``reduced`` 8 x 50. ``auto`` keeps the sizes
+    given and fills the others: 64 x 1000 on a GPU, 8 x 1000 without one (:data:`CPU_SIZE`: the
+    paper's full chain, so the design card's command finishes in minutes on a laptop with the
+    CPU-scale checkpoints). A class name as ``target`` (``RunConfig(target="soccer")``, as the
+    CLI takes it) becomes its index.
     """
     validate_config(cfg)
     if isinstance(cfg.target, str):
         cfg = dataclasses.replace(cfg, target=parse_target(cfg.target))
-    sizes = (cfg.num_samples, cfg.steps)
+    gpu = resolve_device(cfg.device).type == "cuda"
     if cfg.protocol == "paper":
         sizes = PAPER_SIZE
     elif cfg.protocol == "reduced":
         sizes = REDUCED_SIZE
-    elif resolve_device(cfg.device).type == "cpu" and sizes == PAPER_SIZE:
-        sizes = CPU_SIZE
-    gpu = resolve_device(cfg.device).type == "cuda"
-    if cfg.precision == "tf32" and not gpu:
+    else:
+        default = PAPER_SIZE if gpu else CPU_SIZE
+        sizes = (cfg.num_samples or default[0], cfg.steps or default[1])
+    precision = cfg.precision or ("fp32" if gpu else "auto")
+    if precision == "tf32" and not gpu:
         raise GradcheckError("precision tf32 needs a CUDA device; use fp32, bf16, fp16 or auto")
-    net_batch = cfg.net_batch if cfg.net_batch is not None else (64 if gpu else 8)
-    return dataclasses.replace(cfg, num_samples=sizes[0], steps=sizes[1], net_batch=net_batch)
+    # 64 rows per call: a GPU's sweet spot, and the CPU's (1.5x the images/s of 16 through the
+    # x0-estimate, numerics.NetworkCalls); fewer samples on a CPU are not padded up to it.
+    net_batch = cfg.net_batch or (64 if gpu else min(64, sizes[0]))
+    return dataclasses.replace(cfg, num_samples=sizes[0], steps=sizes[1], precision=precision,
+                               net_batch=net_batch)
 
 
 def shared_key(cfg: RunConfig) -> tuple:
@@ -350,7 +359,7 @@ def run_many(
     """Several runs sampled together, one run folder each (what the sweep does per seed).
 
     The configurations must share :data:`SHARED_FIELDS` (seed, sizes, checkpoints, device,
-    precision): they become lanes of one :func:`~gradcheck.sampler.sample_lanes` call, which
+    precision): they become lanes of one :func:`~gradcheck.sampler.sample_configs` call, which
     shares x_T, the noise and the UNet calls without gradient, and loads each model once.
     Every run folder is identical to what :func:`run` writes for its config alone, but for the
     wall times: ``wall_time_s`` is the run's share of the ``batched_wall_time_s`` that
@@ -418,9 +427,10 @@ def run_many(
     with_metrics = [checked[(c.metrics, c.judge, c.data_root, c.target)] for c in cfgs]
 
     unet, _ = _load_ddpm(base.ddpm)
+    net = NetworkCalls.for_precision(base.precision, rows=base.net_batch,
+                                     cuda=device.type == "cuda")
     unet = _frozen(unet.to(device))
     sampling_unet = torch.compile(unet) if base.compile else unet
-    net = NetEval.for_precision(base.precision, rows=base.net_batch, cuda=device.type == "cuda")
     sources: dict[tuple[str, bool], ClassifierGuidance] = {}
     oracle = None
     for c in cfgs:
@@ -470,18 +480,19 @@ def run_many(
         for first in range(0, base.num_samples, base.batch_size):
             indices = list(range(first, min(first + base.batch_size, base.num_samples)))
             lanes = [
-                Lane(guidance=sources[(c.classifier, c.x0_estimate)], target=c.target,
-                     scale=c.scale, normalize=c.normalize, stabilizer=c.stabilizer,
-                     diffusion_time=c.diffusion_time, normalize_to=c.normalize_to,
-                     observers=(rec, *observers) + ((lambda _: bar.update(1),) if i == 0
-                                                    else ()))
+                GuidanceConfig(
+                    guidance=sources[(c.classifier, c.x0_estimate)], target=c.target,
+                    scale=c.scale, normalize=c.normalize, stabilizer=c.stabilizer,
+                    diffusion_time=c.diffusion_time, normalize_to=c.normalize_to,
+                    observers=(rec, *observers) + ((lambda _: bar.update(1),) if i == 0
+                                                   else ()))
                 for i, (c, rec) in enumerate(zip(cfgs, recorders, strict=True))
             ]
-            xs = sample_lanes(sampling_unet, scheduler, lanes,
-                              sample_generators(base.seed, indices), steps=base.steps,
-                              sample_indices=indices, net=net, data_second_moment=m2)
+            xs = sample_configs(sampling_unet, scheduler, lanes,
+                                sample_generators(base.seed, indices), steps=base.steps,
+                                sample_indices=indices, net=net, data_second_moment=m2)
             for store, x in zip(images, xs, strict=True):
-                store.append(to_uint8(x))
+                store.append(to_uint8(x).permute(0, 2, 3, 1))
     finally:
         bar.close()
     wall_time = time.perf_counter() - start
@@ -504,7 +515,7 @@ def _write_run(
     """Write one run folder's files (docs/formats.md) into its temporary folder."""
     save_json(tmp / "config.json", {**config, "run_metadata": meta})
     np.save(tmp / "samples.npy", samples)
-    save_grid(samples, tmp / "samples.png")
+    save_image_grid(torch.from_numpy(samples).permute(0, 3, 1, 2), tmp / "samples.png", nrow=8)
     recorder.write_steps(tmp / "steps.parquet", config)
     recorder.write_vectors(tmp / "vectors.safetensors", {"config": json.dumps(config)})
 
@@ -542,16 +553,6 @@ def _write_run(
 def _nanmean(values: pd.Series) -> float:
     v = values.to_numpy(dtype=float)
     return float(np.nanmean(v)) if np.isfinite(v).any() else math.nan
-
-
-def save_grid(samples: np.ndarray, path: Path, nrow: int = 8) -> None:
-    """Write uint8 images (N, H, W, 3) as one PNG grid, ``nrow`` per row, white gaps."""
-    from PIL import Image
-    from torchvision.utils import make_grid
-
-    grid = make_grid(torch.from_numpy(samples).permute(0, 3, 1, 2), nrow=nrow, padding=2,
-                     pad_value=255)
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
 
 
 # ---- the closing summary -------------------------------------------------------------------------

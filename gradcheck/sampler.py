@@ -2,13 +2,13 @@
 
 :func:`sample_reference` is the loop to read: one configuration, D1-D7 of docs/maths.md top to
 bottom in one page. :func:`sample_guided` computes the same samples bit for bit (tested) in the
-loop of :func:`_sample_lanes`, numbered by the same equations, with what a study needs on top.
+loop of :func:`_sample_configs`, numbered by the same equations, with what a study needs on top.
 Observers (the recorder, a progress bar) receive a frozen :class:`GuidanceStep` of detached
 copies, so they can never change a sample.
 
-Several guidance configurations ("lanes") can share one loop (:func:`sample_lanes`, used by the
+Several guidance configurations ("lanes") can share one loop (:func:`sample_configs`, used by the
 sweep): same seeds, same x_T and noise, one UNet pass for the lanes that need no gradient
-through it. Networks run in fixed row pieces (:class:`~gradcheck.guidance.NetEval`), so a
+through it. Networks run in fixed row pieces (:class:`~gradcheck.numerics.NetworkCalls`), so a
 sample is bit-identical whatever its batch size or lane company. Nothing in the loop waits for
 the GPU: timesteps and abar_t stay on the host as kernel scalars, noise comes from pinned memory
 asynchronously, and observers get device tensors.
@@ -28,13 +28,13 @@ from gradcheck import CLASS_NAMES
 from gradcheck.guidance import (
     EpsFn,
     GuidanceSource,
-    NetEval,
     cosine,
     flat_norm,
     normalize_guidance,
     score_from_eps,
     x0_from_eps,
 )
+from gradcheck.numerics import NetworkCalls
 from gradcheck.stabilizers import Stabilizer, make_stabilizer
 from gradcheck.utils import GradcheckError, check_choice, randn_per_sample
 
@@ -86,6 +86,12 @@ def _frozen_copy(v: torch.Tensor) -> torch.Tensor:
     return v.detach().clone()
 
 
+def check_scale(scale: float) -> None:
+    """D6's s: a finite number >= 0 (0 = unguided with the same noise)."""
+    if not math.isfinite(scale) or scale < 0:
+        raise GradcheckError(f"scale must be a finite number >= 0, got {scale}")
+
+
 def check_sampling_args(
     scheduler: DDPMScheduler, steps: int, scale: float, target: int
 ) -> None:
@@ -93,8 +99,7 @@ def check_sampling_args(
     n_train = scheduler.config.num_train_timesteps
     if not isinstance(steps, int) or not 1 <= steps <= n_train:
         raise GradcheckError(f"steps must be an integer in 1..{n_train} (T), got {steps}")
-    if not math.isfinite(scale) or scale < 0:
-        raise GradcheckError(f"scale must be a finite number >= 0, got {scale}")
+    check_scale(scale)
     if not 0 <= target < len(CLASS_NAMES):
         raise GradcheckError(f"target must be in 0..{len(CLASS_NAMES) - 1}, got {target}")
     if scheduler.config.variance_type not in VARIANCE_TYPES:
@@ -112,10 +117,10 @@ def check_sampling_args(
 
 
 @dataclass(frozen=True)
-class Lane:
+class GuidanceConfig:
     """One guidance configuration of a sampling call: what a ``gradcheck run`` varies.
 
-    Several lanes sample the same seeds side by side (the sweep's batched configurations):
+    Several configurations ("lanes") sample the same seeds side by side (the sweep's batches):
     they share x_T and every step's noise, so they stay paired exactly as separate runs with
     the same seed would be, and share the UNet calls that need no gradient.
     """
@@ -240,7 +245,7 @@ def sample_guided(
     steps: int = 1000,
     sample_indices: Sequence[int] | None = None,
     observers: Sequence[Observer] = (),
-    net: NetEval = NetEval(),
+    net: NetworkCalls = NetworkCalls(),
     diffusion_time: bool = True,
     normalize_to: str = "score",
     data_second_moment: float | None = None,
@@ -251,25 +256,25 @@ def sample_guided(
     sample does not depend on its batch, and runs sharing the generators' seeds are paired:
     ``scale=0`` gives exactly the unguided sample. ``guidance=None`` samples unguided (g = 0).
     ``steps`` < T respaces the chain with ``scheduler.set_timesteps``. ``net`` says how the
-    networks are evaluated (fixed row pieces, precision): see :class:`NetEval`.
+    networks are evaluated (fixed row pieces, precision): see :class:`NetworkCalls`.
     """
-    lane = Lane(guidance=guidance, target=target, scale=scale, normalize=normalize,
-                stabilizer=stabilizer, observers=observers, diffusion_time=diffusion_time,
-                normalize_to=normalize_to)
-    return sample_lanes(unet, scheduler, [lane], generators, steps=steps,
-                        sample_indices=sample_indices, net=net,
-                        data_second_moment=data_second_moment)[0]
+    lane = GuidanceConfig(guidance=guidance, target=target, scale=scale, normalize=normalize,
+                          stabilizer=stabilizer, observers=observers,
+                          diffusion_time=diffusion_time, normalize_to=normalize_to)
+    return sample_configs(unet, scheduler, [lane], generators, steps=steps,
+                          sample_indices=sample_indices, net=net,
+                          data_second_moment=data_second_moment)[0]
 
 
-def sample_lanes(
+def sample_configs(
     unet: UNet2DModel,
     scheduler: DDPMScheduler,
-    lanes: Sequence[Lane],
+    lanes: Sequence[GuidanceConfig],
     generators: Sequence[torch.Generator],
     *,
     steps: int = 1000,
     sample_indices: Sequence[int] | None = None,
-    net: NetEval = NetEval(),
+    net: NetworkCalls = NetworkCalls(),
     data_second_moment: float | None = None,
 ) -> list[torch.Tensor]:
     """:func:`sample_guided` for several lanes over the same samples -> one x_0 per lane.
@@ -283,21 +288,21 @@ def sample_lanes(
     of every step: ||x_t|| / sqrt(D (abar_t m2 + 1 - abar_t)), 1 on the DDPM's own marginal.
     """
     with net.numerics():
-        return _sample_lanes(unet, scheduler, lanes, generators, steps, sample_indices, net,
-                             data_second_moment)
+        return _sample_configs(unet, scheduler, lanes, generators, steps, sample_indices, net,
+                               data_second_moment)
 
 
-def _sample_lanes(
+def _sample_configs(
     unet: UNet2DModel,
     scheduler: DDPMScheduler,
-    lanes: Sequence[Lane],
+    lanes: Sequence[GuidanceConfig],
     generators: Sequence[torch.Generator],
     steps: int,
     sample_indices: Sequence[int] | None,
-    net: NetEval,
+    net: NetworkCalls,
     data_second_moment: float | None,
 ) -> list[torch.Tensor]:
-    """:func:`sample_lanes` under its numerics settings: the loop, numbered by D1-D7."""
+    """:func:`sample_configs` under its numerics settings: the loop, numbered by D1-D7."""
     for lane in lanes:
         check_sampling_args(scheduler, steps, lane.scale, lane.target)
         check_choice("normalize_to", lane.normalize_to, NORMALIZE_TO)
@@ -321,7 +326,7 @@ def _sample_lanes(
     sample_ids = torch.as_tensor(indices, dtype=torch.long)
     time_scale = scheduler.config.num_train_timesteps // steps  # the respaced gap in t
 
-    def fresh_stabilizer(lane: Lane) -> Stabilizer:
+    def fresh_stabilizer(lane: GuidanceConfig) -> Stabilizer:
         if not isinstance(lane.stabilizer, str):
             return lane.stabilizer()
         return make_stabilizer(lane.stabilizer, time_scale if lane.diffusion_time else 1.0)
@@ -370,7 +375,7 @@ def _sample_lanes(
         # t as a device tensor made by a fill: an int would reach the UNet by a host copy.
         t_dev = torch.full((), t, dtype=torch.long, device=device)
 
-        def eps_fn_for(call: NetEval, t_dev: torch.Tensor = t_dev) -> EpsFn:
+        def eps_fn_for(call: NetworkCalls, t_dev: torch.Tensor = t_dev) -> EpsFn:
             def eps_fn(x_in: torch.Tensor) -> torch.Tensor:
                 with call.unet_autocast(device):
                     return unet(x_in, t_dev).sample.float()
@@ -378,7 +383,7 @@ def _sample_lanes(
 
         # 1. eps_theta(x_t, t) and the raw gradient g_t = grad_{x_t} log p(y | x_in) (D3); the
         #    source decides whether x_in is x_t or x0_hat (D2, gradient through the UNet, in
-        #    float32 where D2 amplifies rounding: NetEval.at).
+        #    float32 where D2 amplifies rounding: NetworkCalls.at).
         eps = torch.empty_like(x)
         g = torch.zeros_like(x)
         log_probs = torch.full((n_lanes * b, n_classes), nan, device=device)
@@ -389,7 +394,7 @@ def _sample_lanes(
         for members in sources.values():
             source = lanes[members[0]].guidance
             call = net.at(abar, through_unet=source.x0_estimate)
-            # The run's own settings are already in force (sample_lanes); switch only for auto.
+            # The run's own settings are already in force (sample_configs); switch only for auto.
             with call.numerics() if call is not net else nullcontext():
                 out = source(eps_fn_for(call), rows_of(x, members), t, abar, rows_of(y, members),
                              net=call, eps=None if source.x0_estimate else rows_of(eps, members))
@@ -468,9 +473,3 @@ def _sample_lanes(
         x = x_prev.detach()
     return [x[rows] for rows in lane_rows]
 
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """x_0 in [-1, 1] (B, 3, H, W) -> uint8 images (B, H, W, 3) on the CPU."""
-    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(
-        0, 2, 3, 1
-    ).cpu()

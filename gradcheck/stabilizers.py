@@ -98,7 +98,7 @@ class Adam(_Stateful):
         return m_hat / (self.v.sqrt() / (1 - self.beta2**self.k) ** 0.5 + self.eps)
 
 
-class EMA(_Stateful):
+class Momentum(_Stateful):
     """``ema``: momentum as a bias-corrected exponential moving average of g.
 
     m = b m + (1 - b) g;  h = m / (1 - b^k)   (the Adam first moment alone)
@@ -139,7 +139,7 @@ class RMSProp(_Stateful):
 STABILIZERS: dict[str, Callable[..., Stabilizer]] = {
     "none": Identity,
     "adam": Adam,
-    "ema": EMA,
+    "ema": Momentum,
     "rmsprop": RMSProp,
     "adam-nobias": partial(Adam, bias_correction=False),
 }

@@ -22,12 +22,17 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 import gradcheck
 from gradcheck import CLASS_NAMES
-from gradcheck.utils import GradcheckError, atomic_output_dir, check_seed, load_json, save_json
+from gradcheck.utils import (
+    GradcheckError,
+    atomic_output_dir,
+    check_seed,
+    load_json,
+    save_json,
+    write_parquet,
+)
 
 QUESTION = "Which image is more realistic, and more aligned to the description?"
 """Kawar et al. (2023) §5.2, word for word."""
@@ -235,7 +240,8 @@ def survey_html(page_data: dict[str, Any]) -> str:
     # "<" can only occur inside JSON strings; escaping it keeps "</script>" or "<!--" in a run id
     # from ending the <script> element early.
     blob = json.dumps(page_data, separators=(",", ":")).replace("<", "\\u003c")
-    return _PAGE.replace("__SURVEY_JSON__", blob)
+    page = (Path(__file__).parent / "templates" / "survey.html").read_text(encoding="utf-8")
+    return page.replace("__SURVEY_JSON__", blob)
 
 
 # ---- analyze -------------------------------------------------------------------------------------
@@ -501,13 +507,6 @@ def survey_table_markdown(results: dict[str, pd.DataFrame]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_parquet(df: pd.DataFrame, path: Path, manifest: dict[str, Any]) -> None:
-    """Parquet with the survey manifest (minus images) in the schema metadata."""
-    table = pa.Table.from_pandas(df, preserve_index=False)
-    meta = {**(table.schema.metadata or {}), b"gradcheck_survey": json.dumps(manifest).encode()}
-    pq.write_table(table.replace_schema_metadata(meta), path)
-
-
 def analyze_survey(votes: Sequence[str | Path], survey: str | Path = "survey/survey.json",
                    out: str | Path | None = None, overwrite: bool = False
                    ) -> dict[str, pd.DataFrame]:
@@ -527,213 +526,7 @@ def analyze_survey(votes: Sequence[str | Path], survey: str | Path = "survey/sur
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         (tmp / "survey_table.md").write_text(survey_table_markdown(results), encoding="utf-8")
         for key in RESULT_TABLES:
-            _write_parquet(results[key], tmp / f"survey_{key}.parquet", manifest)
+            write_parquet(results[key], tmp / f"survey_{key}.parquet", manifest,
+                          key="gradcheck_survey")
     return results
 
-
-_PAGE = r"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:;
-      style-src 'unsafe-inline'; script-src 'unsafe-inline'">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>Image preference survey</title>
-<style>
-  body { font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; padding: 0 1rem;
-         color: #222; }
-  .hidden { display: none; }
-  .pair { display: flex; gap: 2rem; justify-content: center; margin: 1.5rem 0; }
-  figure { margin: 0; text-align: center; }
-  figure img { width: min(40vw, 320px); height: auto; image-rendering: pixelated;
-               border: 1px solid #999; }
-  .answers { display: flex; gap: 1rem; justify-content: center; }
-  button { font-size: 1.1rem; padding: 0.5rem 1.2rem; cursor: pointer; }
-  .question { font-size: 1.3rem; text-align: center; }
-  .meta { color: #666; text-align: center; }
-  kbd { border: 1px solid #aaa; border-radius: 3px; padding: 0 0.3em; }
-  #finish { margin-top: 2rem; font-size: 0.9rem; }
-  textarea { width: 100%; height: 12rem; }
-</style>
-</head>
-<body>
-<section id="start">
-  <h1>Which image is better?</h1>
-  <p>You will see pairs of small generated images, each with the class it should show, and the
-     question <q id="start-question"></q> Answer <b>Left</b>, <b>Right</b> or <b>Same</b> (no
-     preference). Keys: <kbd>&larr;</kbd> or <kbd>L</kbd> = Left, <kbd>&rarr;</kbd> or
-     <kbd>R</kbd> = Right, <kbd>&darr;</kbd> or <kbd>S</kbd> = Same.</p>
-  <p>At the end (or when you press &ldquo;Finish early&rdquo;) your answers are downloaded as a
-     JSON file; please send that file to the person running the study.</p>
-  <p><label>Rater ID: <input id="rater" type="text" autocomplete="off" autofocus></label>
-     <button id="start-button">Start</button></p>
-  <p id="start-error" class="meta"></p>
-</section>
-<section id="survey" class="hidden">
-  <p id="progress" class="meta"></p>
-  <p class="question">Class: <b id="class-name"></b></p>
-  <p id="question" class="question"></p>
-  <div class="pair">
-    <figure><img id="img-left" alt="left image"><figcaption>Left</figcaption></figure>
-    <figure><img id="img-right" alt="right image"><figcaption>Right</figcaption></figure>
-  </div>
-  <div class="answers">
-    <button id="btn-left">&larr; Left (L)</button>
-    <button id="btn-same">Same (S) &darr;</button>
-    <button id="btn-right">Right (R) &rarr;</button>
-  </div>
-  <p class="meta"><button id="finish">Finish early and download my answers</button></p>
-</section>
-<section id="done" class="hidden">
-  <h1>Thank you!</h1>
-  <p id="done-text"></p>
-  <p><button id="download">Download my answers again</button></p>
-  <details><summary>Show answers as text</summary>
-    <textarea id="votes-text" readonly></textarea></details>
-</section>
-<script id="survey-data" type="application/json">__SURVEY_JSON__</script>
-<script>
-"use strict";
-const SURVEY = JSON.parse(document.getElementById("survey-data").textContent);
-const $ = (id) => document.getElementById(id);
-
-// Same generator as gradcheck.survey.rater_order: FNV-1a (UTF-8) seeds mulberry32.
-function fnv1a32(text) {
-  let h = 0x811c9dc5;
-  for (const byte of new TextEncoder().encode(text)) {
-    h = Math.imul(h ^ byte, 0x01000193) >>> 0;
-  }
-  return h >>> 0;
-}
-function mulberry32(a) {
-  return function () {
-    a = (a + 0x6d2b79f5) | 0;
-    let t = Math.imul(a ^ (a >>> 15), 1 | a);
-    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-function raterOrder(raterId) {
-  const rng = mulberry32(fnv1a32(SURVEY.survey_id + "\n" + raterId));
-  const order = SURVEY.pairs.map((p, i) => i);
-  for (let i = order.length - 1; i > 0; i--) {
-    const j = Math.floor(rng() * (i + 1));
-    [order[i], order[j]] = [order[j], order[i]];
-  }
-  return order.map((i) => ({ index: i, left: rng() < 0.5 ? "A" : "B" }));
-}
-
-let raterId = null, order = [], position = 0, votes = [], shownAt = 0, ready = false;
-let finished = false;
-
-function show(section) {
-  for (const id of ["start", "survey", "done"]) $(id).classList.toggle("hidden", id !== section);
-}
-
-function start() {
-  const id = $("rater").value.trim();
-  if (!id) { $("start-error").textContent = "Please enter your rater ID."; return; }
-  raterId = id;
-  order = raterOrder(raterId);
-  show("survey");
-  showPair();
-}
-
-function showPair() {
-  if (position >= order.length) { finish(); return; }
-  const item = order[position], pair = SURVEY.pairs[item.index];
-  ready = false;
-  for (const b of ["btn-left", "btn-same", "btn-right"]) $(b).disabled = true;
-  $("progress").textContent = "Pair " + (position + 1) + " of " + order.length;
-  $("survey").dataset.pairId = String(pair.pair_id);
-  $("survey").dataset.left = item.left;
-  $("img-left").src = item.left === "A" ? pair.a : pair.b;
-  $("img-right").src = item.left === "A" ? pair.b : pair.a;
-  // A short pause before answers count, so a double click cannot answer the next pair too.
-  setTimeout(() => {
-    ready = true;
-    for (const b of ["btn-left", "btn-same", "btn-right"]) $(b).disabled = false;
-    shownAt = performance.now();
-  }, 150);
-}
-
-function answer(side) {
-  if (!ready || finished || position >= order.length) return;
-  ready = false;
-  const item = order[position], pair = SURVEY.pairs[item.index];
-  const right = item.left === "A" ? "B" : "A";
-  votes.push({
-    pair_id: pair.pair_id,
-    left: item.left,
-    answer: side,
-    chosen: side === "left" ? item.left : side === "right" ? right : "same",
-    time_ms: Math.round(performance.now() - shownAt),
-  });
-  position += 1;
-  showPair();
-}
-
-function payload() {
-  return {
-    format: "gradcheck-survey-votes/1",
-    survey_id: SURVEY.survey_id,
-    rater_id: raterId,
-    run_a: SURVEY.run_a,
-    run_b: SURVEY.run_b,
-    n_pairs: SURVEY.pairs.length,
-    complete: votes.length === SURVEY.pairs.length,
-    finished_at: new Date().toISOString(),
-    votes: votes,
-  };
-}
-
-function fileName() {
-  return "votes-" + SURVEY.survey_id + "-" + raterId.replace(/[^A-Za-z0-9_-]+/g, "_") + ".json";
-}
-
-function download() {
-  const text = JSON.stringify(payload(), null, 1);
-  $("votes-text").value = text;
-  const url = URL.createObjectURL(new Blob([text], { type: "application/json" }));
-  const a = document.createElement("a");
-  a.href = url;
-  a.download = fileName();
-  document.body.appendChild(a);
-  a.click();
-  a.remove();
-  setTimeout(() => URL.revokeObjectURL(url), 60000);
-}
-
-function finish() {
-  if (finished) return;
-  finished = true;
-  show("done");
-  $("done-text").textContent = "You answered " + votes.length + " of " + order.length +
-    " pairs. Your answers were downloaded as " + fileName() +
-    "; please send that file to the person running the study.";
-  download();
-}
-
-$("start-question").textContent = SURVEY.question;
-$("question").textContent = SURVEY.question;
-$("class-name").textContent = SURVEY.class_name;
-$("start-button").addEventListener("click", start);
-$("rater").addEventListener("keydown", (e) => { if (e.key === "Enter") start(); });
-$("btn-left").addEventListener("click", () => answer("left"));
-$("btn-right").addEventListener("click", () => answer("right"));
-$("btn-same").addEventListener("click", () => answer("same"));
-$("finish").addEventListener("click", finish);
-$("download").addEventListener("click", download);
-document.addEventListener("keydown", (e) => {
-  if ($("survey").classList.contains("hidden") || e.repeat || e.ctrlKey || e.altKey || e.metaKey) {
-    return;
-  }
-  const key = e.key.toLowerCase();
-  const side = { arrowleft: "left", l: "left", arrowright: "right", r: "right",
-                 arrowdown: "same", s: "same" }[key];
-  if (side) { e.preventDefault(); answer(side); }
-});
-</script>
-</body>
-</html>
-"""

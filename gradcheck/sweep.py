@@ -72,7 +72,8 @@ def grid_configs(grid: str, seeds: int | Sequence[int], base: RunConfig) -> list
     """The ordered run configs of ``grid``: seeds ``0..seeds-1`` (or the given seeds), outermost.
 
     Fields the grid does not vary (sizes, scale where fixed, device, checkpoints) come from
-    ``base``.
+    ``base``. A sweep measures, so sizes ``base`` leaves open are the paper's 64 x 1,000 on
+    every device (a single ``run`` takes 8 samples on a CPU).
     """
     seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     if not seed_list:
@@ -80,6 +81,11 @@ def grid_configs(grid: str, seeds: int | Sequence[int], base: RunConfig) -> list
     if len(set(seed_list)) != len(seed_list):
         raise GradcheckError(f"seeds repeat: {seed_list}")
     points = _grid_points(grid)
+    if base.protocol == "auto":
+        from gradcheck.runner import PAPER_SIZE
+
+        base = dataclasses.replace(base, num_samples=base.num_samples or PAPER_SIZE[0],
+                                   steps=base.steps or PAPER_SIZE[1])
     return [dataclasses.replace(base, seed=s, **p) for s in seed_list for p in points]
 
 

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
@@ -59,6 +58,7 @@ from gradcheck.utils import (
     resolve_device,
     run_metadata,
     save_json,
+    write_parquet,
 )
 
 NOISY_KINDS = ("robust", "adversarial")
@@ -351,15 +351,6 @@ def evaluate(
     return table, summary
 
 
-def write_accuracy_table(table: pd.DataFrame, path: Path, metadata: dict[str, Any]) -> None:
-    """Write accuracy_by_t.parquet with ``metadata`` (JSON) in the schema, atomically."""
-    arrow = pa.Table.from_pandas(table, preserve_index=False)
-    meta = {**(arrow.schema.metadata or {}), b"gradcheck": json.dumps(metadata, default=str)}
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(arrow.replace_schema_metadata(meta), tmp)
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
@@ -520,7 +511,7 @@ def train_classifier(cfg: TrainClassifierConfig | None = None, **overrides: Any)
         )
         save_classifier(model, tmp, config, dtype=save_dtype)
         pd.DataFrame(log).to_parquet(tmp / "train_log.parquet", index=False)
-        write_accuracy_table(table, tmp / "accuracy_by_t.parquet", config)
+        write_parquet(table, tmp / "accuracy_by_t.parquet", config)
     return final
 
 
@@ -567,7 +558,7 @@ def evaluate_classifier(
         seed=seed, amp=amp, progress=progress,
     )
     config.update(summary, noise_schedule_source=source, evaluated_with=run_metadata(dev))
-    write_accuracy_table(table, folder / "accuracy_by_t.parquet", config)
+    write_parquet(table, folder / "accuracy_by_t.parquet", config)
     tmp = folder / ".config.json.tmp"
     save_json(tmp, config)
     os.replace(tmp, folder / "config.json")

@@ -45,7 +45,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from gradcheck.config import TrainDDPMConfig, config_to_dict
-from gradcheck.eval_ddpm import sample_images, save_grid
+from gradcheck.eval_ddpm import sample_images
 from gradcheck.models import UNET_PRESETS, load_ddpm, make_scheduler, make_unet
 from gradcheck.utils import (
     GradcheckError,
@@ -58,6 +58,7 @@ from gradcheck.utils import (
     refuse_pickle,
     resolve_device,
     run_metadata,
+    save_image_grid,
     save_json,
     torch_flags_restored,
 )
@@ -103,7 +104,7 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, gamma: float) -> torch.Tensor:
     return (snr.clamp(max=gamma) / snr).float()
 
 
-class EMA:
+class WeightAverage:
     """Exponential moving average of a UNet's float32 weights: what is sampled and exported."""
 
     def __init__(self, model: nn.Module, decay: float, warmup: bool = True) -> None:
@@ -559,7 +560,7 @@ def train_ddpm(config: TrainDDPMConfig | None = None, **overrides: Any) -> dict[
         sittings, prior_log, train_seconds = init["sittings"], init["log"], init["train_seconds"]
         prior_images = init["images_seen"]
     unet.to(device, memory_format=memory_format).train()
-    ema = EMA(unet, cfg.ema_decay, cfg.ema_warmup)
+    ema = WeightAverage(unet, cfg.ema_decay, cfg.ema_warmup)
     if ckpt is not None:
         _load_weights(ema.model, ckpt["ema"], ckpt_dir / "ema.safetensors")
     optimizer = _make_optimizer(unet, cfg, device)
@@ -619,7 +620,7 @@ def train_ddpm(config: TrainDDPMConfig | None = None, **overrides: Any) -> dict[
         last_grid = sample_images(ema.model, scheduler, GRID_SAMPLES, cfg.sample_steps,
                                   cfg.seed, GRID_SAMPLES, "bf16" if device.type == "cuda" else "no")
         (state_dir / "samples").mkdir(parents=True, exist_ok=True)
-        save_grid(last_grid, state_dir / "samples" / f"step_{step:07d}.png")
+        save_image_grid(last_grid, state_dir / "samples" / f"step_{step:07d}.png")
 
     def save_checkpoint() -> None:
         from accelerate.utils import gather_object
@@ -650,7 +651,7 @@ def train_ddpm(config: TrainDDPMConfig | None = None, **overrides: Any) -> dict[
                     k: state[k] for k in ("step", "images_seen", "train_seconds", "sittings")})
                 log.to_parquet(folder / "train_log.parquet", index=False)
                 if last_grid is not None:
-                    save_grid(last_grid, folder / "samples.png")
+                    save_image_grid(last_grid, folder / "samples.png")
 
             export_ddpm(ema.model, export_dir, cfg.fp16_export, overwrite=True, extra=extra)
         accelerator.wait_for_everyone()
@@ -774,7 +775,7 @@ def benchmark_training(
         generator = torch.Generator(dev).manual_seed(seed)
         images = torch.randint(0, 256, (4096, 3, size, size), generator=generator, device=dev,
                                dtype=torch.uint8)
-        ema = EMA(unet, cfg.ema_decay)
+        ema = WeightAverage(unet, cfg.ema_decay)
         optimizer = _make_optimizer(unet, cfg, dev)
         model = torch.compile(unet) if compile else unet
         scheduler = make_scheduler()

@@ -319,3 +319,41 @@ def load_json(path: str | Path) -> Any:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise GradcheckError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}") from None
+
+
+def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> None:
+    """Write uint8 images (N, 3, H, W) as one PNG grid with 2-pixel gray gutters, ``nrow`` per
+    row (default: a square)."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    nrow = nrow or max(1, math.isqrt(len(images) - 1) + 1)
+    grid = make_grid(images, nrow=nrow, padding=2, pad_value=128)
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] (B, 3, H, W) -> uint8 (B, 3, H, W) on the CPU (clamped, rounded)."""
+    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
+def from_uint8(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (B, 3, H, W) -> float32 in [-1, 1]: the models' input convention."""
+    return images.float() / 127.5 - 1
+
+
+def write_parquet(table: Any, path: str | Path, metadata: Any, key: str = "gradcheck") -> None:
+    """Write a DataFrame as parquet with ``metadata`` as strict JSON under ``key`` in the schema
+    metadata, through a temporary sibling and a rename: a crash never leaves half a file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    arrow = pa.Table.from_pandas(table, preserve_index=False)
+    meta = {**(arrow.schema.metadata or {}), key.encode(): strict_json(metadata).encode()}
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        pq.write_table(arrow.replace_schema_metadata(meta), tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -13,6 +13,7 @@ from PIL import Image
 
 from gradcheck import CLASS_NAMES
 from gradcheck.cli import main
+from gradcheck.guidance import log_prob_gradient
 from gradcheck.models import classifier_config, make_classifier, make_scheduler, save_classifier
 from gradcheck.oracle import EmpiricalOracle
 from gradcheck.pag import (
@@ -20,12 +21,11 @@ from gradcheck.pag import (
     PGD_COLUMNS,
     gradient_maps,
     kawar_equivalent_eps,
-    minmax_normalize,
     pag_scores,
     pag_table,
     select_images,
-    source_gradient,
 )
+from gradcheck.report.figures import minmax_normalize
 from gradcheck.utils import GradcheckError
 
 ABAR = make_scheduler().alphas_cumprod
@@ -113,7 +113,7 @@ def test_gradients_reach_t_and_ignore_batch_size(classifier_dirs):
     x0 = torch.rand(5, 3, 32, 32, generator=g) * 2 - 1
     noise = torch.randn(5, 3, 32, 32, generator=g)
     y = torch.tensor([0, 1, 2, 3, 0])
-    g0, g500 = source_gradient(model, x0, y, 0), source_gradient(model, x0, y, 500)
+    g0, g500 = log_prob_gradient(model, x0, y, 0)[0], log_prob_gradient(model, x0, y, 500)[0]
     assert (g0 - g500).norm() > 1e-3 * g0.norm()  # same x, other t: the network saw t
     a = gradient_maps(model, x0, y, noise, (0, 250), ABAR, batch_size=2)
     b = gradient_maps(model, x0, y, noise, (0, 250), ABAR, batch_size=64)

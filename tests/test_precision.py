@@ -11,11 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gradcheck import numerics
 from gradcheck.cli import main
-from gradcheck.guidance import AUTO_FP32_GAIN, ClassifierGuidance, NetEval, d2_gain
+from gradcheck.guidance import ClassifierGuidance
 from gradcheck.models import make_scheduler
+from gradcheck.numerics import AUTO_FP32_GAIN, NetworkCalls, d2_gain
 from gradcheck.precision import emulate_tf32, gradient_agreement, round_tf32
-from gradcheck.sampler import Lane, sample_guided, sample_lanes
+from gradcheck.sampler import GuidanceConfig, sample_configs, sample_guided
 from gradcheck.utils import GradcheckError, sample_generators
 
 STEPS = 6  # respaced t = 830, 664, 498, 332, 166, 0: D2 gains ~33, ~9.3, ~3.4, ...
@@ -59,10 +61,10 @@ def test_emulation_follows_the_tf32_flags_and_leaves_weights_alone():
     x, v = torch.randn(2, 3, 8, 8), torch.randn(2, 16)
     weights = [p.clone() for p in (*conv.parameters(), *lin.parameters())]
     with emulate_tf32(conv, lin):
-        with NetEval(tf32=False).numerics():
+        with NetworkCalls(tf32=False).numerics():
             assert torch.equal(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1))
             assert torch.equal(lin(v), F.linear(v, lin.weight, lin.bias))
-        with NetEval(tf32=True).numerics():
+        with NetworkCalls(tf32=True).numerics():
             conv_tf32, lin_tf32 = conv(x), lin(v)
     ref_conv = F.conv2d(round_tf32(x), round_tf32(conv.weight), conv.bias, padding=1)
     assert torch.equal(conv_tf32, ref_conv)
@@ -72,7 +74,7 @@ def test_emulation_follows_the_tf32_flags_and_leaves_weights_alone():
     assert all(torch.equal(a, b) for a, b in
                zip(weights, (*conv.parameters(), *lin.parameters()), strict=True))
     # Outside the block the layers are plain float32 again, whatever the flags say.
-    with NetEval(tf32=True).numerics():
+    with NetworkCalls(tf32=True).numerics():
         assert torch.equal(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1))
 
 
@@ -81,7 +83,7 @@ def test_emulated_backward_rounds_the_incoming_gradient():
     conv = nn.Conv2d(3, 4, 3, padding=1).requires_grad_(False)
     x = torch.randn(2, 3, 8, 8, requires_grad=True)
     gout = torch.randn(2, 4, 8, 8)
-    with emulate_tf32(conv), NetEval(tf32=True).numerics():
+    with emulate_tf32(conv), NetworkCalls(tf32=True).numerics():
         (g,) = torch.autograd.grad((conv(x) * gout).sum(), x)
     w = round_tf32(conv.weight)
     ref = torch.nn.grad.conv2d_input(x.shape, w, round_tf32(gout), padding=1)
@@ -89,26 +91,56 @@ def test_emulated_backward_rounds_the_incoming_gradient():
 
 
 def test_precisions_and_the_auto_policy():
-    assert NetEval.for_precision("fp32", rows=8, cuda=True) == NetEval(rows=8)
-    assert NetEval.for_precision("tf32", cuda=True) == NetEval(tf32=True)
-    assert NetEval.for_precision("bf16", cuda=True) == NetEval(unet_dtype="bf16")
-    assert NetEval.for_precision("fp16", cuda=True) == NetEval(unet_dtype="fp16")
-    auto = NetEval.for_precision("auto", rows=4, cuda=True)
-    assert auto == NetEval(rows=4, unet_dtype="fp16", tf32=True, fp32_above_gain=AUTO_FP32_GAIN)
-    assert NetEval.for_precision("auto", rows=4, cuda=False) == NetEval(rows=4)  # CPU: fp32
+    assert NetworkCalls.for_precision("fp32", rows=8, cuda=True) == NetworkCalls(rows=8)
+    assert NetworkCalls.for_precision("tf32", cuda=True) == NetworkCalls(tf32=True)
+    assert NetworkCalls.for_precision("bf16", cuda=True) == NetworkCalls(unet_dtype="bf16")
+    assert NetworkCalls.for_precision("fp16", cuda=True) == NetworkCalls(unet_dtype="fp16")
+    auto = NetworkCalls.for_precision("auto", rows=4, cuda=True)
+    assert auto == NetworkCalls(rows=4, unet_dtype="fp16", tf32=True,
+                                fp32_above_gain=AUTO_FP32_GAIN)
     abar = make_scheduler().alphas_cumprod
     assert d2_gain(abar[999]) > 150 and 3 < d2_gain(abar[500]) < 4
     # Through the UNet at high noise: true float32; below the gain, and never through it:
     # float16 UNet and TF32.
-    assert auto.at(abar[999], through_unet=True) == NetEval(rows=4)
+    assert auto.at(abar[999], through_unet=True) == NetworkCalls(rows=4)
     assert auto.at(abar[500], through_unet=True) is auto
     assert auto.at(abar[999], through_unet=False) is auto
-    assert NetEval(tf32=True).at(abar[999], through_unet=True) == NetEval(tf32=True)
+    assert NetworkCalls(tf32=True).at(abar[999], through_unet=True) == NetworkCalls(tf32=True)
     with pytest.raises(GradcheckError, match="unknown precision 'fp8'; choose one of: fp32, tf32, "
                        "bf16, fp16, auto"):
-        NetEval.for_precision("fp8", cuda=True)
+        NetworkCalls.for_precision("fp8", cuda=True)
     with pytest.raises(GradcheckError, match="unknown UNet dtype 'fp8'"):
-        NetEval(unet_dtype="fp8")
+        NetworkCalls(unet_dtype="fp8")
+
+
+def test_cpu_auto_is_bf16_without_gradient_and_float32_through_the_unet(unet, clf, monkeypatch):
+    """On a CPU with native bf16, ``auto`` runs the UNet in bf16 only where no gradient passes
+    through it: x0-estimate lanes are bit-identical to float32 (as claimed), x_t-guided and
+    unguided lanes move by < 0.01 on average and < 0.5 at worst (in [-1, 1]; a random tiny UNet)
+    over the chain; without native bf16 it is plain float32."""
+    abar = make_scheduler().alphas_cumprod
+    monkeypatch.setattr(numerics, "cpu_has_native_bf16", lambda: False)
+    assert NetworkCalls.for_precision("auto", rows=4, cuda=False) == NetworkCalls(rows=4)
+    monkeypatch.setattr(numerics, "cpu_has_native_bf16", lambda: True)
+    cpu_auto = NetworkCalls.for_precision("auto", rows=4, cuda=False)
+    assert cpu_auto == NetworkCalls(rows=4, unet_dtype="bf16", fp32_above_gain=0.0)
+    for t in (999, 500, 1):  # through the UNet: float32 at every t; otherwise bf16
+        assert cpu_auto.at(abar[t], through_unet=True) == NetworkCalls(rows=4)
+        assert cpu_auto.at(abar[t], through_unet=False) is cpu_auto
+    sched = make_scheduler()
+    lanes = [GuidanceConfig(guidance=ClassifierGuidance(clf, x0_estimate=True), stabilizer="adam"),
+             GuidanceConfig(guidance=ClassifierGuidance(clf), stabilizer="adam"),
+             GuidanceConfig(guidance=None, scale=0.0)]
+
+    def sample(net: NetworkCalls) -> list[torch.Tensor]:
+        return sample_configs(unet, sched, lanes, sample_generators(0, range(3)), steps=STEPS,
+                              net=net)
+
+    fp32, fast = sample(NetworkCalls(rows=4)), sample(cpu_auto)
+    assert torch.equal(fast[0], fp32[0])
+    for a, b in zip(fast[1:], fp32[1:], strict=True):
+        diff = (a - b).abs()
+        assert 0 < diff.mean() < 0.01 and diff.max() < 0.5
 
 
 def test_auto_keeps_x0_gradients_exact_where_told_and_only_there(unet, clf):
@@ -118,16 +150,17 @@ def test_auto_keeps_x0_gradients_exact_where_told_and_only_there(unet, clf):
     sched = make_scheduler()
     x0 = ClassifierGuidance(clf, x0_estimate=True)
 
-    def both(net: NetEval) -> list[torch.Tensor]:
-        lanes = [Lane(guidance=x0, stabilizer="adam"), Lane(guidance=None, scale=0.0)]
-        return sample_lanes(unet, sched, lanes, sample_generators(0, range(3)), steps=STEPS,
-                            net=net)
+    def both(net: NetworkCalls) -> list[torch.Tensor]:
+        lanes = [GuidanceConfig(guidance=x0, stabilizer="adam"),
+                 GuidanceConfig(guidance=None, scale=0.0)]
+        return sample_configs(unet, sched, lanes, sample_generators(0, range(3)), steps=STEPS,
+                              net=net)
 
-    fp32, bf16 = both(NetEval(rows=4)), both(NetEval(rows=4, unet_dtype="bf16"))
+    fp32, bf16 = both(NetworkCalls(rows=4)), both(NetworkCalls(rows=4, unet_dtype="bf16"))
     assert not torch.equal(fp32[0], bf16[0])
-    exact = both(NetEval(rows=4, unet_dtype="bf16", fp32_above_gain=0.0))
-    never = both(NetEval(rows=4, unet_dtype="bf16", fp32_above_gain=float("inf")))
-    mixed = both(NetEval(rows=4, unet_dtype="bf16", fp32_above_gain=12.0))
+    exact = both(NetworkCalls(rows=4, unet_dtype="bf16", fp32_above_gain=0.0))
+    never = both(NetworkCalls(rows=4, unet_dtype="bf16", fp32_above_gain=float("inf")))
+    mixed = both(NetworkCalls(rows=4, unet_dtype="bf16", fp32_above_gain=12.0))
     assert torch.equal(exact[0], fp32[0]) and torch.equal(never[0], bf16[0])
     assert not torch.equal(mixed[0], fp32[0]) and not torch.equal(mixed[0], bf16[0])
     assert all(torch.equal(run[1], bf16[1]) for run in (exact, never, mixed))
@@ -148,7 +181,7 @@ def test_emulated_auto_stays_within_tolerance_of_float32(unet, clf):
                 worst[name, precision] = sample_guided(
                     unet, sched, guidance, sample_generators(0, range(3)), steps=STEPS,
                     stabilizer="none" if guidance is None else "adam", diffusion_time=False,
-                    net=NetEval.for_precision(precision, rows=4, cuda=True))
+                    net=NetworkCalls.for_precision(precision, rows=4, cuda=True))
         for precision in ("auto", "tf32"):
             diff = (worst[name, precision] - worst[name, "fp32"]).abs()
             worst[name, precision] = diff.max().item()
@@ -170,7 +203,7 @@ class _Shrunk(nn.Module):
         return self.model(x) * self.factors[:, None]
 
 
-class _Unscaled(NetEval):
+class _Unscaled(NetworkCalls):
     @property
     def scaled_backward(self) -> bool:
         return False
@@ -178,7 +211,7 @@ class _Unscaled(NetEval):
 
 def test_float16_gradients_are_rescaled_per_sample_so_small_ones_survive(unet, clf):
     """float16's backward through the UNet underflows for small gradients: rescaled per sample
-    (NetEval.scaled_backward) each sample's x0-estimate gradient stays within 1% of float32's
+    (NetworkCalls.scaled_backward) each sample's x0-estimate gradient stays within 1% of float32's
     whatever its magnitude, next to samples of other magnitudes, and a zero gradient stays
     exactly zero; unscaled, a 1e-5 smaller gradient is off by 20% or more."""
     sched = make_scheduler()
@@ -188,14 +221,14 @@ def test_float16_gradients_are_rescaled_per_sample_so_small_ones_survive(unet, c
     t_dev = torch.tensor(t)
     model = _Shrunk(clf, [1.0, 1e-5, 0.0, 1e3]).eval()
 
-    def grad(net: NetEval) -> torch.Tensor:
+    def grad(net: NetworkCalls) -> torch.Tensor:
         def eps_fn(x_in: torch.Tensor) -> torch.Tensor:
             with net.unet_autocast(x_in.device):
                 return unet(x_in, t_dev).sample.float()
 
         return ClassifierGuidance(model, x0_estimate=True)(eps_fn, x, t, abar, y, net=net).grad
 
-    ref, fp16 = grad(NetEval(rows=4)), grad(NetEval(rows=4, unet_dtype="fp16"))
+    ref, fp16 = grad(NetworkCalls(rows=4)), grad(NetworkCalls(rows=4, unet_dtype="fp16"))
     rel_err = (fp16 - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1)
     assert torch.isfinite(fp16).all()
     assert (rel_err[[0, 1, 3]] < 0.01).all(), rel_err
@@ -208,7 +241,7 @@ def test_float16_samples_do_not_depend_on_the_batch(unet, clf):
     """Fixed row pieces make a float16 run batch-independent too, rescaling included."""
     sched = make_scheduler()
     guidance = ClassifierGuidance(clf, x0_estimate=True)
-    net = NetEval.for_precision("fp16", rows=4, cuda=True)
+    net = NetworkCalls.for_precision("fp16", rows=4, cuda=True)
 
     def sample(indices: list[int]) -> torch.Tensor:
         return sample_guided(unet, sched, guidance, sample_generators(0, indices), steps=STEPS,
@@ -286,13 +319,13 @@ def test_numerics_also_works_with_the_fp32_precision_api():
     state would leak into other tests.)"""
     code = (
         "import torch\n"
-        "from gradcheck.guidance import NetEval\n"
+        "from gradcheck.numerics import NetworkCalls\n"
         "torch.backends.cudnn.conv.fp32_precision = 'ieee'\n"
         "torch.backends.cuda.matmul.fp32_precision = 'ieee'\n"
-        "with NetEval(tf32=True).numerics():\n"
+        "with NetworkCalls(tf32=True).numerics():\n"
         "    assert torch.backends.cudnn.conv.fp32_precision == 'tf32'\n"
         "    assert torch.backends.cuda.matmul.fp32_precision == 'tf32'\n"
-        "    with NetEval().at(0.5, True).numerics():\n"
+        "    with NetworkCalls().at(0.5, True).numerics():\n"
         "        assert torch.backends.cudnn.conv.fp32_precision == 'ieee'\n"
         "    assert torch.backends.cudnn.conv.fp32_precision == 'tf32'\n"
         "assert torch.backends.cudnn.conv.fp32_precision == 'ieee'\n"

@@ -17,6 +17,7 @@ from diffusers import DDPMPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
+import gradcheck.numerics
 import gradcheck.paths
 import gradcheck.runner
 from gradcheck import columns as col
@@ -139,11 +140,13 @@ def test_same_seed_gives_identical_samples_and_steps(ckpt, full_run, tmp_path):
 
 
 def test_scale_zero_runs_are_the_same_unguided_samples(ckpt, tmp_path):
-    a = run(tiny_cfg(ckpt, scale=0.0, x0_estimate=True, stabilizer="adam"), out=tmp_path,
-            progress=False)
-    b = run(tiny_cfg(ckpt, scale=0.0, stabilizer="ema", normalize=False), out=tmp_path,
-            progress=False)
-    c = run(tiny_cfg(ckpt, scale=1.0), out=tmp_path, progress=False)
+    # float32 throughout: the CPU's auto runs x_t configurations' UNet in bf16 and x0-estimate
+    # ones in float32, so their unguided chains differ there by bf16 rounding.
+    a = run(tiny_cfg(ckpt, scale=0.0, x0_estimate=True, stabilizer="adam", precision="fp32"),
+            out=tmp_path, progress=False)
+    b = run(tiny_cfg(ckpt, scale=0.0, stabilizer="ema", normalize=False, precision="fp32"),
+            out=tmp_path, progress=False)
+    c = run(tiny_cfg(ckpt, scale=1.0, precision="fp32"), out=tmp_path, progress=False)
     assert np.array_equal(np.load(a / "samples.npy"), np.load(b / "samples.npy"))
     assert not np.array_equal(np.load(a / "samples.npy"), np.load(c / "samples.npy"))
 
@@ -218,7 +221,9 @@ def test_protocol_resolution():
 
 def test_precision_and_net_batch_resolution():
     cpu = resolve_config(RunConfig(device="cpu"))
-    assert (cpu.precision, cpu.net_batch) == ("fp32", 8)  # fp32 is the default everywhere
+    assert (cpu.precision, cpu.num_samples, cpu.net_batch) == ("auto", 8, 8)
+    many = resolve_config(RunConfig(device="cpu", num_samples=200))
+    assert many.net_batch == 64  # pieces of 64 rows, never more rows than samples
     mine = resolve_config(RunConfig(device="cpu", precision="bf16", net_batch=3))
     assert (mine.precision, mine.net_batch) == ("bf16", 3)
 
@@ -235,14 +240,24 @@ def test_batch_size_does_not_change_run_files(ckpt, tmp_path):
     assert all(torch.equal(va[k], vb[k]) for k in va)
 
 
-def test_auto_precision_is_float32_on_a_cpu(ckpt, tmp_path):
-    """On a CPU (no TF32; float16 slower than float32), --precision auto gives fp32's files."""
-    cfg = tiny_cfg(ckpt, x0_estimate=True, stabilizer="adam")
-    a = run(cfg, out=tmp_path, name="fp32", progress=False)
-    b = run(dataclasses.replace(cfg, precision="auto"), out=tmp_path, name="auto", progress=False)
-    assert np.array_equal(np.load(a / "samples.npy"), np.load(b / "samples.npy"))
-    steps_a, steps_b = (pd.read_parquet(f / "steps.parquet") for f in (a, b))
-    pd.testing.assert_frame_equal(steps_a.drop(columns="run_id"), steps_b.drop(columns="run_id"))
+def test_auto_precision_on_a_cpu(ckpt, tmp_path, monkeypatch):
+    """On a CPU with native bf16, --precision auto (the CPU default) gives fp32's files for an
+    x0-estimate run (every call through the UNet in float32) and bf16-UNet samples, within
+    rounding of float32's, for an x_t-guided run."""
+    monkeypatch.setattr(gradcheck.numerics, "cpu_has_native_bf16", lambda: True)
+    for x0, same in ((True, True), (False, False)):
+        cfg = tiny_cfg(ckpt, x0_estimate=x0, stabilizer="adam")
+        a = run(dataclasses.replace(cfg, precision="fp32"), out=tmp_path, name=f"fp32-{x0}",
+                progress=False)
+        b = run(cfg, out=tmp_path, name=f"auto-{x0}", progress=False)
+        assert load_json(b / "config.json")["precision"] == "auto"
+        sa, sb = np.load(a / "samples.npy"), np.load(b / "samples.npy")
+        assert np.array_equal(sa, sb) == same
+        assert np.abs(sa.astype(int) - sb.astype(int)).mean() < 2  # uint8 levels
+        if same:
+            steps_a, steps_b = (pd.read_parquet(f / "steps.parquet") for f in (a, b))
+            pd.testing.assert_frame_equal(steps_a.drop(columns="run_id"),
+                                          steps_b.drop(columns="run_id"))
 
 
 def test_run_many_writes_what_separate_runs_write(ckpt, tmp_path):
@@ -491,10 +506,15 @@ def test_cli_explicit_paper_sizes_are_not_reduced(tmp_path, monkeypatch, capsys)
         return tmp_path
 
     monkeypatch.setattr(gradcheck.runner, "run", fake_run)
-    for extra in ([], ["--steps", "1000"], ["--steps", "20"]):
+    for extra in ([], ["--steps", "20"], ["--num-samples", "64"], ["--protocol", "paper"]):
         with pytest.raises(SystemExit):
             main(["run", "--device", "cpu", *extra])
-    assert [(c.num_samples, c.steps) for c in seen] == [(8, 1000), (64, 1000), (64, 20)]
+    # Each size not given is the device's default (8 x 1000 on a CPU); given ones are kept.
+    assert [(c.num_samples, c.steps) for c in seen] == [(8, 1000), (8, 20), (64, 1000),
+                                                        (64, 1000)]
+    # The Python API resolves the same way: an explicit RunConfig keeps its sizes.
+    explicit = resolve_config(RunConfig(num_samples=64, steps=1000, device="cpu"))
+    assert (explicit.num_samples, explicit.steps) == (64, 1000)
 
 
 def test_metrics_are_computed_and_summarised(ckpt, tmp_path):

@@ -12,10 +12,11 @@ import torch
 from diffusers import DDPMPipeline
 from torch import nn
 
-from gradcheck.guidance import ClassifierGuidance, NetEval, cosine, flat_norm
+from gradcheck.guidance import ClassifierGuidance, cosine, flat_norm
 from gradcheck.models import make_scheduler, make_unet
+from gradcheck.numerics import NetworkCalls
 from gradcheck.recorder import StepRecorder
-from gradcheck.sampler import GuidanceStep, Lane, ddpm_step, sample_guided, sample_lanes
+from gradcheck.sampler import GuidanceConfig, GuidanceStep, ddpm_step, sample_configs, sample_guided
 from gradcheck.utils import GradcheckError, sample_generators
 
 
@@ -114,10 +115,10 @@ def test_observers_cannot_change_samples(unet, clf):
 @pytest.mark.parametrize("x0_estimate", [False, True])
 def test_batch_size_does_not_change_samples(unet, clf, x0_estimate):
     """One generator per sample gives the same noise whatever the batch, and networks evaluated
-    in fixed pieces of 4 rows (NetEval) round every row the same way: batch sizes 2 and 8 give
+    in fixed pieces of 4 rows (NetworkCalls) round every row the same way: batch sizes 2 and 8 give
     bit-identical samples, vectors and per-step numbers."""
     sched = make_scheduler()
-    net = NetEval(rows=4)
+    net = NetworkCalls(rows=4)
     for guidance in (None, ClassifierGuidance(clf, x0_estimate=x0_estimate)):
         seen: dict[int, list[GuidanceStep]] = {2: [], 8: []}
         whole = sample_guided(unet, sched, guidance, gens(range(8)), stabilizer="adam",
@@ -152,7 +153,7 @@ def test_lanes_equal_separate_runs_bit_for_bit(unet, clf):
     """The sweep's batched configurations: lanes sharing seeds, UNet calls and classifier
     passes give exactly the samples and per-step records of running each lane alone."""
     sched = make_scheduler()
-    net = NetEval(rows=4)
+    net = NetworkCalls(rows=4)
     xt, x0 = ClassifierGuidance(clf), ClassifierGuidance(clf, x0_estimate=True)
     configs = [
         dict(guidance=xt, stabilizer="none", scale=1.0, target=0),
@@ -171,8 +172,8 @@ def test_lanes_equal_separate_runs_bit_for_bit(unet, clf):
     for cfg in configs:
         rec = StepRecorder("r", 3, STEPS, record_vectors="all")
         together.append(rec)
-        lanes.append(Lane(observers=[rec], **cfg))
-    xs = sample_lanes(unet, sched, lanes, gens(range(3)), steps=STEPS, net=net)
+        lanes.append(GuidanceConfig(observers=[rec], **cfg))
+    xs = sample_configs(unet, sched, lanes, gens(range(3)), steps=STEPS, net=net)
     for (x_alone, rec_alone), x_lane, rec_lane in zip(alone, xs, together, strict=True):
         assert torch.equal(x_alone, x_lane)
         pd.testing.assert_frame_equal(rec_alone.frame(), rec_lane.frame())
@@ -193,7 +194,7 @@ def test_ddpm_step_is_the_scheduler_step_with_given_noise(unet):
 
 @pytest.mark.parametrize(("dtype", "tolerance"), [("bf16", 0.02), ("fp16", 0.005)])
 def test_16_bit_unet_stays_within_its_stated_tolerance(unet, clf, dtype, tolerance):
-    """bf16 or float16 autocast on the UNet only (NetEval.unet_dtype): each eps is within 2%
+    """bf16 or float16 autocast on the UNet only (NetworkCalls.unet_dtype): each eps is within 2%
     (bf16) or 0.5% (float16) of float32, relative L2; the guidance maths stay float32/float64.
     Chains amplify such differences (see the README's Performance section), so 16-bit runs are
     compared with fp32 on metrics, not pixels."""
@@ -202,7 +203,8 @@ def test_16_bit_unet_stays_within_its_stated_tolerance(unet, clf, dtype, toleran
     seen: dict[str, list[GuidanceStep]] = {"fp32": [], dtype: []}
     for name in seen:
         x = sample_guided(unet, sched, guidance, gens(range(4)), stabilizer="adam", steps=STEPS,
-                          net=NetEval(rows=4, unet_dtype=name), observers=[collect(seen[name])])
+                          net=NetworkCalls(rows=4, unet_dtype=name),
+                          observers=[collect(seen[name])])
         assert torch.isfinite(x).all()
     first32, first16 = seen["fp32"][0], seen[dtype][0]
     assert torch.equal(first32.x_t, first16.x_t)  # same x_T
@@ -276,13 +278,14 @@ def test_step_loop_never_waits_for_the_gpu():
             torch.cuda.set_sync_debug_mode(0)
 
     recorders = [StepRecorder(f"r{i}", 2, steps, record_vectors="subset") for i in range(3)]
-    lanes = [Lane(guidance=ClassifierGuidance(clf), stabilizer="adam", observers=[recorders[0]]),
-             Lane(guidance=ClassifierGuidance(clf, x0_estimate=True), target=2,
-                  observers=[recorders[1]]),
-             Lane(observers=[recorders[2], strict])]
+    lanes = [GuidanceConfig(guidance=ClassifierGuidance(clf), stabilizer="adam",
+                            observers=[recorders[0]]),
+             GuidanceConfig(guidance=ClassifierGuidance(clf, x0_estimate=True), target=2,
+                            observers=[recorders[1]]),
+             GuidanceConfig(observers=[recorders[2], strict])]
     try:
-        xs = sample_lanes(unet, make_scheduler(), lanes, gens(range(2)), steps=steps,
-                          net=NetEval(rows=2))
+        xs = sample_configs(unet, make_scheduler(), lanes, gens(range(2)), steps=steps,
+                          net=NetworkCalls(rows=2))
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert all(torch.isfinite(x).all() for x in xs)
@@ -297,7 +300,7 @@ def test_compiled_unet_gives_the_same_samples(unet, clf):
     float32 reordering (measured: mean 1e-7 and at most about 1e-4 after 4 steps)."""
     sched = make_scheduler()
     guidance = ClassifierGuidance(clf, x0_estimate=True)
-    kwargs = dict(steps=4, net=NetEval(rows=4), stabilizer="adam")
+    kwargs = dict(steps=4, net=NetworkCalls(rows=4), stabilizer="adam")
     eager = sample_guided(unet, sched, guidance, gens(range(4)), **kwargs)
     compiled = sample_guided(torch.compile(unet), sched, guidance, gens(range(4)), **kwargs)
     diff = (compiled - eager).abs()

@@ -26,7 +26,7 @@ from gradcheck.models import (
     save_classifier,
 )
 from gradcheck.train_ddpm import (
-    EMA,
+    WeightAverage,
     export_ddpm,
     lr_at,
     min_snr_weights,
@@ -75,16 +75,16 @@ def test_lr_warmup_and_ema_warmup():
     assert lr_at(0, 1e-3, 10) == pytest.approx(1e-4)
     assert lr_at(9, 1e-3, 10) == lr_at(500, 1e-3, 10) == 1e-3
     assert lr_at(0, 1e-3, 0) == 1e-3
-    ema = EMA(torch.nn.Linear(2, 2), decay=0.9995)
+    ema = WeightAverage(torch.nn.Linear(2, 2), decay=0.9995)
     assert ema.decay_at(0) == pytest.approx(0.1)
     assert ema.decay_at(90) == pytest.approx(91 / 100)
     assert ema.decay_at(10**6) == 0.9995
-    assert EMA(torch.nn.Linear(2, 2), 0.99, warmup=False).decay_at(0) == 0.99
+    assert WeightAverage(torch.nn.Linear(2, 2), 0.99, warmup=False).decay_at(0) == 0.99
 
 
 def test_ema_update_is_a_lerp():
     model = torch.nn.Linear(3, 1)
-    ema = EMA(model, decay=0.9, warmup=False)
+    ema = WeightAverage(model, decay=0.9, warmup=False)
     before = ema.model.weight.clone()
     with torch.no_grad():
         model.weight.add_(1.0)

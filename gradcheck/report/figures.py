@@ -16,6 +16,8 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from gradcheck import CLASS_NAMES
+
 QUANTITY_TITLES = {
     "cos_prev_applied": "cos_prev of the applied vector (D7, paper Eq. 5)",
     "cos_prev_raw": "cos_prev of the raw gradient g (D3)",
@@ -231,3 +233,136 @@ def pag_by_t(pag: pd.DataFrame) -> pd.DataFrame:
         ["classifier", "t"], as_index=False)[["_w", "_ws"]].sum()
     d["pag_score"] = d["_ws"] / d["_w"].where(d["_w"] > 0)
     return d.rename(columns={"_w": "n_images"}).drop(columns="_ws")
+
+
+# ---- PAG (gradcheck pag; docs/maths.md D9) ----------------------------------------------------
+
+
+def minmax_normalize(g: np.ndarray) -> np.ndarray:
+    """Per map min-max normalisation to [0, 1] (Kawar Figure 3): (..., 3, H, W) -> same shape.
+
+    A constant map becomes 0.5 (mid grey)."""
+    a = np.asarray(g, dtype=np.float64)
+    lo = a.min(axis=(-3, -2, -1), keepdims=True)
+    span = a.max(axis=(-3, -2, -1), keepdims=True) - lo
+    return np.where(span > 0, (a - lo) / np.where(span > 0, span, 1.0), 0.5)
+
+
+def _to_rgb(x: np.ndarray) -> np.ndarray:
+    """(3, H, W) in [-1, 1] -> (H, W, 3) in [0, 1]."""
+    return np.clip((np.asarray(x).transpose(1, 2, 0) + 1) / 2, 0, 1)
+
+
+def _image_grid(n_rows: int, n_cols: int, size: tuple[float, float], hspace: float,
+                bottom: float, top: float) -> tuple[Figure, np.ndarray]:
+    """A figure of ``size`` inches with (n_rows, n_cols) tickless image axes, 0.6 inch on the
+    left for row labels and ``bottom`` / ``top`` inches of margin. A fixed grid: constrained
+    layout costs seconds for ~100 image axes and gains nothing here."""
+    width, height = size
+    fig = Figure(figsize=size)
+    axes = fig.subplots(n_rows, n_cols, squeeze=False,
+                        gridspec_kw=dict(wspace=0.05, hspace=hspace, left=0.6 / width, right=0.99,
+                                         bottom=bottom / height, top=1 - top / height))
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return fig, axes
+
+
+def gradient_map_figure(
+    images: np.ndarray,
+    maps: dict[str, np.ndarray],
+    timesteps: tuple[int, ...],
+    row_labels: list[str],
+) -> Figure:
+    """Kawar Figure 3: images (R, 3, H, W) in [-1, 1] and per source gradients (T, R, 3, H, W),
+    min-max normalised per map; one column per (source, t)."""
+    n_rows, n_t = images.shape[0], len(timesteps)
+    n_cols = 1 + n_t * len(maps)
+    fig, axes = _image_grid(n_rows, n_cols, (0.9 * n_cols + 0.6, 0.95 * n_rows + 0.9),
+                            hspace=0.05, bottom=0.1, top=0.9)
+    for r in range(n_rows):
+        axes[r, 0].imshow(_to_rgb(images[r]))
+        axes[r, 0].set_ylabel(row_labels[r], fontsize=8)
+        for k, (name, g) in enumerate(maps.items()):
+            normed = minmax_normalize(g[:, r])
+            for ti, t in enumerate(timesteps):
+                ax = axes[r, 1 + k * n_t + ti]
+                ax.imshow(normed[ti].transpose(1, 2, 0))
+                if r == 0:
+                    ax.set_title(f"{name}\nt={t}", fontsize=7)
+    axes[0, 0].set_title("image", fontsize=7)
+    title = r"$\nabla_x \log p(y \mid x_t)$ on the true class, min-max normalised per map"
+    from gradcheck.pag import ORACLE
+
+    if ORACLE in maps:
+        title += ("\noracle: the exact gradient (D8); at small t its posterior is one-hot on the "
+                  "nearest training image, and grey = zero gradient (that image has class y)")
+    fig.suptitle(title, fontsize=8)
+    return fig
+
+
+def pgd_figure(
+    images: np.ndarray,
+    adversarial: dict[str, np.ndarray],
+    probs: dict[str, np.ndarray],
+    row_labels: list[str],
+    eps: float,
+    steps: int,
+    step_size: float,
+    class_names: tuple[str, ...] = CLASS_NAMES,
+) -> Figure:
+    """Kawar Figure 4: sources (S, 3, H, W) and per source model targeted PGD results
+    (S, C, 3, H, W) with target probabilities (S, C); one row per source image, one block of C
+    target columns per model."""
+    s, c = images.shape[0], len(class_names)
+    n_cols = 1 + c * len(adversarial)
+    fig, axes = _image_grid(s, n_cols, (0.95 * n_cols + 0.6, 1.1 * s + 1.2), hspace=0.3,
+                            bottom=0.25, top=1.0)
+    for i in range(s):
+        axes[i, 0].imshow(_to_rgb(images[i]))
+        axes[i, 0].set_ylabel(row_labels[i], fontsize=7)
+        for k, (name, adv) in enumerate(adversarial.items()):
+            for j in range(c):
+                ax = axes[i, 1 + k * c + j]
+                ax.imshow(_to_rgb(adv[i, j]))
+                ax.set_xlabel(f"p={probs[name][i, j]:.2f}", fontsize=6, labelpad=1)
+                if i == 0:
+                    ax.set_title(f"{name}\n-> {class_names[j]}", fontsize=7)
+    axes[0, 0].set_title("source", fontsize=7)
+    from gradcheck.pag import KAWAR_RMS
+
+    rms = eps / math.sqrt(math.prod(images.shape[1:]))
+    fig.suptitle(
+        f"targeted L2 PGD at t=0 towards each class: eps = {eps:.1f} (per-pixel RMS {rms:.3f}; "
+        f"Kawar et al.: eps = 100 at 3x128x128, RMS {KAWAR_RMS:.3f}), "
+        f"{steps} steps of {step_size:.2f}, no early stop\n"
+        "p = the model's probability of the target class", fontsize=8,
+    )
+    return fig
+
+
+def pag_score_figure(table: pd.DataFrame) -> Figure:
+    """PAG score (D9) vs t from pag.parquet rows: one panel per class, one line per source,
+    error bars = standard error of the mean over images; 1 = no preference for the ball."""
+    classes = [c for c in CLASS_NAMES if c in set(table["class_name"])]
+    fig = Figure(figsize=(3.0 * len(classes) + 0.5, 3.2), layout="constrained")
+    axes = fig.subplots(1, len(classes), squeeze=False, sharey=True)[0]
+    for ax, cls in zip(axes, classes, strict=True):
+        part = table[table["class_name"] == cls]
+        for name, rows in part.groupby("classifier", sort=False):
+            rows = rows.sort_values("t")
+            sem = rows["pag_score_std"].fillna(0) / np.sqrt(rows["n_images"].clip(lower=1))
+            ax.errorbar(rows["t"], rows["pag_score_mean"], yerr=sem, marker="o", ms=3,
+                        capsize=2, label=name)
+        ax.axhline(1.0, color="grey", ls="--", lw=0.8)
+        ax.set_yscale("log")
+        ax.set_title(cls, fontsize=9)
+        ax.set_xlabel("t")
+    axes[0].set_ylabel("PAG score: mean G on ball / off ball")
+    axes[-1].legend(fontsize=7)
+    fig.suptitle(
+        "PAG score (D9), mean over images, bars: standard error. At small t the oracle's "
+        "posterior is one-hot on the nearest training image (D8):\nits gradient is zero (no "
+        "score, point missing) when that image has the true class", fontsize=8)
+    return fig
