@@ -54,6 +54,8 @@ SAMPLING_MODES = ("unguided", "guided-xt", "guided-x0")
 RECORDER_MODES = ("off", "subset", "all")
 SECTIONS = ("dataset", "training", "unet", "sampling", "pipeline", "fid", "table1-mini",
             "table1-cpu")
+DEFAULT_SECTIONS = SECTIONS[:-1]
+"""What a bench without ``--sections`` runs: table1-cpu takes minutes and the 32x32 data set."""
 """What ``run_bench`` measures by default, in order (``--table1`` adds the full protocol)."""
 UNET_PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 UNET_LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
@@ -521,12 +523,16 @@ def bench_table1_cpu(
     """
     from gradcheck import runner
     from gradcheck.config import RunConfig
-    from gradcheck.paths import checkpoint_set_image_size
+    from gradcheck.paths import checkpoint_set_image_size, default_data_root
     from gradcheck.sweep import grid_configs
 
     if checkpoint_set_image_size() != 32:
         raise GradcheckError("bench section table1-cpu needs the 32x32 set: run it without a "
                              "GPU or with --checkpoints sportballs32-v1")
+    data_root = default_data_root()
+    if not (data_root / "dataset.json").is_file():
+        raise GradcheckError(f"bench section table1-cpu needs the 32x32 data set at {data_root} "
+                             "(metrics, x_norm_ratio): gradcheck make-dataset --image-size 32")
     per_step: dict[str, list[float]] = {name: [] for name in CPU_TABLE1_SETTINGS}
     rest: dict[str, float] = {}
     resolved: dict[str, dict[str, Any]] = {}
@@ -582,7 +588,7 @@ def run_bench(
     sections: Sequence[str] | None = None, batches: Sequence[int] | None = None,
     steps: int | None = None, recorders: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """The ``sections`` (default: all of :data:`SECTIONS`) as a JSON-ready dict; ``progress``
+    """The ``sections`` (default: :data:`DEFAULT_SECTIONS`) as a JSON-ready dict; ``progress``
     gets each section's name and each measurement's line as soon as it is taken, so a bench
     cut short still shows what it measured. ``batches``, ``steps`` and ``recorders`` replace
     the preset's sampling batch sizes, timed steps and recorder settings."""
@@ -596,7 +602,7 @@ def run_bench(
     check_choice("precision", precision, PRECISIONS)
     if precision == "tf32" and dev.type != "cuda":
         raise GradcheckError("precision tf32 needs a CUDA device; use fp32, bf16, fp16 or auto")
-    asked = SECTIONS if sections is None else sections
+    asked = DEFAULT_SECTIONS if sections is None else sections
     for name in asked:
         check_choice("bench section", name, SECTIONS)
     sections = tuple(name for name in SECTIONS if name in asked)  # always in this order

@@ -739,9 +739,10 @@ def bench_cmd(
         False, "--table1", help="Also time the full Table 1 protocol (8 configurations x 64 "
         "samples x 1,000 steps, metrics) on the shipped checkpoints: minutes on a GPU."),
     sections: str | None = typer.Option(
-        None, help="Comma-separated sections to run, in this order [default: all]: dataset, "
-        "training, unet (compares fp32, tf32, bf16 and fp16 itself), sampling, pipeline (its ratio "
-        "needs sampling), fid, table1-mini."),
+        None, help="Comma-separated sections to run, in this order [default: all but "
+        "table1-cpu]: dataset, training, unet (compares fp32, tf32, bf16 and fp16 itself), "
+        "sampling, pipeline (its ratio needs sampling), fid, table1-mini, table1-cpu (one Table 1 "
+        "seed at 32x32, float32 eager vs the defaults: minutes; needs datasets/sportballs32)."),
     batches: str | None = typer.Option(
         None, help="Comma-separated batch sizes of the unet, sampling and pipeline sections "
         "[default: the preset's, 4,8 or 64,256]."),

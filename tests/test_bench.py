@@ -105,3 +105,18 @@ def test_peak_table_is_cpu_free():
     import torch
 
     assert device_peak_tflops(torch.device("cpu")) is None
+
+
+def test_table1_cpu_is_opt_in_and_names_its_data_set(tmp_path: Path, monkeypatch,
+                                                     capsys: pytest.CaptureFixture[str]):
+    """table1-cpu takes minutes: never in the default bench, and without the 32x32 data set it
+    stops at once with the command that makes it."""
+    from gradcheck.bench import DEFAULT_SECTIONS, SECTIONS
+
+    assert "table1-cpu" in SECTIONS and "table1-cpu" not in DEFAULT_SECTIONS
+    monkeypatch.setenv("GRADCHECK_CHECKPOINTS", "sportballs32-v1")
+    monkeypatch.setenv("GRADCHECK_DATA", str(tmp_path / "nowhere"))
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--device", "cpu", "--sections", "table1-cpu"])
+    assert e.value.code == 2
+    assert "gradcheck make-dataset --image-size 32" in capsys.readouterr().err
