@@ -135,7 +135,6 @@ class NetworkCalls:
     ================================  =======  ========  ======================
     setting                           forward  x0 grad   note
     ================================  =======  ========  ======================
-    float32, NCHW, 8-row pieces       ~190     ~70       the old CPU default
     float32, NCHW                     274      131       16 rows: 229, 88
     float32, channels-last            335      139
     bf16 autocast, channels-last      595      145       backward barely gains
