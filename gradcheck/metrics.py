@@ -17,7 +17,6 @@ import hashlib
 import math
 import os
 import time
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -58,6 +57,7 @@ from gradcheck.models import (
 from gradcheck.paths import default_classifier, default_data_root
 from gradcheck.utils import (
     GradcheckError,
+    atomic_output_file,
     check_choice,
     check_positive,
     check_seed,
@@ -528,21 +528,13 @@ def evaluate_samples(
 # ---------------------------------------------------------------------------------------------
 
 
-def _replace_atomically(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_metrics(run_folder: str | Path, row: dict[str, Any]) -> None:
     """Write ``metrics.json`` and a one-row ``metrics.parquet`` (versions in its metadata),
     each through a temporary file and os.replace, so a crash never leaves half a file."""
     folder = Path(run_folder)
     text = strict_json(row)
-    _replace_atomically(folder / "metrics.json", lambda p: p.write_text(text))
+    with atomic_output_file(folder / "metrics.json", overwrite=True) as tmp:
+        tmp.write_text(text)
     write_parquet(pd.DataFrame([row]), folder / "metrics.parquet",
                   run_metadata(torch.device(row.get("metrics_device", "cpu"))))
 

@@ -350,10 +350,5 @@ def write_parquet(table: Any, path: str | Path, metadata: Any, key: str = "gradc
 
     arrow = pa.Table.from_pandas(table, preserve_index=False)
     meta = {**(arrow.schema.metadata or {}), key.encode(): strict_json(metadata).encode()}
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_output_file(path, overwrite=True) as tmp:
         pq.write_table(arrow.replace_schema_metadata(meta), tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
