@@ -576,13 +576,17 @@ def pag_cmd(
 @app.command("sweep")
 def sweep_cmd(
     checkpoints: str | None = _checkpoints_option(),
-    grid: str = typer.Option(_SWEEP.grid, help="table1 | scales | stabilizers | classifiers."),
+    grid: str = typer.Option(
+        _SWEEP.grid, help="table1 | scales | scales-x0 | d5-norm | stabilizers | classifiers."),
     seeds: int = typer.Option(_SWEEP.seeds, help="Seeds 0..SEEDS-1 of every configuration."),
     shard: str | None = typer.Option(
         None, help="Run only shard i/n (0-based, round-robin over seeds with --batch-configs when "
         "there are at least n, else over runs; --seeds 5 --shard k/5 runs seed k). Default: "
         "the launcher's (accelerate/torchrun RANK/WORLD_SIZE, SLURM array task), else all runs."),
     out: str = typer.Option("runs", help="Folder of the run folders."),
+    records: str | None = typer.Option(
+        _SWEEP.records, help="Also write a compact record of each finished run here, and skip "
+        "runs recorded here: commit this folder and the sweep resumes on another machine."),
     scale: float | None = typer.Option(
         None, help="Guidance scale s for grids that do not vary it (default: run's)."),
     target: str | None = typer.Option(
@@ -618,15 +622,19 @@ def sweep_cmd(
     """Run a grid of configurations over seeds; finished runs are skipped, so re-running resumes.
 
     Grids: table1 = classifier {robust, nonrobust} x x0-estimate x ADAM; scales = s in
-    {0.25 .. 8} x {nonrobust, robust, adversarial}; stabilizers = every stabiliser (non-robust,
-    x0-estimate); classifiers = {nonrobust, robust, adversarial, oracle}.
+    {0.25 .. 8} x {nonrobust, robust, adversarial}; scales-x0 = s x {nonrobust, robust} with
+    x0-estimate + ADAM; d5-norm = D5 to the score or to eps x s (non-robust); stabilizers =
+    every stabiliser (non-robust, x0-estimate); classifiers = {nonrobust, robust, adversarial,
+    oracle}. Runs two grids share (same config and seed) run once.
     """
     from gradcheck.config import RunConfig, SweepConfig
     from gradcheck.runner import parse_target
     from gradcheck.sweep import run_sweep
 
-    if grid == "scales" and scale is not None:
-        raise GradcheckError("the scales grid sets the scale itself; drop --scale")
+    from gradcheck.sweep import SCALE_GRIDS
+
+    if grid in SCALE_GRIDS and scale is not None:
+        raise GradcheckError(f"the {grid} grid sets the scale itself; drop --scale")
     target = parse_target(target) if target is not None else None
     given = dict(scale=scale, target=target, normalize=normalize, normalize_to=normalize_to,
                  diffusion_time=diffusion_time, num_samples=num_samples,
@@ -635,7 +643,8 @@ def sweep_cmd(
                  metrics=metrics, precision=precision, net_batch=net_batch, compile=compile)
     base = RunConfig(**{k: v for k, v in given.items() if v is not None})
     result = run_sweep(SweepConfig(grid=grid, seeds=seeds, shard=shard,
-                                   batch_configs=batch_configs), base, out=out, progress=progress)
+                                   batch_configs=batch_configs, records=records),
+                       base, out=out, progress=progress)
     i, n = result.shard
     typer.echo(f"sweep {grid}, shard {i}/{n}: {len(result.planned)} runs, {len(result.ran)} run "
                f"now, {len(result.skipped)} already finished, in {out}/")

@@ -224,12 +224,16 @@ class MetricsConfig:
 class SweepConfig:
     """`gradcheck sweep`: a grid of runs over seeds (sweep.py); run sizes come from RunConfig."""
 
-    grid: str = "table1"  # table1 | scales | stabilizers | classifiers (sweep.GRIDS)
+    grid: str = "table1"  # table1 | scales | scales-x0 | d5-norm | stabilizers | classifiers
     seeds: int = 3  # seeds 0..seeds-1: the fewest that give a 95% t-interval worth reading
     shard: str | None = None  # "i/n", 0-based; None = the launcher's (RANK/WORLD_SIZE, SLURM)
     # Sample the configurations of one seed together (runner.run_many): shared UNet calls,
     # bit-identical results to running them one by one.
     batch_configs: bool = True
+    # Folder of compact run records (report.write_records): each finished run is recorded there
+    # and a run already recorded is skipped, so a sweep resumes on another machine from the
+    # committed records alone.
+    records: str | None = None
 
 
 # ---- pag: pag.py --------------------------------------------------------------------------

@@ -5,7 +5,9 @@ A sweep is an ordered list of run configs (:func:`grid_configs`): seeds outermos
 sweep already holds every configuration of the first seeds. Each run's folder name is
 ``runner.default_run_id(cfg)``, a function of the config alone; the runner writes a run folder
 atomically, so a folder that exists is a finished run and is skipped. A killed sweep therefore
-resumes by running the same command again, and never sees half a run.
+resumes by running the same command again, and never sees half a run. With ``records``, each
+finished run also leaves a compact record (``report.write_records``) and a recorded run is
+skipped, so the committed records alone let a sweep resume on another machine.
 
 Shards split the ordered list round-robin: shard i of n (0-based, ``--shard i/n``) takes units
 i, i + n, i + 2n, ... A unit is a group of runs sampled together (with ``batch_configs``, the
@@ -40,15 +42,25 @@ SCALES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 SCALE_CLASSIFIERS = GUIDING_KINDS
 """Vanilla vs robust (GradCheck's noisy-trained and Kawar's adversarially trained)."""
 
+SCALE_X0_CLASSIFIERS = ("nonrobust", "robust")
+"""Table 1's classifiers: the scale of its best configuration (x0-estimate + ADAM) justified too."""
+
 GRIDS: dict[str, str] = {
     "table1": "GradCheck Table 1: classifier {robust, nonrobust} x x0_estimate {no, yes} x "
               "stabilizer {none, adam}",
     "scales": f"scale {{{', '.join(f'{s:g}' for s in SCALES)}}} x classifier "
               f"{{{', '.join(SCALE_CLASSIFIERS)}}}, plain guidance (no x0-estimate, no stabiliser)",
+    "scales-x0": f"scale {{{', '.join(f'{s:g}' for s in SCALES)}}} x classifier "
+                 f"{{{', '.join(SCALE_X0_CLASSIFIERS)}}}, x0-estimate + ADAM",
+    "d5-norm": f"D5 reference norm {{score, eps}} x scale {{{', '.join(f'{s:g}' for s in SCALES)}}}"
+               ", non-robust plain guidance (the score runs are the scales grid's)",
     "stabilizers": "every registered stabiliser, non-robust classifier with the x0-estimate",
     "classifiers": "classifier {nonrobust, robust, adversarial, oracle}, plain guidance",
 }
 """Grid name -> what it varies; fields a grid does not name come from the base config."""
+
+SCALE_GRIDS = ("scales", "scales-x0", "d5-norm")
+"""Grids that set the scale themselves."""
 
 
 def _grid_points(grid: str) -> list[dict[str, Any]]:
@@ -56,16 +68,21 @@ def _grid_points(grid: str) -> list[dict[str, Any]]:
     from gradcheck.stabilizers import STABILIZERS
 
     check_choice("grid", grid, list(GRIDS))
+    plain = dict(x0_estimate=False, stabilizer="none")
     if grid == "table1":
         return [dict(classifier=c, x0_estimate=x, stabilizer=s)
                 for c in ("robust", "nonrobust") for x in (False, True) for s in ("none", "adam")]
     if grid == "scales":
-        return [dict(classifier=c, x0_estimate=False, stabilizer="none", scale=s)
-                for c in SCALE_CLASSIFIERS for s in SCALES]
+        return [dict(classifier=c, scale=s, **plain) for c in SCALE_CLASSIFIERS for s in SCALES]
+    if grid == "scales-x0":
+        return [dict(classifier=c, x0_estimate=True, stabilizer="adam", scale=s)
+                for c in SCALE_X0_CLASSIFIERS for s in SCALES]
+    if grid == "d5-norm":
+        return [dict(classifier="nonrobust", normalize=True, normalize_to=n, scale=s, **plain)
+                for n in ("score", "eps") for s in SCALES]
     if grid == "stabilizers":
         return [dict(classifier="nonrobust", x0_estimate=True, stabilizer=s) for s in STABILIZERS]
-    return [dict(classifier=c, x0_estimate=False, stabilizer="none")
-            for c in (*GUIDING_KINDS, "oracle")]
+    return [dict(classifier=c, **plain) for c in (*GUIDING_KINDS, "oracle")]
 
 
 def grid_configs(grid: str, seeds: int | Sequence[int], base: RunConfig) -> list[RunConfig]:
@@ -198,6 +215,7 @@ def run_sweep(
     else:  # one run at a time, or more shards than seeds: no shard may sit idle
         configs = shard(configs, i, n)
     out = Path(out)
+    records = Path(cfg.records) if cfg.records else None
     ids = [runner.default_run_id(c) for c in configs]
     if len(set(ids)) != len(ids):
         raise GradcheckError("two runs of the sweep share a run id; this is a bug in "
@@ -208,7 +226,14 @@ def run_sweep(
     ran, skipped = [], []
     todo = []
     for run_cfg, run_id in run_id_of.items():
+        recorded = records is not None and is_finished(records / run_id)
         if is_finished(out / run_id):
+            skipped.append(run_id)
+            if records is not None and not recorded:  # finished before records were asked for
+                from gradcheck.report import write_records
+
+                write_records([out / run_id], records)
+        elif recorded:
             skipped.append(run_id)
         else:
             todo.append(run_cfg)
@@ -220,6 +245,10 @@ def run_sweep(
         names = [run_id_of[c] for c in group]
         bar.set_postfix_str(names[0] if len(group) == 1 else f"{len(group)} runs together")
         runner.run_many(group, out=out, names=names, overwrite=False, progress=False)
+        if records is not None:
+            from gradcheck.report import write_records
+
+            write_records([out / name for name in names], records)
         ran.extend(names)
         bar.update(len(group))
     bar.close()

@@ -77,6 +77,23 @@ def test_other_grids() -> None:
     assert {c.seed for c in stab} == {3, 5}
     clf = grid_configs("classifiers", 1, base)
     assert [c.classifier for c in clf] == ["nonrobust", "robust", "adversarial", "oracle"]
+    x0 = grid_configs("scales-x0", 1, base)
+    assert len(x0) == 12 and {(c.classifier, c.x0_estimate, c.stabilizer) for c in x0} == {
+        ("nonrobust", True, "adam"), ("robust", True, "adam")}
+    norm = grid_configs("d5-norm", 1, base)
+    assert sorted({(c.normalize_to, c.scale) for c in norm}) == sorted(
+        (n, s) for n in ("score", "eps") for s in SCALES)
+
+
+def test_grids_share_the_runs_they_have_in_common() -> None:
+    """A run two grids both hold has one id, so the second sweep skips it: the classifiers
+    grid's plain runs are Table 1's, scales-x0 at s = 1 is Table 1's x0 + ADAM, and d5-norm's
+    score runs are the scales grid's."""
+    ids = {g: {runner.default_run_id(c) for c in grid_configs(g, 1, RunConfig(device="cpu"))}
+           for g in ("table1", "scales", "scales-x0", "d5-norm", "classifiers")}
+    assert len(ids["classifiers"] & ids["table1"]) == 2
+    assert len(ids["scales-x0"] & ids["table1"]) == 2
+    assert len(ids["d5-norm"] & ids["scales"]) == 6 and len(ids["d5-norm"]) == 12
 
 
 def test_bad_grid_and_seeds_are_clear_errors() -> None:
@@ -247,6 +264,7 @@ def test_table1_sweep_gives_8_runs_survives_a_kill_and_redoes_none(
 def test_sweep_cli_errors(capsys: pytest.CaptureFixture[str]) -> None:
     for args, msg in (
         (["sweep", "--grid", "scales", "--scale", "2"], "scales grid sets the scale"),
+        (["sweep", "--grid", "d5-norm", "--scale", "2"], "d5-norm grid sets the scale"),
         (["sweep", "--grid", "nope"], "unknown grid 'nope'"),
         (["sweep", "--shard", "2/2", "--device", "cpu"], "shard '2/2' needs 0 <= i < n"),
         (["sweep", "--target", "golf"], "unknown target 'golf'"),
@@ -325,3 +343,43 @@ def test_sweep_killed_with_sigkill_resumes_to_the_uninterrupted_result(
     for name in finished(reference):
         for f in ("samples.npy", "steps.parquet"):
             assert (out / name / f).read_bytes() == (reference / name / f).read_bytes(), (name, f)
+
+
+def test_sweep_with_records_resumes_on_a_new_machine_from_the_records_alone(
+    checkpoints: Path, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Runs are not kept across machines, records are: a sweep given --records writes one per
+    finished run, and a sweep with no run folders but the same records runs nothing again."""
+    from gradcheck.report import render_report
+
+    base = _base(checkpoints, tiny_data)
+    records = tmp_path / "records"
+    cfg = SweepConfig(grid="table1", seeds=1, records=str(records))
+    first = run_sweep(cfg, base, out=tmp_path / "machine1", progress=False)
+    assert len(first.ran) == 8 and sorted(p.name for p in records.iterdir()) == sorted(first.ran)
+    for name in first.ran:
+        assert {"config.json", "step_stats.parquet", "samples_head.npy"} <= {
+            p.name for p in (records / name).iterdir()}
+        assert not (records / name / "steps.parquet").exists()  # compact: no step columns
+    calls: list[list[RunConfig]] = []
+    real_run_many = runner.run_many
+
+    def counting_run_many(cfgs: list[RunConfig], **kw):
+        calls.append(cfgs)
+        return real_run_many(cfgs, **kw)
+
+    monkeypatch.setattr(runner, "run_many", counting_run_many)
+    again = run_sweep(cfg, base, out=tmp_path / "machine2", progress=False)
+    assert calls == [] and again.ran == () and sorted(again.skipped) == sorted(first.ran)
+    # and a second seed runs only the new seed's configurations
+    more = run_sweep(dataclasses.replace(cfg, seeds=2), base, out=tmp_path / "machine2",
+                     progress=False)
+    assert [c.seed for group in calls for c in group] == [1] * 8 and len(more.skipped) == 8
+    # runs finished before records were asked for are recorded when the sweep meets them
+    late = tmp_path / "late-records"
+    run_sweep(dataclasses.replace(cfg, records=str(late)), base, out=tmp_path / "machine1",
+              progress=False)
+    assert sorted(p.name for p in late.iterdir()) == sorted(first.ran)
+    # the report renders from the records alone
+    report = render_report([str(records)], out=tmp_path / "report", progress=False)
+    assert (report / "report.md").is_file()

@@ -38,6 +38,10 @@ RECORD_SAMPLES = "samples_head.npy"  # its first samples, for the sample grids
 RECORD_HEAD = 16
 """Files that make a folder a run folder (the runner writes a run atomically)."""
 
+STAGES = "stages.csv"
+"""A study's log of its stages (scripts/study32.sh): stage, command, started_utc, wall_s, cpu,
+cores, result; the report lists it."""
+
 SEARCH_DEPTH = 3
 """How deep ``find_inputs`` looks below each given folder."""
 
@@ -55,6 +59,7 @@ class Inputs:
     pag: list[Path] = field(default_factory=list)  # pag.parquet files (`gradcheck pag`)
     surveys: list[Path] = field(default_factory=list)  # `survey analyze` output folders
     accuracy: list[Path] = field(default_factory=list)  # classifiers' accuracy_by_t.parquet
+    stages: list[Path] = field(default_factory=list)  # stages.csv: how a study was run
 
 
 def is_run(folder: Path) -> bool:
@@ -76,6 +81,8 @@ def find_inputs(paths: Sequence[str | Path]) -> Inputs:
                 found.pag.append(p)
             elif p.name == "accuracy_by_t.parquet":
                 found.accuracy.append(p)
+            elif p.name == STAGES:
+                found.stages.append(p)
             return
         if is_run(p):
             found.runs.append(p)
@@ -91,7 +98,7 @@ def find_inputs(paths: Sequence[str | Path]) -> Inputs:
         if not p.exists():
             raise GradcheckError(f"{p} does not exist; give run folders or folders holding them")
         visit(p, 0)
-    for name in ("runs", "pag", "surveys", "accuracy"):
+    for name in ("runs", "pag", "surveys", "accuracy", "stages"):
         unique = {p.resolve(): p for p in getattr(found, name)}
         setattr(found, name, sorted(unique.values()))
     return found
@@ -270,6 +277,25 @@ def _overview(d: _Data) -> Section:
     return sec
 
 
+def _stages(d: _Data) -> Section:
+    """The hardware, command and wall time of every stage that made the runs (stages.csv)."""
+    sec = Section("How these runs were made")
+    if not d.inputs.stages:
+        sec.note("No stages.csv among the inputs: each run's hardware and wall time are in the "
+                 "run index below.")
+        return sec
+    stages = pd.concat([pd.read_csv(f) for f in d.inputs.stages], ignore_index=True)
+    shown = stages.assign(wall=[f"{w / 60:.1f} min" for w in stages["wall_s"]])[
+        ["stage", "command", "started_utc", "wall", "cpu", "cores", "result"]]
+    total = stages["wall_s"].sum() / 3600
+    sec.text(f"{len(stages)} stages, {total:.1f} h of wall time in all, on "
+             + "; ".join(f"{c} ({n} cores)" for c, n in
+                         stages[["cpu", "cores"]].drop_duplicates().itertuples(index=False))
+             + ". Stages that found every run already recorded are not listed.")
+    sec.add_table("stages", shown, stages)
+    return sec
+
+
 def _table1(d: _Data) -> Section:
     sec = Section("Table 1: our runs beside GradCheck (Vaeth 2024)")
     p = d.protocol
@@ -278,7 +304,9 @@ def _table1(d: _Data) -> Section:
              f"sampling steps, N = {p['num_samples']} samples per run. "
              f"{T.provenance(d.proto_runs)}.")
     sec.text(f"Paper: {PAPER_PROTOCOL}.")
-    sec.text("Ours: mean and [95% t-interval] over seeds; differences are ours - paper. "
+    sec.text("Ours: mean and [95% t-interval] over seeds; a configuration with one seed shows "
+             "its run's own 95% interval (exact binomial for accuracies, bootstrap for KID; none "
+             "for FID). Differences are ours - paper. "
              "FID at N = 64 is rank-deficient and biased (docs/metrics.md): compare at equal N, "
              "read KID beside it. Accuracy 'guiding' is the paper's number (the classifier grades "
              "its own guidance); the judge is an independent classifier.")
@@ -491,7 +519,7 @@ def _run_index(d: _Data) -> Section:
     return sec
 
 
-SECTIONS = (_overview, _table1, _findings, _stability, _norms, _sample_grids, _scales,
+SECTIONS = (_overview, _stages, _table1, _findings, _stability, _norms, _sample_grids, _scales,
             _classifiers, _gradient_quality, _survey, _run_index)
 """The report's sections in order; optional ones leave a one-line note when inputs are missing."""
 
@@ -541,8 +569,9 @@ th, td { border: 1px solid #ccc; padding: 3px 6px; text-align: left; }
 th { background: #f3f3f3; }
 img { max-width: 100%; }
 .note { color: #666; font-style: italic; }
-.verdict-supported { color: #17672d; font-weight: bold; }
-.verdict-not-supported { color: #a01818; font-weight: bold; }
+.verdict-holds { color: #17672d; font-weight: bold; }
+.verdict-does-not-hold { color: #a01818; font-weight: bold; }
+.verdict-inconclusive { color: #8a5a00; font-weight: bold; }
 .verdict-not-testable-with-these-runs { color: #777; font-weight: bold; }
 figcaption { font-size: 0.85em; color: #444; }
 code { background: #f5f5f5; padding: 0 2px; }
@@ -595,14 +624,17 @@ def write_report(sections: Sequence[Section], folder: Path) -> None:
                 for r in b.table.itertuples():
                     md += [f"**Finding {r.finding}** ({r.source}): {r.claim}", "",
                            f"- Verdict: **{r.verdict}**", f"- Test: {r.test}",
-                           f"- Numbers: {r.evidence}", ""]
+                           f"- Numbers: {r.evidence}"]
+                    md += [f"- At this scale: {r.scale_note}", ""] if r.scale_note else [""]
                     doc.append(
                         f"<li><p><b>Finding {html.escape(r.finding)}</b> "
                         f"({html.escape(r.source)}): {_inline_html(r.claim)}</p><ul>"
                         f"<li>Verdict: <span class=\"verdict-{_slug(r.verdict)}\">"
                         f"{html.escape(r.verdict)}</span></li>"
                         f"<li>Test: {_inline_html(r.test)}</li>"
-                        f"<li>Numbers: {_inline_html(r.evidence)}</li></ul></li>")
+                        f"<li>Numbers: {_inline_html(r.evidence)}</li>"
+                        + (f"<li>At this scale: {_inline_html(r.scale_note)}</li>"
+                           if r.scale_note else "") + "</ul></li>")
                 doc.append("</ol>")
     doc.append("</body></html>")
     (folder / "report.md").write_text("\n".join(md), encoding="utf-8")

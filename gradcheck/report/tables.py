@@ -30,15 +30,21 @@ VARIANT_DEFAULTS = {"normalize_to": "score", "diffusion_time": True}
 """Settings added after the first runs: runs that predate them had these values."""
 """Fields shared by all rows of one Table 1 (the measurement protocol)."""
 
+RUN_INTERVALS = {"accuracy_guiding": "accuracy_guiding_ci", "accuracy_judge": "accuracy_judge_ci",
+                 "kid_mean": "kid_ci"}
+"""Metrics whose single run carries its own 95% interval in metrics.json (exact binomial for the
+accuracies, bootstrap for KID): the interval shown where a configuration has one seed."""
+
 METRIC_COLUMNS = (
     "fid", "kid_mean", "kid_std", "precision", "recall", "accuracy_guiding", "accuracy_judge",
     "mean_cos_prev_raw", "mean_cos_prev_applied", "mean_cos_prev_null", "max_x_norm_ratio",
+    *(f"{p}_{end}" for p in RUN_INTERVALS.values() for end in ("low", "high")),
 )
 """Per-run numbers from metrics.json (NaN when a run has no metrics)."""
 
 RUN_COLUMNS = (
     "run_id", "path", "seed", *CONFIG_KEYS, *METRIC_COLUMNS, "extractor", "n_samples",
-    "n_reference", "hardware", "wall_time_s",
+    "n_reference", "reference_split", "hardware", "wall_time_s",
 )
 PAPER_PROTOCOL_SIZES = {"steps": 1000, "num_samples": 64, "image_size": 64}
 """GradCheck's protocol: rows measured otherwise are marked wherever they meet its numbers."""
@@ -72,6 +78,17 @@ def interval(values: Iterable[float], proportion: bool = False) -> tuple[float, 
     if proportion and np.isfinite(low):
         low, high = max(low, 0.0), min(high, 1.0)
     return mean, low, high
+
+
+def metric_interval(runs: pd.DataFrame, metric: str) -> tuple[float, float, float]:
+    """(mean, low, high) of ``metric`` over the seeds of one configuration: the t-interval over
+    seeds (:func:`interval`), or for a single run its own interval (:data:`RUN_INTERVALS`)."""
+    have = runs[runs[metric].notna()] if metric in runs else runs.iloc[:0]
+    own = RUN_INTERVALS.get(metric)
+    if len(have) == 1 and own and f"{own}_low" in have:
+        r = have.iloc[0]
+        return float(r[metric]), float(r[f"{own}_low"]), float(r[f"{own}_high"])
+    return interval(have[metric] if len(have) else [], metric in PROPORTIONS)
 
 
 def step_stats(steps: pd.DataFrame) -> pd.DataFrame:
@@ -141,6 +158,7 @@ def run_row(
     for k, default in VARIANT_DEFAULTS.items():
         row[k] = default if row[k] is None else row[k]
     row["extractor"] = metrics.get("extractor")
+    row["reference_split"] = metrics.get("reference_split")
     for k in ("n_samples", "n_reference", "image_size"):
         row[k] = metrics.get(k)
     row["hardware"] = metrics.get("hardware") or lookup(config, "hardware")
@@ -177,7 +195,7 @@ def classifier_name(classifier: str) -> str:
 
 
 def method_name(classifier: str, x0_estimate: bool, stabilizer: str,
-                normalize: bool = True) -> str:
+                normalize: bool = True, normalize_to: str = "score") -> str:
     """A guidance method without scale or sizes, e.g. 'non-robust + x0 + adam'."""
     parts = [classifier_name(classifier)]
     if x0_estimate:
@@ -186,12 +204,15 @@ def method_name(classifier: str, x0_estimate: bool, stabilizer: str,
         parts.append(stabilizer)
     if not normalize:
         parts.append("unnormalized")
+    elif normalize_to != "score":
+        parts.append(f"D5 to {normalize_to}")
     return " + ".join(parts)
 
 
 def method_names(runs: pd.DataFrame) -> list[str]:
     """:func:`method_name` of every row of a run (or curve) table."""
-    keys = ["classifier", "x0_estimate", "stabilizer", "normalize"]
+    keys = [k for k in ("classifier", "x0_estimate", "stabilizer", "normalize", "normalize_to")
+            if k in runs]
     return [method_name(*k) for k in runs[keys].itertuples(index=False, name=None)]
 
 
@@ -218,13 +239,17 @@ def provenance(runs: pd.DataFrame) -> str:
     n = sorted(set(runs["num_samples"].dropna().astype(int)))
     seeds = sorted(set(runs["seed"].dropna().astype(int)))
     extractors = sorted(set(runs["extractor"].dropna().astype(str))) or ["no metrics"]
+    refs = sorted({f"{int(n)} {split} images" for n, split in
+                   runs[["n_reference", "reference_split"]].dropna().itertuples(index=False)})
     hardware = sorted(set(runs["hardware"].dropna().astype(str))) or ["hardware not recorded"]
     wall = runs["wall_time_s"].dropna()
     wall_text = (f"wall time {wall.sum():.0f} s in {len(wall)} runs ({wall.mean():.1f} s/run)"
                  if len(wall) else "wall time not recorded")
     seed_text = _ranges(seeds)
     return (f"N = {', '.join(map(str, n))} samples per run; seeds {seed_text} ({len(seeds)}); "
-            f"extractor {', '.join(extractors)}; {'; '.join(hardware)}; {wall_text}")
+            f"extractor {', '.join(extractors)}"
+            + (f" against {', '.join(refs)} (reference)" if refs else "")
+            + f"; {'; '.join(hardware)}; {wall_text}")
 
 
 def _ranges(values: Sequence[int]) -> str:
@@ -291,8 +316,7 @@ def table1(runs: pd.DataFrame, protocol: dict[str, Any] | None = None) -> pd.Dat
         row["n_seeds"] = int(g["seed"].nunique())
         row["seeds"] = _ranges(sorted(set(g["seed"].dropna().astype(int))))
         for m in TABLE1_METRICS:
-            values = g[m] if m in g else []
-            row[m], row[f"{m}_ci_low"], row[f"{m}_ci_high"] = interval(values, m in PROPORTIONS)
+            row[m], row[f"{m}_ci_low"], row[f"{m}_ci_high"] = metric_interval(g, m)
         rows.append(row)
     ours = pd.DataFrame(rows, columns=[*TABLE1_KEYS, "label", "n_seeds", "seeds",
                                        *[f"{m}{s}" for m in TABLE1_METRICS
@@ -412,13 +436,21 @@ def paired_difference(a: pd.DataFrame, b: pd.DataFrame, metric: str) -> dict[str
             "diff": diff, "diff_low": low, "diff_high": high, "n": int(len(seeds))}
 
 
-def _holds(p: dict[str, float], sign: int) -> bool:
-    """Has b - a the sign ``sign`` (its 95% interval excluding 0 when there are >= 2 seeds)?"""
-    if p["n"] == 0 or pd.isna(p["diff"]):
-        return False
-    if p["n"] >= 2:
-        return bool(p["diff_high"] < 0) if sign < 0 else bool(p["diff_low"] > 0)
-    return bool(p["diff"] < 0) if sign < 0 else bool(p["diff"] > 0)
+def _direction(p: dict[str, float], sign: int) -> str:
+    """The verdict (paper.VERDICTS) on 'b - a has the sign ``sign``' from a paired difference:
+    its 95% interval over seeds on the claimed side of 0, on the other side, or neither (one
+    seed has no interval: inconclusive, whatever its direction)."""
+    if p["n"] < 2 or pd.isna(p["diff_low"]):
+        return "inconclusive"
+    low, high = (p["diff_low"], p["diff_high"]) if sign > 0 else (-p["diff_high"], -p["diff_low"])
+    return "holds" if low > 0 else "does not hold" if high < 0 else "inconclusive"
+
+
+def _combine(verdicts: Iterable[str]) -> str:
+    """All parts hold -> holds; any part does not -> does not hold; else inconclusive."""
+    v = list(verdicts)
+    return ("does not hold" if "does not hold" in v else
+            "holds" if v and all(x == "holds" for x in v) else "inconclusive")
 
 
 def _accuracy_metric(*groups: pd.DataFrame) -> str:
@@ -434,13 +466,16 @@ def _describe(name: str, p: dict[str, float], percent: bool = False) -> str:
             f"(paired diff {p['diff'] * f:+.{d}f}{unit}")
     if p["n"] >= 2:
         text += f", 95% CI [{p['diff_low'] * f:+.{d}f}, {p['diff_high'] * f:+.{d}f}]"
+    else:
+        text += ", no interval"
     return text + f", {p['n']} seed{'s' if p['n'] != 1 else ''})"
 
 
 def _comparison(
     a: pd.DataFrame, b: pd.DataFrame, fid_sign: int, acc_sign: int
-) -> tuple[bool | None, list[str]]:
-    """Does b differ from a in FID and accuracy in the expected directions? None if untestable."""
+) -> tuple[str | None, list[str]]:
+    """The verdict on 'b differs from a in FID and accuracy in the expected directions', with
+    its numbers; None when no seed has both."""
     acc = _accuracy_metric(a, b)
     pf, pa = paired_difference(a, b, "fid"), paired_difference(a, b, acc)
     if pf["n"] == 0 or pa["n"] == 0:
@@ -450,7 +485,21 @@ def _comparison(
         pg = paired_difference(a, b, "accuracy_guiding")
         if pg["n"]:
             evidence.append(_describe("accuracy guiding", pg, percent=True))
-    return _holds(pf, fid_sign) and _holds(pa, acc_sign), evidence
+    return _combine([_direction(pf, fid_sign), _direction(pa, acc_sign)]), evidence
+
+
+def _level(mean: float, low: float, high: float, above: float | None = None,
+           within: float | None = None) -> str:
+    """Verdict on a level: ``mean >= above`` or ``|mean| <= within``, decided by the 95%
+    interval over seeds (one seed: by its value, which for a mean over 64 samples x 1,000 steps
+    is tight against these bounds)."""
+    if pd.isna(low):
+        low = high = mean
+    if above is not None:
+        return "holds" if low >= above else "does not hold" if high < above else "inconclusive"
+    assert within is not None
+    return ("holds" if -within <= low and high <= within else
+            "does not hold" if low > within or high < -within else "inconclusive")
 
 
 def findings(runs: pd.DataFrame, pooled: pd.DataFrame | None = None,
@@ -488,11 +537,15 @@ def findings(runs: pd.DataFrame, pooled: pd.DataFrame | None = None,
             s = pooled[(pooled["config"] == r["config"].iloc[0])
                        & (pooled["quantity"] == "cos_prev_applied")]
             steady = float(s["mean"].std(ddof=0)) if len(s) else math.nan
-        ok = mr[0] >= 0.5 and abs(mn[0]) <= 0.2 and (pd.isna(steady) or steady <= 0.25)
-        verdicts["1"] = ("supported" if ok else "not supported",
+        parts = [_level(*mr, above=0.5), _level(*mn, within=0.2)]
+        if not pd.isna(steady):
+            parts.append("holds" if steady <= 0.25 else "does not hold")
+        null = interval(pd.concat([r["mean_cos_prev_null"], n["mean_cos_prev_null"]]))
+        verdicts["1"] = (_combine(parts),
                          f"mean cos_prev robust {fmt_interval(*mr, digits=3)}, non-robust "
-                         f"{fmt_interval(*mn, digits=3)}; std over t of robust's per-step mean "
-                         f"{steady:.3f}")
+                         f"{fmt_interval(*mn, digits=3)} ({r['seed'].nunique()} seed(s)); on "
+                         f"random gradients (D7' null) {fmt_interval(*null, digits=3)}; std over "
+                         f"t of robust's per-step mean {steady:.3f}")
 
     # (2) x0-estimate helps non-robust guidance.
     base, x0 = ("nonrobust", False, "none"), ("nonrobust", True, "none")
@@ -500,9 +553,9 @@ def findings(runs: pd.DataFrame, pooled: pd.DataFrame | None = None,
     if gap:
         verdicts["2"] = (untestable, gap)
     else:
-        ok, ev = _comparison(_select(sel, *base), _select(sel, *x0), -1, +1)
-        verdicts["2"] = (untestable, "no seed in common") if ok is None else (
-            "supported" if ok else "not supported", "non-robust -> + x0: " + "; ".join(ev))
+        v, ev = _comparison(_select(sel, *base), _select(sel, *x0), -1, +1)
+        verdicts["2"] = (untestable, "no seed in common") if v is None else (
+            v, "non-robust -> + x0: " + "; ".join(ev))
 
     # (3) x0 + ADAM best for non-robust; ADAM alone changes little.
     configs = [("nonrobust", x, s) for x in (False, True) for s in ("none", "adam")]
@@ -511,20 +564,24 @@ def findings(runs: pd.DataFrame, pooled: pd.DataFrame | None = None,
         verdicts["3"] = (untestable, gap)
     else:
         best = _select(sel, "nonrobust", True, "adam")
-        parts, ok = [], True
+        parts, votes = [], []
         for c in configs[:-1]:
-            res, ev = _comparison(_select(sel, *c), best, -1, +1)
-            ok = ok and bool(res)
+            v, ev = _comparison(_select(sel, *c), best, -1, +1)
+            votes.append(v or "inconclusive")
             parts.append(f"{method_name(*c)} -> + x0 + adam: " + "; ".join(ev))
         plain, adam = _select(sel, *configs[0]), _select(sel, *configs[1])
         acc = _accuracy_metric(plain, adam)
         pf, pa = paired_difference(plain, adam, "fid"), paired_difference(plain, adam, acc)
-        little = (pf["n"] > 0 and abs(pf["diff"]) <= 0.1 * abs(pf["mean_a"])
-                  and abs(pa["diff"]) <= 0.05)
+        little = "inconclusive"  # one seed: no interval to hold within the bounds
+        if pf["n"] >= 2 and pa["n"] >= 2:
+            little = _combine([
+                _level(pf["diff"], pf["diff_low"], pf["diff_high"], within=0.1 * abs(pf["mean_a"])),
+                _level(pa["diff"], pa["diff_low"], pa["diff_high"], within=0.05)])
+        votes.append(little)
         parts.append("ADAM alone: " + _describe("FID", pf) + "; "
                      + _describe(acc.replace("_", " "), pa, percent=True)
-                     + f" -> {'little' if little else 'a clear'} change")
-        verdicts["3"] = ("supported" if ok and little else "not supported", " | ".join(parts))
+                     + f" -> little change: {little}")
+        verdicts["3"] = (_combine(votes), " | ".join(parts))
 
     # (4) x0 + ADAM over-regularises robust guidance.
     base, both = ("robust", False, "none"), ("robust", True, "adam")
@@ -533,7 +590,7 @@ def findings(runs: pd.DataFrame, pooled: pd.DataFrame | None = None,
         verdicts["4"] = (untestable, gap)
     else:
         a, b = _select(sel, *base), _select(sel, *both)
-        ok, ev = _comparison(a, b, +1, -1)
+        v, ev = _comparison(a, b, +1, -1)
         pc = paired_difference(a, b, "mean_cos_prev_applied")
         ev.append("mean cos_prev " + _describe("", pc).strip())
         if "mean_cos_prev_null" in b:
@@ -541,37 +598,47 @@ def findings(runs: pd.DataFrame, pooled: pd.DataFrame | None = None,
             ev.append(f"x0 + adam's cos_prev {fmt_interval(*applied, digits=3)} against "
                       f"{fmt_interval(*null, digits=3)} that ADAM gives random gradients "
                       "(D7' null baseline): only the excess is the gradients' own stability")
-        verdicts["4"] = (untestable, "no seed in common") if ok is None else (
-            "supported" if ok else "not supported", "robust -> + x0 + adam: " + "; ".join(ev))
+        verdicts["4"] = (untestable, "no seed in common") if v is None else (
+            v, "robust -> + x0 + adam: " + "; ".join(ev))
 
     verdicts["K"] = _kawar_scales(runs, protocol)
+    size = protocol.get("image_size")
+    reduced = size is not None and not pd.isna(size) and int(size) != PAPER_PROTOCOL_SIZES[
+        "image_size"]  # the CPU scale: say what it may change
 
     return pd.DataFrame([
         {"finding": f.key, "source": f.source, "claim": f.claim, "test": f.test,
-         "verdict": verdicts[f.key][0], "evidence": verdicts[f.key][1]}
+         "verdict": verdicts[f.key][0], "evidence": verdicts[f.key][1],
+         "scale_note": f.scale_note if reduced else ""}
         for f in FINDINGS
     ])
 
 
 def _kawar_scales(runs: pd.DataFrame, protocol: dict[str, Any]) -> tuple[str, str]:
-    """Kawar Table 5: adversarial vs non-robust FID at every scale both were run with."""
-    curves = scale_curves(runs)
-    if len(curves) == 0:
-        return ("not testable with these runs",
-                "no scale sweep (run `gradcheck sweep --grid scales`)")
-    keep = (~curves["x0_estimate"]) & (curves["stabilizer"] == "none") & curves["normalize"]
-    c = curves[keep]
-    adv = c[c["classifier"] == "adversarial"].set_index("scale")["fid"]
-    van = c[c["classifier"] == "nonrobust"].set_index("scale")["fid"]
-    common = sorted(set(adv.dropna().index) & set(van.dropna().index))
+    """Kawar Table 5: adversarial minus non-robust FID, paired by seed, at every scale both were
+    run with (plain guidance, D5 to the score, otherwise the Table 1 protocol)."""
+    keep = (~runs["x0_estimate"]) & (runs["stabilizer"] == "none") & runs["normalize"] \
+        & (runs["normalize_to"] == "score")
+    fixed = {k: v for k, v in protocol.items() if k not in ("scale", "normalize", "normalize_to")}
+    c = at_protocol(runs[keep], fixed)
+    adv, van = c[c["classifier"] == "adversarial"], c[c["classifier"] == "nonrobust"]
+    common = sorted(set(adv.dropna(subset=["fid"])["scale"])
+                    & set(van.dropna(subset=["fid"])["scale"]))
     if len(common) < 2:
         return ("not testable with these runs",
-                "needs adversarial and non-robust runs with metrics at >= 2 common scales")
-    wins = [s for s in common if adv[s] < van[s]]
-    text = "; ".join(f"s={s:g}: adversarial {adv[s]:.2f} vs non-robust {van[s]:.2f}"
-                     for s in common)
-    verdict = "supported" if len(wins) == len(common) else "not supported"
-    return verdict, f"FID lower at {len(wins)}/{len(common)} scales: {text}"
+                "needs adversarial and non-robust runs with metrics at >= 2 common scales "
+                "(run `gradcheck sweep --grid scales`)")
+    votes, text = [], []
+    for s in common:
+        p = paired_difference(van[van["scale"] == s], adv[adv["scale"] == s], "fid")
+        votes.append(_direction(p, -1) if p["n"] else "inconclusive")
+        text.append(f"s={s:g}: " + _describe("FID non-robust -> adversarial", p))
+    wins = sum(v == "holds" for v in votes)
+    lower = sum(adv[adv["scale"] == s]["fid"].mean() < van[van["scale"] == s]["fid"].mean()
+                for s in common)
+    return _combine(votes), (f"adversarial FID lower on average at {lower}/{len(common)} scales, "
+                             f"with its interval below 0 at {wins}/{len(common)}: "
+                             + "; ".join(text))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -595,7 +662,7 @@ def scale_curves(runs: pd.DataFrame) -> pd.DataFrame:
             row["n_seeds"] = int(gs["seed"].nunique())
             for m in ("fid", "kid_mean", "accuracy_guiding", "accuracy_judge",
                       "mean_cos_prev_applied"):
-                row[m], row[f"{m}_ci_low"], row[f"{m}_ci_high"] = interval(gs[m], m in PROPORTIONS)
+                row[m], row[f"{m}_ci_low"], row[f"{m}_ci_high"] = metric_interval(gs, m)
             rows.append(row)
     out = pd.DataFrame(rows)
     if len(out):
