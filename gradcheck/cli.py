@@ -629,9 +629,7 @@ def sweep_cmd(
     """
     from gradcheck.config import RunConfig, SweepConfig
     from gradcheck.runner import parse_target
-    from gradcheck.sweep import run_sweep
-
-    from gradcheck.sweep import SCALE_GRIDS
+    from gradcheck.sweep import SCALE_GRIDS, run_sweep
 
     if grid in SCALE_GRIDS and scale is not None:
         raise GradcheckError(f"the {grid} grid sets the scale itself; drop --scale")
