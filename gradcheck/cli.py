@@ -382,6 +382,10 @@ def run_cmd(
         _RUN.diffusion_time, "--diffusion-time/--no-diffusion-time",
         help="Stabiliser betas in diffusion time, beta ** (T // steps) (D4'; identical at 1000 "
         "steps); --no-diffusion-time counts sampler steps."),
+    log_prob: str = typer.Option(
+        _RUN.log_prob, help="D3's objective: stable (exact at any margin) | log-softmax "
+        "(autograd through log_softmax, which loses the target's term once p(y|x) rounds to 1 "
+        "in float32; docs/maths.md D3)."),
     scale: float = typer.Option(
         _RUN.scale, help="Guidance scale s (D6); 0 = unguided, same noise."),
     target: str = typer.Option(
@@ -445,7 +449,7 @@ def run_cmd(
     cfg = RunConfig(
         classifier=classifier, x0_estimate=x0_estimate, stabilizer=stabilizer,
         normalize=normalize, normalize_to=normalize_to, diffusion_time=diffusion_time,
-        scale=scale, target=parse_target(target), num_samples=num_samples,
+        log_prob=log_prob, scale=scale, target=parse_target(target), num_samples=num_samples,
         batch_size=batch_size, steps=steps, seed=seed, device=device, data_root=data_root,
         oracle=oracle, record_vectors=record_vectors, protocol=protocol, metrics=metrics,
         precision=precision, net_batch=net_batch, compile=compile, **extra,
@@ -594,6 +598,7 @@ def sweep_cmd(
     normalize: bool | None = typer.Option(
         None, "--normalize/--no-normalize", help="D5 normalisation (default: on)."),
     normalize_to: str | None = typer.Option(None, help="score | eps (see `run`)."),
+    log_prob: str | None = typer.Option(None, help="stable | log-softmax (see `run`)."),
     diffusion_time: bool | None = typer.Option(
         None, "--diffusion-time/--no-diffusion-time", help="D4' (see `run`; default: on)."),
     num_samples: int | None = typer.Option(None, help="Samples per run (default: run's)."),
@@ -635,6 +640,7 @@ def sweep_cmd(
         raise GradcheckError(f"the {grid} grid sets the scale itself; drop --scale")
     target = parse_target(target) if target is not None else None
     given = dict(scale=scale, target=target, normalize=normalize, normalize_to=normalize_to,
+                 log_prob=log_prob,
                  diffusion_time=diffusion_time, num_samples=num_samples,
                  batch_size=batch_size, steps=steps, protocol=protocol, device=device, ddpm=ddpm,
                  judge=judge, data_root=data_root, oracle=oracle, record_vectors=record_vectors,

@@ -164,6 +164,9 @@ class RunConfig:
     # D5's reference norm: score (docs/maths.md D5) | eps (Augustin et al.'s code scales to
     # ||eps_theta|| = sqrt(1 - abar_t) ||score||: weaker at low noise, x1/13 at t = 20).
     normalize_to: str = "score"
+    # D3's objective: stable (exact at any margin) | log-softmax (autograd through log_softmax,
+    # which drops the target logit's term once p(y | x) rounds to 1 in float32; guidance.py).
+    log_prob: str = "stable"
     # D4': stabiliser betas in diffusion time, beta ** (T // steps) (same as the paper at
     # steps = T); False counts sampler steps, which drove 50-step ADAM chains to noise.
     diffusion_time: bool = True

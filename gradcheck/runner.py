@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from gradcheck import CLASS_NAMES
 from gradcheck import columns as col
 from gradcheck.config import RunConfig, config_to_dict
-from gradcheck.guidance import ClassifierGuidance
+from gradcheck.guidance import LOG_PROBS, ClassifierGuidance
 from gradcheck.models import GUIDING_KINDS, check_image_size, load_classifier, load_ddpm
 from gradcheck.numerics import NetworkCalls
 from gradcheck.paths import (
@@ -66,6 +66,9 @@ from gradcheck.utils import (
 )
 
 log = logging.getLogger(__name__)
+
+SAMPLES_PER_ROW = 8
+"""Samples per row of a run's samples.png (records read their samples back from it)."""
 
 CLASSIFIER_CHOICES = (*GUIDING_KINDS, "oracle")
 PROTOCOLS = ("auto", "paper", "reduced")
@@ -121,6 +124,7 @@ def validate_config(cfg: RunConfig) -> None:
     if cfg.precision is not None:
         check_choice("precision", cfg.precision, PRECISIONS)
     check_choice("normalize_to", cfg.normalize_to, NORMALIZE_TO)
+    check_choice("log_prob", cfg.log_prob, LOG_PROBS)
     if not isinstance(cfg.diffusion_time, bool):
         raise GradcheckError(f"diffusion_time must be True or False, got {cfg.diffusion_time!r}")
     if cfg.net_batch is not None and (isinstance(cfg.net_batch, bool)
@@ -176,8 +180,13 @@ def _hash_view(cfg: RunConfig) -> dict[str, Any]:
         d.pop(field)
     # Fields added later are hashed only where they can change results, so the ids of earlier
     # runs stay valid: D5 to eps, and D4' when a stabiliser with memory runs a respaced chain.
+    # D3's stable form changed the default's results, so it is the one hashed (below).
     if d["normalize_to"] == "score":
         d.pop("normalize_to")
+    # D3 before its stable form was autograd through log_softmax: those runs keep their ids,
+    # and the stable default (different results) gets new ones.
+    if d["log_prob"] == "log-softmax":
+        d.pop("log_prob")
     if cfg.steps == PAPER_SIZE[1] or cfg.stabilizer == "none":
         d.pop("diffusion_time")
     name = checkpoint_set_name()
@@ -431,15 +440,16 @@ def run_many(
                                      cuda=device.type == "cuda")
     unet = _frozen(unet.to(device))
     sampling_unet = torch.compile(unet) if base.compile else unet
-    sources: dict[tuple[str, bool], ClassifierGuidance] = {}
+    sources: dict[tuple[str, bool, str], ClassifierGuidance] = {}
     oracle = None
     for c in cfgs:
         if c.classifier == "oracle" and c.classifier not in models:
             oracle = _load_oracle(c, scheduler, device)
             models[c.classifier] = (oracle, {"kind": "oracle"})
-        key = (c.classifier, c.x0_estimate)
+        key = (c.classifier, c.x0_estimate, c.log_prob)
         if key not in sources:
-            sources[key] = ClassifierGuidance(models[c.classifier][0], x0_estimate=c.x0_estimate)
+            sources[key] = ClassifierGuidance(models[c.classifier][0], x0_estimate=c.x0_estimate,
+                                              log_prob=c.log_prob)
     with_oracle = []
     for c in cfgs:
         wanted = c.oracle
@@ -481,7 +491,7 @@ def run_many(
             indices = list(range(first, min(first + base.batch_size, base.num_samples)))
             lanes = [
                 GuidanceConfig(
-                    guidance=sources[(c.classifier, c.x0_estimate)], target=c.target,
+                    guidance=sources[(c.classifier, c.x0_estimate, c.log_prob)], target=c.target,
                     scale=c.scale, normalize=c.normalize, stabilizer=c.stabilizer,
                     diffusion_time=c.diffusion_time, normalize_to=c.normalize_to,
                     observers=(rec, *observers) + ((lambda _: bar.update(1),) if i == 0
@@ -515,7 +525,8 @@ def _write_run(
     """Write one run folder's files (docs/formats.md) into its temporary folder."""
     save_json(tmp / "config.json", {**config, "run_metadata": meta})
     np.save(tmp / "samples.npy", samples)
-    save_image_grid(torch.from_numpy(samples).permute(0, 3, 1, 2), tmp / "samples.png", nrow=8)
+    save_image_grid(torch.from_numpy(samples).permute(0, 3, 1, 2), tmp / "samples.png",
+                    nrow=SAMPLES_PER_ROW)
     recorder.write_steps(tmp / "steps.parquet", config)
     recorder.write_vectors(tmp / "vectors.safetensors", {"config": json.dumps(config)})
 
@@ -527,7 +538,8 @@ def _write_run(
     row = {
         "run_id": config["run_id"],
         **{k: config[k] for k in ("classifier", "x0_estimate", "stabilizer", "normalize",
-                                  "normalize_to", "diffusion_time", "scale", "target", "seed",
+                                  "normalize_to", "diffusion_time", "log_prob", "scale", "target",
+                                  "seed",
                                   "steps", "num_samples")},
         # Runs sampled together share one wall time: each records its share, so sums add up.
         "wall_time_s": wall_time / batched_runs,

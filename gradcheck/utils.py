@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
@@ -330,6 +331,17 @@ def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int | None = N
     nrow = nrow or max(1, math.isqrt(len(images) - 1) + 1)
     grid = make_grid(images, nrow=nrow, padding=2, pad_value=128)
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+
+
+def read_image_grid(path: str | Path, n: int, size: int, nrow: int) -> np.ndarray:
+    """The first ``n`` images (n, size, size, 3) uint8 of a :func:`save_image_grid` PNG of
+    ``size``-pixel images, ``nrow`` per row: the exact pixels (PNG is lossless)."""
+    from PIL import Image
+
+    grid = np.asarray(Image.open(path).convert("RGB"))
+    step = size + 2  # 2-pixel gutters before every row and column
+    return np.stack([grid[2 + (i // nrow) * step:][:size, 2 + (i % nrow) * step:][:, :size]
+                     for i in range(n)])
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:

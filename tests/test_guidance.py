@@ -163,3 +163,60 @@ def test_oracle_is_a_time_aware_classifier_and_refuses_x0_estimate():
     torch.testing.assert_close(out.grad, oracle.grad_log_prob(x, 300, y), rtol=1e-4, atol=1e-6)
     with pytest.raises(GradcheckError, match="x0-estimate"):
         ClassifierGuidance(oracle, x0_estimate=True)
+
+
+def test_d3_is_exact_where_the_classifier_is_certain_and_log_softmax_is_not():
+    """Past a margin of about 16.6, p(y|x) rounds to 1 in float32 and log_softmax's backward
+    drops the target logit's term; the stable form keeps the float64 gradient's direction."""
+    from gradcheck.guidance import target_log_prob
+
+    z = torch.tensor([[25.0, 3.0, 1.0, -2.0], [40.0, 0.0, 39.0, 0.0], [1.0, 2.0, 0.5, 0.0]])
+    y = torch.tensor([0, 0, 0])
+    exact = torch.autograd.functional.jacobian(
+        lambda v: torch.log_softmax(v, 1)[torch.arange(3), y].sum(), z.double())
+    grads = {}
+    for form in ("stable", "log-softmax"):
+        v = z.clone().requires_grad_(True)
+        value = target_log_prob(torch.log_softmax(v, 1), y, form)
+        (grads[form],) = torch.autograd.grad(value.sum(), v)
+        if form == "stable":  # the value too: -3.2e-10 at margin 22, where log_softmax reads 0
+            torch.testing.assert_close(value.double(), torch.log_softmax(z.double(), 1)[:, 0],
+                                       rtol=1e-5, atol=1e-15)
+    torch.testing.assert_close(grads["stable"].double(), exact, rtol=1e-5, atol=0)
+    assert grads["log-softmax"][0, 0] == 0  # the target's term is gone at margin 22
+    assert cosine(grads["log-softmax"][:1], exact[:1].float()).item() < 0.7  # half is gone
+    torch.testing.assert_close(grads["log-softmax"][2], grads["stable"][2])  # uncertain: equal
+
+
+def test_guidance_through_a_saturated_classifier_keeps_its_direction():
+    """A classifier made certain (its logits scaled to a margin of 25) still gives the float64
+    gradient's direction on x_t; log-softmax's does not."""
+    clf = small_classifier()
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(4, 3, 32, 32, generator=gen)
+    with torch.no_grad():
+        z = clf(x)
+    y = z.argmax(1)
+    top2 = z.topk(2, dim=1).values
+    for i in range(4):  # margins of 25: p(y|x) rounds to 1 in float32, not in float64
+        sharp = nn.Sequential(clf, _Scale(25.0 / float(top2[i, 0] - top2[i, 1]))).eval()
+        xi, yi = x[i:i + 1], y[i:i + 1]
+        xr = xi.double().requires_grad_(True)
+        (ref,) = torch.autograd.grad(torch.log_softmax(sharp.double()(xr), 1)[0, yi].sum(), xr)
+        sharp.float()
+        out = {f: ClassifierGuidance(sharp, log_prob=f)(lambda v: 0 * v, xi, 500,
+                                                          torch.tensor(0.3), yi)
+               for f in ("stable", "log-softmax")}
+        assert cosine(out["stable"].grad, ref.float()).item() > 0.999
+        assert cosine(out["log-softmax"].grad, ref.float()).item() < 0.9  # measured 0.65-0.73
+    with pytest.raises(GradcheckError, match="log_prob"):
+        ClassifierGuidance(clf, log_prob="exact")
+
+
+class _Scale(nn.Module):
+    def __init__(self, k: float) -> None:
+        super().__init__()
+        self.k = k
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        return self.k * v

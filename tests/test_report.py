@@ -401,7 +401,12 @@ def test_report_renders_the_same_tables_from_compact_records(tiny_runs: Path,
         p.name for p in (tiny_runs / "runs").iterdir())
     one = next(records.iterdir())
     assert {p.name for p in one.iterdir()} == {"config.json", "metrics.json", "samples.png",
-                                               "step_stats.parquet", "samples_head.npy"}
+                                               "step_stats.parquet"}
+    # the samples come back from samples.png exactly
+    from gradcheck.report.render import _samples
+
+    run = tiny_runs / "runs" / one.name
+    assert np.array_equal(_samples(str(one), 16), np.load(run / "samples.npy")[:16])
     size = sum(p.stat().st_size for p in records.rglob("*") if p.is_file())
     full = sum(p.stat().st_size for p in (tiny_runs / "runs").rglob("*") if p.is_file())
     assert size < full

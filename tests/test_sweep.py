@@ -358,7 +358,7 @@ def test_sweep_with_records_resumes_on_a_new_machine_from_the_records_alone(
     first = run_sweep(cfg, base, out=tmp_path / "machine1", progress=False)
     assert len(first.ran) == 8 and sorted(p.name for p in records.iterdir()) == sorted(first.ran)
     for name in first.ran:
-        assert {"config.json", "step_stats.parquet", "samples_head.npy"} <= {
+        assert {"config.json", "step_stats.parquet", "samples.png"} <= {
             p.name for p in (records / name).iterdir()}
         assert not (records / name / "steps.parquet").exists()  # compact: no step columns
     calls: list[list[RunConfig]] = []
@@ -383,3 +383,21 @@ def test_sweep_with_records_resumes_on_a_new_machine_from_the_records_alone(
     # the report renders from the records alone
     report = render_report([str(records)], out=tmp_path / "report", progress=False)
     assert (report / "report.md").is_file()
+
+
+def test_run_ids_of_d3s_log_softmax_form_are_those_of_runs_made_before_the_stable_form(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Runs made before D3's stable form keep their ids under --log-prob log-softmax (their
+    results stay valid there); the stable default, whose results differ, has new ids."""
+    monkeypatch.setenv("GRADCHECK_CHECKPOINTS", "sportballs32-v1")
+    before = {  # seed 0 of the table1 sweep on the 32x32 set, made before the stable form
+        "robust-xt-none-s1-t0-n64-k1000-seed0-f502f318",
+        "robust-x0-adam-s1-t0-n64-k1000-seed0-367f80a4",
+        "nonrobust-x0-adam-s1-t0-n64-k1000-seed0-aa044755",
+        "nonrobust-xt-none-s1-t0-n64-k1000-seed0-15fb475b",
+    }
+    old = {runner.default_run_id(c) for c in grid_configs(
+        "table1", 1, RunConfig(log_prob="log-softmax"))}
+    new = {runner.default_run_id(c) for c in grid_configs("table1", 1, RunConfig())}
+    assert before <= old and not new & old and len(new) == 8

@@ -30,12 +30,11 @@ import gradcheck
 from gradcheck.report import figures as F
 from gradcheck.report import tables as T
 from gradcheck.report.paper import PAPER_CLASSIFIER_ACCURACY, PAPER_PROTOCOL
-from gradcheck.utils import GradcheckError, atomic_output_dir, load_json
+from gradcheck.utils import GradcheckError, atomic_output_dir, load_json, read_image_grid
 
 RUN_MARKERS = ("config.json", "steps.parquet")
 RECORD_STEPS = "step_stats.parquet"  # a compact record's per-step summaries (tables.step_stats)
-RECORD_SAMPLES = "samples_head.npy"  # its first samples, for the sample grids
-RECORD_HEAD = 16
+RECORD_SAMPLES = "samples_head.npy"  # first samples of records written before samples.png sufficed
 """Files that make a folder a run folder (the runner writes a run atomically)."""
 
 STAGES = "stages.csv"
@@ -112,7 +111,7 @@ def read_run(folder: Path) -> tuple[dict[str, Any], pd.DataFrame]:
     if (folder / "steps.parquet").is_file():
         stats = T.step_stats(_steps(folder))
     else:  # a compact record: the summaries themselves
-        stats = pd.read_parquet(folder / RECORD_STEPS)
+        stats = pd.read_parquet(folder / RECORD_STEPS).astype({"mean": float, "std": float})
     stats.insert(0, "run_id", run_id)
     return T.run_row(run_id, folder, config, metrics, stats), stats
 
@@ -125,9 +124,9 @@ def _steps(folder: Path) -> pd.DataFrame:
 
 def write_records(runs: Sequence[Path], out: str | Path, overwrite: bool = False) -> list[Path]:
     """A compact record of each run folder under ``out/<run id>/``: config.json, metrics.json,
-    samples.png, the per-step summaries of steps.parquet (``step_stats.parquet``) and the first
-    samples (``samples_head.npy``): kilobytes instead of megabytes, enough to render the report
-    again (`gradcheck report` reads records and run folders alike)."""
+    samples.png (the samples, lossless) and the per-step summaries of steps.parquet
+    (``step_stats.parquet``, float32): a few hundred kilobytes instead of megabytes, enough to
+    render the report again (`gradcheck report` reads records and run folders alike)."""
     written = []
     for folder in runs:
         folder = Path(folder)
@@ -138,8 +137,8 @@ def write_records(runs: Sequence[Path], out: str | Path, overwrite: bool = False
             for name in ("config.json", "metrics.json", "samples.png"):
                 if (folder / name).is_file():
                     shutil.copy2(folder / name, tmp / name)
-            T.step_stats(_steps(folder)).to_parquet(tmp / RECORD_STEPS, index=False)
-            np.save(tmp / RECORD_SAMPLES, _samples(str(folder), RECORD_HEAD))
+            stats = T.step_stats(_steps(folder)).astype({"mean": "float32", "std": "float32"})
+            stats.to_parquet(tmp / RECORD_STEPS, index=False, compression="zstd")
         written.append(final)
     return written
 
@@ -243,9 +242,18 @@ class Section:
 
 def _samples(path: str, n: int = 16) -> np.ndarray:
     """The first ``n`` samples (n, H, W, 3) uint8 of a run folder or record."""
-    name = "samples.npy" if (Path(path) / "samples.npy").is_file() else RECORD_SAMPLES
-    x = np.load(Path(path) / name, mmap_mode="r", allow_pickle=False)
-    return np.asarray(x[:n])
+    from gradcheck.runner import SAMPLES_PER_ROW
+
+    folder = Path(path)
+    for name in ("samples.npy", RECORD_SAMPLES):
+        if (folder / name).is_file():
+            return np.asarray(np.load(folder / name, mmap_mode="r", allow_pickle=False)[:n])
+    from PIL import Image
+
+    count = int(T.lookup(load_json(folder / "config.json"), "num_samples"))
+    width = Image.open(folder / "samples.png").size[0]  # per image: size + a 2-pixel gutter
+    size = (width - 2) // min(count, SAMPLES_PER_ROW) - 2
+    return read_image_grid(folder / "samples.png", min(n, count), size, SAMPLES_PER_ROW)
 
 
 def _slug(text: str) -> str:
