@@ -61,8 +61,9 @@ pag() {
 }
 
 report() {
-  $G report "$RECORDS" "$REPORT/pag" "$REPORT/stages.csv" --out "$REPORT" --overwrite \
-    --no-progress
+  local inputs=("$RECORDS")
+  for f in "$REPORT/pag" "$REPORT/stages.csv"; do [ -e "$f" ] && inputs+=("$f"); done
+  $G report "${inputs[@]}" --out "$REPORT" --overwrite --no-progress
 }
 
 case "$stage" in

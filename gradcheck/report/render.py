@@ -13,6 +13,7 @@ import html
 import io
 import json
 import math
+import os
 import re
 import shutil
 from collections.abc import Sequence
@@ -36,6 +37,9 @@ RUN_MARKERS = ("config.json", "steps.parquet")
 RECORD_STEPS = "step_stats.parquet"  # a compact record's per-step summaries (tables.step_stats)
 RECORD_SAMPLES = "samples_head.npy"  # first samples of records written before samples.png sufficed
 """Files that make a folder a run folder (the runner writes a run atomically)."""
+
+_REPO_ROOT = str(Path(__file__).resolve().parents[2])
+"""The checkout the package runs from: records name paths inside it relative to it."""
 
 STAGES = "stages.csv"
 """A study's log of its stages (scripts/study32.sh): stage, command, started_utc, wall_s, cpu,
@@ -134,9 +138,13 @@ def write_records(runs: Sequence[Path], out: str | Path, overwrite: bool = False
             raise GradcheckError(f"{folder} is not a run folder (no steps.parquet)")
         final = Path(out) / folder.name
         with atomic_output_dir(final, overwrite=overwrite) as tmp:
-            for name in ("config.json", "metrics.json", "samples.png"):
-                if (folder / name).is_file():
-                    shutil.copy2(folder / name, tmp / name)
+            for name in ("config.json", "metrics.json"):  # paths inside the repository as
+                if (folder / name).is_file():           # relative ones: records travel
+                    text = (folder / name).read_text(encoding="utf-8")
+                    (tmp / name).write_text(text.replace(f"{_REPO_ROOT}{os.sep}", ""),
+                                            encoding="utf-8")
+            if (folder / "samples.png").is_file():
+                shutil.copy2(folder / "samples.png", tmp / "samples.png")
             stats = T.step_stats(_steps(folder)).astype({"mean": "float32", "std": "float32"})
             stats.to_parquet(tmp / RECORD_STEPS, index=False, compression="zstd")
         written.append(final)
@@ -673,10 +681,11 @@ def render_report(
     if out.exists() and not overwrite:
         raise GradcheckError(f"{out} already exists; pass --overwrite to replace it")
     inputs = find_inputs([*runs, *default_extras(out)])
-    for r in inputs.runs:
-        if out.resolve() in r.resolve().parents:
-            raise GradcheckError(f"run {r} lies inside the output folder {out}; choose another "
-                                 "--out")
+    for r in inputs.runs:  # records beside the report (out/records) are kept; its own parts not
+        if out.resolve() in r.resolve().parents and \
+                r.resolve().relative_to(out.resolve()).parts[0] in REPORT_ENTRIES:
+            raise GradcheckError(f"run {r} lies inside the output folder {out}'s report files; "
+                                 "choose another --out")
     sections = build_report(inputs, progress)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         if out.is_dir():
