@@ -571,9 +571,14 @@ def _shown(df: pd.DataFrame) -> pd.DataFrame:
                                                                else v)))
 
 
+PNG_DPI = 80
+"""Figure PNGs (and report.html, which embeds them) stay under 2 MB for a seed of Table 1; the
+PDFs beside them are vector."""
+
+
 def _png_bytes(fig: Figure) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    fig.savefig(buf, format="png", dpi=PNG_DPI)
     return buf.getvalue()
 
 
