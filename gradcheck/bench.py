@@ -4,7 +4,7 @@ Measured, each the median of ``repeats`` timed repetitions after an untimed warm
 
 - data set generation (images/s), through :func:`gradcheck.data.generate_dataset` itself;
 - DDPM training (images/s), eager and compiled, through the real training step
-  (:func:`gradcheck.train_ddpm.benchmark_training`, EMA update included);
+  (:func:`benchmark_training`, EMA update included);
 - the UNet alone, forward and forward + backward to the input, per precision, memory layout and
   cuDNN autotuning: what the sampler could gain from each setting;
 - guided sampling (steps/s) at two batch sizes for the three modes (unguided, guided on x_t,
@@ -44,6 +44,7 @@ from torch import nn
 from gradcheck.utils import (
     GradcheckError,
     check_choice,
+    check_positive,
     load_json,
     resolve_device,
     run_metadata,
@@ -186,10 +187,87 @@ def bench_dataset(sizes: BenchSizes) -> dict[str, Any]:
     return {"images": n, "images_per_s": out["images_per_s"]}
 
 
+def benchmark_training(
+    preset: str = "paper",
+    batch_size: int = 256,
+    steps: int = 50,
+    compile: bool = False,
+    channels_last: bool = True,
+    mixed_precision: str = "bf16",
+    warmup: int = 10,
+    device: str = "auto",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Speed of the real training step (EMA update included) on random uint8 images: images/s,
+    it/s and peak memory. ``warmup`` untimed steps absorb compilation and cuDNN autotuning."""
+    from gradcheck.config import TrainDDPMConfig
+    from gradcheck.models import UNET_PRESETS, make_scheduler, make_unet
+    from gradcheck.train_ddpm import (
+        TrainStep,
+        WeightAverage,
+        make_optimizer,
+        min_snr_weights,
+        speed_flags,
+    )
+
+    check_choice("UNet preset", preset, list(UNET_PRESETS))
+    check_choice("mixed_precision", mixed_precision, ("bf16", "no"))
+    check_positive("steps", steps)
+    check_positive("batch_size", batch_size)
+    dev = resolve_device(device)
+    with torch_flags_restored():  # a benchmark must not leave speed_flags behind
+        speed_flags(dev)
+        cfg = TrainDDPMConfig(preset=preset, batch_size=batch_size, max_steps=steps)
+        torch.manual_seed(seed)
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        unet = make_unet(preset).to(dev, memory_format=memory_format).train()
+        size = unet.config.sample_size
+        generator = torch.Generator(dev).manual_seed(seed)
+        images = torch.randint(0, 256, (4096, 3, size, size), generator=generator, device=dev,
+                               dtype=torch.uint8)
+        ema = WeightAverage(unet, cfg.ema_decay)
+        optimizer = make_optimizer(unet, cfg, dev)
+        model = torch.compile(unet) if compile else unet
+        scheduler = make_scheduler()
+        step_fn = TrainStep(
+            model, optimizer, images, scheduler.alphas_cumprod,
+            min_snr_weights(scheduler.alphas_cumprod, cfg.min_snr_gamma), cfg.multiscale_weight,
+            generator, batch_size, cfg.hflip, cfg.grad_clip, mixed_precision == "bf16",
+            channels_last,
+        )
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+
+        def run(n: int, offset: int) -> float:
+            sync()
+            start = time.perf_counter()
+            for i in range(n):
+                step_fn(cfg.lr)
+                ema.update(unet, offset + i)
+            sync()
+            return time.perf_counter() - start
+
+        warmup_s = run(warmup, 0)
+        seconds = run(steps, warmup)
+        return {
+            "preset": preset,
+            "batch_size": batch_size,
+            "compile": compile,
+            "channels_last": channels_last,
+            "mixed_precision": mixed_precision,
+            "it_per_s": steps / seconds,
+            "images_per_s": steps * batch_size / seconds,
+            "warmup_s": warmup_s,
+            "peak_memory_gib": torch.cuda.max_memory_allocated(dev) / 2**30
+            if dev.type == "cuda" else math.nan,
+            "device": str(dev),
+            "hardware": run_metadata(dev)["hardware"],
+        }
+
+
 def bench_training(sizes: BenchSizes, device: torch.device) -> dict[str, Any]:
     """Training images/s, eager (and compiled when the sizes ask for it)."""
-    from gradcheck.train_ddpm import benchmark_training
-
     out: dict[str, Any] = {"preset": sizes.preset, "batch_size": sizes.train_batch}
     for compiled in ((False, True) if sizes.compile else (False,)):
         r = benchmark_training(preset=sizes.preset, batch_size=sizes.train_batch,
@@ -497,7 +575,7 @@ def _mini_table1_base(sizes: BenchSizes, tmp: Path, device: torch.device, precis
                         classifier_config(kind, "mobilenet_v3_small"))
     return RunConfig(ddpm=str(tmp / "ddpm"), num_samples=sizes.table1_samples,
                      batch_size=sizes.table1_samples, steps=sizes.table1_steps,
-                     device=str(device), precision=precision, metrics=False, oracle=False,
+                     device=str(device), precision=precision, metrics=False, cos_oracle=False,
                      record_vectors="subset", data_root=str(tmp / "no-data"))
 
 

@@ -404,9 +404,11 @@ def run_cmd(
         None, help="Judge classifier folder for the metrics [default: the checkpoint set's]."),
     data_root: str = _data_root_option(
         "Data set root (oracle and FID reference images)."),
-    oracle: bool | None = typer.Option(
-        None, "--oracle/--no-oracle", help="Log cos_oracle against the exact gradient (D8) "
-        "[default: on a GPU when the data set exists]."),
+    cos_oracle: bool | None = typer.Option(
+        None, "--cos-oracle/--no-cos-oracle", "--oracle/--no-oracle",
+        help="Log cos_oracle against the exact gradient (D8) at every sample and step [default: "
+        "so on a GPU, on a CPU at the first 8 samples and every 10th step; off without the data "
+        "set]. --oracle is its old name; --classifier oracle guides with the oracle."),
     record_vectors: str = typer.Option(
         _RUN.record_vectors, help="none | subset (8 samples, every 10th step; x0-estimates in "
         "fp16) | all (float32)."),
@@ -451,7 +453,7 @@ def run_cmd(
         normalize=normalize, normalize_to=normalize_to, diffusion_time=diffusion_time,
         log_prob=log_prob, scale=scale, target=parse_target(target), num_samples=num_samples,
         batch_size=batch_size, steps=steps, seed=seed, device=device, data_root=data_root,
-        oracle=oracle, record_vectors=record_vectors, protocol=protocol, metrics=metrics,
+        cos_oracle=cos_oracle, record_vectors=record_vectors, protocol=protocol, metrics=metrics,
         precision=precision, net_batch=net_batch, compile=compile, **extra,
     )
     logger = logging.getLogger("gradcheck")
@@ -609,8 +611,9 @@ def sweep_cmd(
     ddpm: str | None = typer.Option(None, help="DDPM folder (default: shipped)."),
     judge: str | None = typer.Option(None, help="Judge folder (default: shipped)."),
     data_root: str | None = typer.Option(None, help="Data set root."),
-    oracle: bool | None = typer.Option(
-        None, "--oracle/--no-oracle", help="Log cos_oracle (D8); default as in `run`."),
+    cos_oracle: bool | None = typer.Option(
+        None, "--cos-oracle/--no-cos-oracle", "--oracle/--no-oracle",
+        help="Log cos_oracle (D8); default as in `run` (--oracle: the old name)."),
     record_vectors: str | None = typer.Option(None, help="none | subset | all."),
     metrics: bool | None = typer.Option(
         None, "--metrics/--no-metrics", help="Compute metrics.json per run (default: on)."),
@@ -643,7 +646,8 @@ def sweep_cmd(
                  log_prob=log_prob,
                  diffusion_time=diffusion_time, num_samples=num_samples,
                  batch_size=batch_size, steps=steps, protocol=protocol, device=device, ddpm=ddpm,
-                 judge=judge, data_root=data_root, oracle=oracle, record_vectors=record_vectors,
+                 judge=judge, data_root=data_root, cos_oracle=cos_oracle,
+                 record_vectors=record_vectors,
                  metrics=metrics, precision=precision, net_batch=net_batch, compile=compile)
     base = RunConfig(**{k: v for k, v in given.items() if v is not None})
     result = run_sweep(SweepConfig(grid=grid, seeds=seeds, shard=shard,

@@ -23,7 +23,7 @@ LOG_PROB_TARGET = "log_prob_target"  # log p_phi(target | x_in), x_in = x_t or x
 PRED_CLASS = "pred_class"  # argmax_y p_phi(y | x_in)
 PROB_TARGET_X0 = "prob_target_x0"  # p_phi(target | x0_hat) (D2; time-conditioned with t = 0)
 COS_ORACLE = "cos_oracle"  # cos(gtilde_t, grad log q(target | x_t)) (D8); NaN when off
-GRAD_VANISHED = "grad_vanished"  # ||h_t|| < 1e-12 or non-finite: gtilde_t = 0 (D5)
+GRAD_VANISHED = "grad_vanished"  # h_t exactly 0 or non-finite: gtilde_t = 0 (D5)
 # D7' null baseline: cos_prev of the same stabiliser fed isotropic Gaussian gradients with the
 # raw gradients' norms (what its memory alone gives: about 0.93 for adam, 0 for none).
 COS_PREV_NULL = "cos_prev_null"

@@ -162,7 +162,8 @@ class RunConfig:
     stabilizer: str = "none"  # D4 registry (none, adam, ema, rmsprop, adam-nobias); --adam = adam
     normalize: bool = True  # D5 (GradCheck Eq. 2), the paper's setting for every experiment
     # D5's reference norm: score (docs/maths.md D5) | eps (Augustin et al.'s code scales to
-    # ||eps_theta|| = sqrt(1 - abar_t) ||score||: weaker at low noise, x1/13 at t = 20).
+    # ||eps_theta|| = sqrt(1 - abar_t) ||score||: weaker at low noise, x1/13 at t = 20). score
+    # stays the default: the d5-norm grid found neither better at its best scale (README).
     normalize_to: str = "score"
     # D3's objective: stable (exact at any margin) | log-softmax (autograd through log_softmax,
     # which drops the target logit's term once p(y | x) rounds to 1 in float32; guidance.py).
@@ -188,7 +189,10 @@ class RunConfig:
     ddpm: str = dataclasses.field(default_factory=_default_ddpm)  # shipped DDPM pipeline folder
     judge: str = dataclasses.field(default_factory=_default_judge)  # docs/metrics.md judge folder
     data_root: str = dataclasses.field(default_factory=_default_data_root)  # oracle, FID reference
-    oracle: bool | None = None  # cos_oracle (D8); None = when the data set exists (GPU) or asked
+    # Log cos_oracle, the cosine to the exact gradient (D8): True at every sample and step;
+    # None = so on a GPU, and on a CPU (the oracle reads every training image per gradient) at
+    # the vector subset's 8 samples, every 10th step and the last; off without the data set.
+    cos_oracle: bool | None = None
     record_vectors: str = "subset"  # none | subset (8 samples, every 10th step) | all
     protocol: str = "auto"  # auto (sizes above) | paper (64 x 1000) | reduced (8 x 50, opt-in)
     metrics: bool = True  # metrics.json via gradcheck.metrics at the end of the run

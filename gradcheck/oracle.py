@@ -161,10 +161,12 @@ class EmpiricalOracle(nn.Module):
         return _log_posterior(m, z).to(device=x_t.device, dtype=x_t.dtype)
 
     def grad_log_prob(
-        self, x_t: torch.Tensor, t: int | torch.Tensor, y: int | torch.Tensor
+        self, x_t: torch.Tensor, t: int | torch.Tensor, y: int | torch.Tensor,
+        dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
         """x_t (B, 3, H, W), t, y (int or (B,)) -> (B, 3, H, W) grad_{x_t} log q(y | x_t),
-        closed form D8. With int t and y the checks run on the host (no device sync)."""
+        closed form D8, in ``dtype`` (x_t's by default; float64 keeps a gradient that float32
+        would flush to 0). With int t and y the checks run on the host (no device sync)."""
         if isinstance(y, int) and not isinstance(y, bool):
             classes = [y]
             y = torch.full((x_t.shape[0],), y, dtype=torch.long, device=self.images.device)
@@ -182,11 +184,10 @@ class EmpiricalOracle(nn.Module):
                 "its gradient is undefined"
             )
         with torch.no_grad():
-            abar = self._abar(t, x_t)
-            _, coef, means, mean_all = self._moments(self._flat(x_t), abar)
-            picked = means.gather(1, y[:, None, None].expand(-1, 1, means.shape[2]))[:, 0]
-            g = coef[:, None] * (picked - mean_all)
-        return g.reshape(x_t.shape).to(device=x_t.device, dtype=x_t.dtype)
+            log_q, coef, means = self._moments(self._flat(x_t), self._abar(t, x_t))
+            v = torch.nn.functional.one_hot(y, self.num_classes).to(_F64)
+            g = _gradient(v, log_q, coef, means)
+        return g.reshape(x_t.shape).to(device=x_t.device, dtype=dtype or x_t.dtype)
 
     def weights(self, x_t: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
         """x_t (B, 3, H, W), t -> (B, N) posterior weights w_i(x_t) of D8, training-set order."""
@@ -271,15 +272,30 @@ class EmpiricalOracle(nn.Module):
 
     def _moments(
         self, x: torch.Tensor, abar: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (B, D), abar (B,) -> log q(c | x_t) (B, C), coef (B,) = sqrt(abar) / (1 - abar),
-        E_w[x_i | y_i = c] (B, C, D) and E_w[x_i] (B, D)."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, D), abar (B,) -> log q(c | x_t) (B, C), coef (B,) = sqrt(abar) / (1 - abar) and
+        E_w[x_i | y_i = c] (B, C, D)."""
         m, z, s = self._stream(x, abar, with_sums=True)
-        log_q = _log_posterior(m, z)
         # A class without training images has z = 0 and q = 0: its mean is never used.
         means = torch.where(z[..., None] > 0, s / z.clamp_min(1e-300)[..., None], 0.0)
-        mean_all = (log_q.exp()[..., None] * means).sum(dim=1)
-        return log_q, abar.sqrt() / (1 - abar), means, mean_all
+        return _log_posterior(m, z), abar.sqrt() / (1 - abar), means
+
+
+def _gradient(
+    v: torch.Tensor, log_q: torch.Tensor, coef: torch.Tensor, means: torch.Tensor
+) -> torch.Tensor:
+    """sum_c v_c grad_x log q(c | x_t) (D8): v (B, C), log_q (B, C), coef (B,), means (B, C, D)
+    -> (B, D) float64.
+
+    grad log q(c | x) = coef (E[x | c] - E[x]), and E[x | c] - E[x] is summed as
+    sum_k q_k (E[x | c] - E[x | k]): subtracting E[x] itself cancels to 0 where q(c | x) rounds
+    to 1, while the pairwise form keeps the exact, tiny gradient there.
+    """
+    q = log_q.exp()[..., None]
+    g = torch.zeros_like(means[:, 0])
+    for c in range(means.shape[1]):  # C small: (B, C, D) at a time, not (B, C, C, D)
+        g += v[:, c, None] * (q * (means[:, c, None] - means)).sum(dim=1)
+    return coef[:, None] * g
 
 
 def _log_posterior(m: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -293,21 +309,17 @@ class _OracleLogProb(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_t: torch.Tensor, abar: torch.Tensor, oracle: EmpiricalOracle):
-        log_q, coef, means, mean_all = oracle._moments(oracle._flat(x_t), abar)
-        ctx.save_for_backward(coef, means, mean_all)
+        log_q, coef, means = oracle._moments(oracle._flat(x_t), abar)
+        ctx.save_for_backward(log_q, coef, means)
         ctx.x_meta = (x_t.shape, x_t.device, x_t.dtype)
         return log_q.to(device=x_t.device, dtype=x_t.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
-        coef, means, mean_all = ctx.saved_tensors
+        log_q, coef, means = ctx.saved_tensors
         shape, device, dtype = ctx.x_meta
-        v = grad_out.to(device=means.device, dtype=_F64)
-        # sum_c v_c grad log q(c | x) = coef * (sum_c v_c E[x | c] - (sum_c v_c) E[x])  (D8)
-        g = coef[:, None] * (
-            (v[..., None] * means).sum(dim=1) - v.sum(dim=1, keepdim=True) * mean_all
-        )
+        g = _gradient(grad_out.to(device=means.device, dtype=_F64), log_q, coef, means)
         return g.reshape(shape).to(device=device, dtype=dtype), None, None
 
 

@@ -2,7 +2,8 @@
 
 :class:`StepRecorder` is a read-only observer of the sampler: it copies numbers out of each
 :class:`~gradcheck.sampler.GuidanceStep` and never hands anything back, so recording cannot change
-a sample. With an oracle (D8) it also computes ``cos_oracle`` from the step's x_t.
+a sample. With an oracle (D8) it also computes ``cos_oracle`` from the step's x_t, for every
+sample and step or, where the oracle is slow (a CPU), for the vector subset's samples and steps.
 """
 
 from __future__ import annotations
@@ -111,11 +112,14 @@ class StepRecorder:
 
     def __init__(
         self, run_id: str, num_samples: int, num_steps: int, record_vectors: str = "subset",
-        oracle: torch.nn.Module | None = None,
+        oracle: torch.nn.Module | None = None, oracle_subset: bool = False,
     ) -> None:
         self.run_id = run_id
         self.record_vectors = record_vectors
         self.oracle = oracle
+        self._oracle_at = None  # None: every sample and step; else (samples, steps) as for vectors
+        if oracle_subset:
+            self._oracle_at = tuple(map(set, vector_selection("subset", num_samples, num_steps)))
         samples, steps = vector_selection(record_vectors, num_samples, num_steps)
         self._vec_sample = {s: i for i, s in enumerate(samples)}
         self._vec_step = {k: i for i, k in enumerate(steps)}
@@ -131,11 +135,18 @@ class StepRecorder:
         device = step.grad_raw.device
         self._device = device
         y = torch.full((b,), step.target, dtype=torch.long, device=device)
-        if self.oracle is not None:
-            oracle_grad = self.oracle.grad_log_prob(step.x_t, step.t, step.target)
-            cos_oracle = cosine(step.grad_applied, oracle_grad)
-        else:
-            cos_oracle = torch.full((b,), float("nan"), dtype=torch.float64, device=device)
+        cos_oracle = torch.full((b,), float("nan"), dtype=torch.float64, device=device)
+        if self.oracle is not None and self._oracle_at is None:
+            cos_oracle = cosine(step.grad_applied, self.oracle.grad_log_prob(
+                step.x_t, step.t, step.target, torch.float64))
+        elif self.oracle is not None:
+            samples, steps = self._oracle_at
+            rows = [i for i, s in enumerate(step.sample.tolist())
+                    if s in samples and step.step in steps]
+            if rows:
+                oracle_grad = self.oracle.grad_log_prob(step.x_t[rows], step.t, step.target,
+                                                        torch.float64)
+                cos_oracle[rows] = cosine(step.grad_applied[rows], oracle_grad)
         values = {
             col.GRAD_NORM_RAW: flat_norm(step.grad_raw),
             col.GRAD_NORM_APPLIED: flat_norm(step.grad_applied),

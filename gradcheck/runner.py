@@ -79,6 +79,11 @@ SHARED_FIELDS = ("num_samples", "batch_size", "steps", "seed", "device", "ddpm",
 NOT_HASHED = ("batch_size", "protocol")
 """Fields that never change a run's results (the sizes they resolve to are hashed). net_batch
 stays hashed: a different row count may round differently (numerics.NetworkCalls)."""
+RESULTS_VERSION = 2
+"""Hashed into every run id; raised when the code changes what every run computes, so that no
+run made before is resumed as if made now. 2: D5 flags only an exactly-zero or non-finite h
+(runs before it discarded ||h|| < 1e-12), and D3's backward passes run on a cotangent scaled
+per sample (guidance.logit_cotangent)."""
 PAPER_SIZE = (64, 1000)  # GradCheck §3.4: 64 samples, T = 1000 steps
 CPU_SIZE = (8, 1000)  # auto without a GPU: the paper's full chain, fewer samples (minutes)
 REDUCED_SIZE = (8, 50)  # opt-in only: a respaced chain, for trying the tool, not for numbers
@@ -178,15 +183,8 @@ def _hash_view(cfg: RunConfig) -> dict[str, Any]:
     d = config_to_dict(cfg)
     for field in NOT_HASHED:
         d.pop(field)
-    # Fields added later are hashed only where they can change results, so the ids of earlier
-    # runs stay valid: D5 to eps, and D4' when a stabiliser with memory runs a respaced chain.
-    # D3's stable form changed the default's results, so it is the one hashed (below).
-    if d["normalize_to"] == "score":
-        d.pop("normalize_to")
-    # D3 before its stable form was autograd through log_softmax: those runs keep their ids,
-    # and the stable default (different results) gets new ones.
-    if d["log_prob"] == "log-softmax":
-        d.pop("log_prob")
+    d["results_version"] = RESULTS_VERSION
+    # D4' in diffusion time changes nothing without a stabiliser's memory or respacing.
     if cfg.steps == PAPER_SIZE[1] or cfg.stabilizer == "none":
         d.pop("diffusion_time")
     name = checkpoint_set_name()
@@ -450,16 +448,18 @@ def run_many(
         if key not in sources:
             sources[key] = ClassifierGuidance(models[c.classifier][0], x0_estimate=c.x0_estimate,
                                               log_prob=c.log_prob)
-    with_oracle = []
+    with_oracle = []  # per config: "all", "subset" or None
     for c in cfgs:
-        wanted = c.oracle
-        if wanted is None:
-            # The oracle reads the whole training set at every step: cheap on a GPU, minutes
-            # on a CPU.
-            wanted = device.type == "cuda" and _dataset_exists(c.data_root)
-            if not wanted:
-                log.info("cos_oracle is off (on by default on a GPU with the data set; --oracle "
-                         "forces it)")
+        wanted = {True: "all", False: None}.get(c.cos_oracle)
+        if c.cos_oracle is None and _dataset_exists(c.data_root):
+            # The oracle reads the whole training set for each gradient: cheap
+            # on a GPU; on a CPU, a run's every sample and step would take hours.
+            wanted = "all" if device.type == "cuda" else "subset"
+            if wanted == "subset":
+                log.info("cos_oracle at the vector subset's samples and steps (every sample and "
+                         "step on a GPU; --cos-oracle forces that)")
+        elif c.cos_oracle is None:
+            log.info("cos_oracle is off: no data set at %s for the oracle", c.data_root)
         with_oracle.append(wanted)
     if any(with_oracle) and oracle is None:
         oracle = _load_oracle(base, scheduler, device)
@@ -472,11 +472,11 @@ def run_many(
         (log.warning if size > 1e9 else log.info)(
             "vectors.safetensors: %.1f MB expected in all (held in memory until written)",
             size / 1e6)
-    configs = [{**config_to_dict(c), "run_id": run_id} for c, run_id in zip(cfgs, run_ids,
-                                                                             strict=True)]
+    configs = [{**config_to_dict(c), "results_version": RESULTS_VERSION, "run_id": run_id}
+               for c, run_id in zip(cfgs, run_ids, strict=True)]
     meta = run_metadata(device)
     recorders = [StepRecorder(run_id, c.num_samples, c.steps, c.record_vectors,
-                              oracle=oracle if wanted else None)
+                              oracle=oracle if wanted else None, oracle_subset=wanted == "subset")
                  for c, run_id, wanted in zip(cfgs, run_ids, with_oracle, strict=True)]
     n_batches = math.ceil(base.num_samples / base.batch_size)
     m2 = data_second_moment(base.data_root)  # x_norm_ratio's reference (NaN without data)
@@ -550,6 +550,8 @@ def _write_run(
         "mean_cos_prev_raw": _nanmean(steps[col.COS_PREV_RAW]),
         "mean_cos_prev_applied": _nanmean(steps[col.COS_PREV_APPLIED]),
         "mean_cos_prev_null": _nanmean(steps[col.COS_PREV_NULL]),  # D7': the stabiliser alone
+        "mean_cos_oracle": _nanmean(steps[col.COS_ORACLE]),  # D8, over the rows that have it
+        "n_cos_oracle": int(steps[col.COS_ORACLE].notna().sum()),
         "max_x_norm_ratio": float(steps[col.X_NORM_RATIO].max()),
         "grad_vanished_frac": vanished / max(len(steps), 1),
     }
@@ -610,6 +612,9 @@ def summary_table(row: dict[str, Any]) -> str:
         ("mean cos_prev applied", f"{_fmt(row, 'mean_cos_prev_applied', '.3f')}  (null "
                                   f"baseline, the stabiliser on random gradients: "
                                   f"{_fmt(row, 'mean_cos_prev_null', '.3f')})"),
+        ("mean cos_oracle", f"{_fmt(row, 'mean_cos_oracle', '.3f')}  (over "
+                            f"{row.get('n_cos_oracle', 0)} (sample, step) pairs; 0 = unrelated "
+                            "to the exact gradient)"),
         ("max ||x_t|| / expected", _fmt(row, "max_x_norm_ratio", ".2f")),
     ]
     width = max(len(k) for k, _ in lines)

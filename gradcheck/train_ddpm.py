@@ -60,7 +60,6 @@ from gradcheck.utils import (
     run_metadata,
     save_image_grid,
     save_json,
-    torch_flags_restored,
 )
 
 EXPORT_SHARD_BYTES = 15 * 2**20  # tensor bytes per shard; + the JSON header stays < 16 MiB
@@ -165,7 +164,7 @@ def _place_images(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     return images.pin_memory()
 
 
-def _speed_flags(device: torch.device) -> None:
+def speed_flags(device: torch.device) -> None:
     """TF32 for the float32 parts and cuDNN autotuning (fixed shapes): free speed on GPUs."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -173,7 +172,7 @@ def _speed_flags(device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def _make_optimizer(
+def make_optimizer(
     model: nn.Module, cfg: TrainDDPMConfig, device: torch.device
 ) -> torch.optim.AdamW:
     """AdamW; the fused CUDA kernel updates all 432 tensors of the paper UNet in one launch."""
@@ -491,6 +490,8 @@ def choose_autocast(
     if mixed_precision != "auto" or device.type != "cpu":
         autocast = "float32" if mixed_precision == "no" else "bf16"
         return {"autocast": autocast, "reason": f"--mixed-precision {mixed_precision}"}
+    from gradcheck.bench import benchmark_training
+
     rates: dict[str, list[float]] = {"no": [], "bf16": []}
     with torch.random.fork_rng(devices=[]):  # the run's own random stream stays untouched
         for _ in range(2):
@@ -539,7 +540,7 @@ def train_ddpm(config: TrainDDPMConfig | None = None, **overrides: Any) -> dict[
     if cfg.batch_size % world:
         raise GradcheckError(f"batch_size {cfg.batch_size} must be divisible by the "
                              f"{world} processes")
-    _speed_flags(device)
+    speed_flags(device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
 
     torch.manual_seed(cfg.seed)
@@ -563,7 +564,7 @@ def train_ddpm(config: TrainDDPMConfig | None = None, **overrides: Any) -> dict[
     ema = WeightAverage(unet, cfg.ema_decay, cfg.ema_warmup)
     if ckpt is not None:
         _load_weights(ema.model, ckpt["ema"], ckpt_dir / "ema.safetensors")
-    optimizer = _make_optimizer(unet, cfg, device)
+    optimizer = make_optimizer(unet, cfg, device)
     if ckpt is not None:
         _load_optimizer(optimizer, ckpt["optimizer"], ckpt_dir / "optimizer.safetensors")
     generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + rank)
@@ -740,77 +741,3 @@ def train_ddpm(config: TrainDDPMConfig | None = None, **overrides: Any) -> dict[
         "num_processes": world,
         "main_process": main,
     }
-
-
-# ---------------------------------------------------------------------------------------------
-# Benchmark
-# ---------------------------------------------------------------------------------------------
-
-
-def benchmark_training(
-    preset: str = "paper",
-    batch_size: int = 256,
-    steps: int = 50,
-    compile: bool = False,
-    channels_last: bool = True,
-    mixed_precision: str = "bf16",
-    warmup: int = 10,
-    device: str = "auto",
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Speed of the real training step (EMA update included) on random uint8 images: images/s,
-    it/s and peak memory. ``warmup`` untimed steps absorb compilation and cuDNN autotuning."""
-    check_choice("UNet preset", preset, list(UNET_PRESETS))
-    check_choice("mixed_precision", mixed_precision, ("bf16", "no"))
-    check_positive("steps", steps)
-    check_positive("batch_size", batch_size)
-    dev = resolve_device(device)
-    with torch_flags_restored():  # a benchmark must not leave _speed_flags behind
-        _speed_flags(dev)
-        cfg = TrainDDPMConfig(preset=preset, batch_size=batch_size, max_steps=steps)
-        torch.manual_seed(seed)
-        memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        unet = make_unet(preset).to(dev, memory_format=memory_format).train()
-        size = unet.config.sample_size
-        generator = torch.Generator(dev).manual_seed(seed)
-        images = torch.randint(0, 256, (4096, 3, size, size), generator=generator, device=dev,
-                               dtype=torch.uint8)
-        ema = WeightAverage(unet, cfg.ema_decay)
-        optimizer = _make_optimizer(unet, cfg, dev)
-        model = torch.compile(unet) if compile else unet
-        scheduler = make_scheduler()
-        step_fn = TrainStep(
-            model, optimizer, images, scheduler.alphas_cumprod,
-            min_snr_weights(scheduler.alphas_cumprod, cfg.min_snr_gamma), cfg.multiscale_weight,
-            generator, batch_size, cfg.hflip, cfg.grad_clip, mixed_precision == "bf16",
-            channels_last,
-        )
-        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
-
-        def run(n: int, offset: int) -> float:
-            sync()
-            start = time.perf_counter()
-            for i in range(n):
-                step_fn(cfg.lr)
-                ema.update(unet, offset + i)
-            sync()
-            return time.perf_counter() - start
-
-        warmup_s = run(warmup, 0)
-        seconds = run(steps, warmup)
-        return {
-            "preset": preset,
-            "batch_size": batch_size,
-            "compile": compile,
-            "channels_last": channels_last,
-            "mixed_precision": mixed_precision,
-            "it_per_s": steps / seconds,
-            "images_per_s": steps * batch_size / seconds,
-            "warmup_s": warmup_s,
-            "peak_memory_gib": torch.cuda.max_memory_allocated(dev) / 2**30
-            if dev.type == "cuda" else math.nan,
-            "device": str(dev),
-            "hardware": run_metadata(dev)["hardware"],
-        }

@@ -6,12 +6,12 @@
 # from the committed records: run it again after an interruption (an unfinished group of runs
 # sampled together is lost, never half-written).
 #
-#   scripts/study32.sh table1 K        # Table 1, seed K of 5: 8 runs sampled together (~55 min)
+#   scripts/study32.sh table1 K        # Table 1, seed K of 5: 8 runs sampled together (~60 min)
 #   scripts/study32.sh classifiers K   # + adversarial and oracle plain guidance, seed K (~10 min)
 #   scripts/study32.sh scales K        # plain guidance, 6 scales x 3 classifiers, seed K (~40 min)
 #   scripts/study32.sh scales-x0 K     # x0-estimate + ADAM, 6 scales x 2 classifiers (~80 min)
-#   scripts/study32.sh d5-norm K       # D5 to eps vs to the score, 6 scales, non-robust (~12 min)
-#   scripts/study32.sh pag             # gradient maps, targeted PGD, PAG scores
+#   scripts/study32.sh d5-norm K       # D5 to eps vs to the score, 6 scales, non-robust (~45 min)
+#   scripts/study32.sh pag             # gradient maps, targeted PGD, PAG scores (~1 min)
 #   scripts/study32.sh report          # reports/sportballs32/ from the records (seconds)
 #   scripts/study32.sh all             # every stage, in the planned order, then the report
 #
@@ -49,6 +49,7 @@ sweep() {  # grid, seed
   start=$(date +%s)
   out=$($G sweep --grid "$grid" --seeds "$n" --shard "$k/$n" --records "$RECORDS" \
         --out "$RUNS" --no-progress | tee /dev/stderr | grep '^sweep ')
+  out=${out%, in *}  # the run folder is this machine's, not the record's
   case "$out" in *" 0 run now"*) ;; *) log_stage "$grid seed $k" "$cmd" "$start" "$out" ;; esac
 }
 

@@ -40,3 +40,13 @@ def test_every_cli_default_is_its_config_fields_default():
                 assert _same(param.default, defaults[param.name]), (name, param.name)
                 checked += 1
     assert checked >= 90  # the options that have a field and a fixed default
+
+
+def test_cos_oracle_flag_keeps_its_old_name():
+    """`--oracle` (the name before cos_oracle) still sets cos_oracle on run and sweep."""
+    commands = typer.main.get_command(app).commands
+    for name in ("run", "sweep"):
+        for args, want in (([], None), (["--oracle"], True), (["--no-oracle"], False),
+                           (["--cos-oracle"], True), (["--no-cos-oracle"], False)):
+            ctx = commands[name].make_context(name, list(args))
+            assert ctx.params["cos_oracle"] is want, (name, args)

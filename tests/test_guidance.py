@@ -11,6 +11,7 @@ from gradcheck.guidance import (
     ClassifierGuidance,
     classifier_log_probs,
     cosine,
+    flat_norm,
     normalize_guidance,
     score_from_eps,
     x0_from_eps,
@@ -63,15 +64,29 @@ def test_vanished_gradient_is_flagged_and_zeroed_without_nan():
     score = torch.randn(3, 3, 4, 4)
     h = torch.randn(3, 3, 4, 4)
     h[0] = 0.0
-    h[1] = 1e-14  # ||h|| = 4.9e-13 < 1e-12
+    h[1, 0, 0, 0] = float("nan")
     h[2, 0, 0, 0] = float("inf")
     for normalize in (True, False):
         gtilde, vanished = normalize_guidance(h, score, normalize)
         assert vanished.tolist() == [True, True, True]
         assert torch.equal(gtilde, torch.zeros_like(h))
-    h[2] = 1.0
+
+
+def test_tiny_exact_gradient_keeps_its_direction_and_the_score_norm():
+    """D5 is scale-free: an ||h|| of 1e-13 (D3's stable form at a confident margin) or of a few
+    float32 subnormals is rescaled like any other, never discarded or overflowed to inf."""
+    score = torch.randn(3, 3, 4, 4) * 100
+    direction = torch.randn(3, 3, 4, 4)
+    h = direction.clone()
+    h[0] *= 1e-13 / h[0].norm()
+    h[1] *= 1e-36 / h[1].norm()
+    h[2] = 0.0
+    h[2, 0, 0, 0] = 1.4e-45  # the smallest float32 subnormal
     gtilde, vanished = normalize_guidance(h, score)
-    assert vanished.tolist() == [True, True, False] and torch.isfinite(gtilde).all()
+    assert not vanished.any() and torch.isfinite(gtilde).all()
+    assert torch.allclose(flat_norm(gtilde), flat_norm(score), rtol=1e-6)
+    assert torch.allclose(cosine(gtilde[:2], direction[:2]), torch.ones(2, dtype=torch.float64))
+    assert torch.isclose(gtilde[2, 0, 0, 0], flat_norm(score[2:])[0], rtol=1e-6)
 
 
 def test_cosine_values_and_undefined_angles():
@@ -211,6 +226,37 @@ def test_guidance_through_a_saturated_classifier_keeps_its_direction():
         assert cosine(out["log-softmax"].grad, ref.float()).item() < 0.9  # measured 0.65-0.73
     with pytest.raises(GradcheckError, match="log_prob"):
         ClassifierGuidance(clf, log_prob="exact")
+
+
+def test_the_networks_backward_sees_a_cotangent_of_order_one():
+    """At a margin of 95 the cotangent of the logits is ~1e-41, a float32 subnormal: it enters
+    the classifier's backward scaled to a largest entry in [1, 2) (a power of two) and the result
+    is scaled back, exact where the unscaled gradient is a normal float (margin 60 here)."""
+    from gradcheck.guidance import logit_cotangent
+
+    clf = small_classifier()
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        z = clf(x)
+    y, top2 = z.argmax(1), z.topk(2, dim=1).values
+    for margin in (95.0, 60.0):
+        sharp = nn.Sequential(clf, _Scale(margin / float(top2[0, 0] - top2[0, 1]))).eval()
+        seen: list[torch.Tensor] = []
+        sharp[1].register_full_backward_hook(lambda m, gin, gout, seen=seen: seen.append(gout[0]))
+        out = ClassifierGuidance(sharp)(lambda v: 0 * v, x, 500, torch.tensor(0.3), y)
+        assert 1 <= float(seen[0].abs().max()) < 2
+        if margin == 95.0:
+            continue
+        xr = x.double().requires_grad_(True)  # float64 and D3's stable form: log_softmax's
+        zr = sharp.double()(xr)  # backward drops 1 - p_y = 1e-26 even in float64
+        margin_r = torch.logsumexp(zr.scatter(1, y[:, None], float("-inf")), 1) - zr[0, y]
+        (ref,) = torch.autograd.grad(-torch.nn.functional.softplus(margin_r).sum(), xr)
+        sharp.float()
+        assert 1e-30 < float(ref.norm()) < 1e-20
+        torch.testing.assert_close(out.grad.double(), ref, rtol=1e-3, atol=1e-6 * float(
+            ref.abs().max()))
+    v, scale = logit_cotangent(torch.log_softmax(z * 50, 1), y)
+    assert torch.equal(torch.log2(scale), torch.log2(scale).round())  # powers of two
 
 
 class _Scale(nn.Module):

@@ -61,7 +61,7 @@ def test_notebook_executes_on_two_tiny_runs(tmp_path: Path, tiny_data: Path) -> 
     try:
         base = RunConfig(classifier=str(tmp_path / "clf"), num_samples=2, batch_size=2,
                          steps=10, device="cpu", ddpm=str(tmp_path / "ddpm"),
-                         data_root=str(tiny_data), metrics=False, oracle=False)
+                         data_root=str(tiny_data), metrics=False, cos_oracle=False)
         run_a = runner.run(base, out=tmp_path / "runs", progress=False)
         run_b = runner.run(dataclasses.replace(base, x0_estimate=True, stabilizer="adam"),
                            out=tmp_path / "runs", progress=False)

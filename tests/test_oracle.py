@@ -59,6 +59,27 @@ def test_gradient_equals_autograd_of_direct_log_q(train_set, t):
     torch.testing.assert_close(oracle.log_prob(x_t, t), log_q.detach(), rtol=1e-6, atol=1e-6)
 
 
+def test_gradient_stays_exact_where_the_posterior_rounds_to_one(train_set):
+    """Near a training image at moderate t, q(y | x_t) is 1 in float64 and E[x | y] - E[x] cancels
+    to 0; the oracle keeps the tiny exact gradient, checked against autograd of D3's stable form
+    -softplus(logsumexp_{c != y} l_c - l_y) on the direct per-class log-sum-exps l."""
+    images, labels = train_set
+    oracle = EmpiricalOracle(images, labels, ABAR, chunk_size=7)
+    t = 200  # q(other | x_t) ~ 1e-35: below float64's 1 - q resolution, above its underflow
+    x_t = noisy(images[:4], t, 6)
+    y = labels[:4]
+    assert torch.equal(oracle.log_prob(x_t, t).exp()[torch.arange(4), y], torch.ones(4,
+                                                                                 dtype=torch.float64))
+    x_ref = x_t.clone().requires_grad_(True)
+    per_class = direct_log_q(x_ref, t, images, labels)  # shift-invariant in D3's stable form
+    others = per_class.masked_fill(torch.nn.functional.one_hot(y, 4).bool(), float("-inf"))
+    margin = torch.logsumexp(others, 1) - per_class[torch.arange(4), y]
+    (g_ref,) = torch.autograd.grad(-torch.nn.functional.softplus(margin).sum(), x_ref)
+    g = oracle.grad_log_prob(x_t, t, y)
+    assert (g.flatten(1).norm(dim=1) > 0).all()
+    torch.testing.assert_close(g, g_ref, rtol=1e-6, atol=1e-6 * float(g_ref.abs().max()))
+
+
 def test_posterior_is_not_degenerate_at_large_t(train_set):
     """The gradient test above must cover t where several classes carry weight."""
     images, labels = train_set

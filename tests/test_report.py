@@ -248,7 +248,7 @@ def tiny_runs(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path,
     torch.set_num_threads(1)
     base = RunConfig(num_samples=2, batch_size=2, steps=10, device="cpu", ddpm=str(ck / "ddpm"),
                      judge=str(ck / "classifiers/judge"), data_root=str(tiny_data), metrics=False,
-                     oracle=False, record_vectors="none")
+                     cos_oracle=False, record_vectors="none")
     run_sweep(SweepConfig(grid="table1", seeds=1), base, out=root / "runs", progress=False)
     paper = {p[:3]: p[3:] for p in PAPER}
     for folder in (root / "runs").iterdir():

@@ -52,14 +52,14 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_cfg(ckpt: Path, data: Path | str = "nowhere", **kw) -> RunConfig:
     base = dict(classifier=str(ckpt / "clf"), ddpm=str(ckpt / "ddpm"), judge=str(ckpt / "judge"),
                 data_root=str(data), num_samples=3, batch_size=2, steps=5, device="cpu",
-                metrics=False, oracle=False, record_vectors="none")
+                metrics=False, cos_oracle=False, record_vectors="none")
     return RunConfig(**{**base, **kw})
 
 
 @pytest.fixture(scope="module")
 def full_run(ckpt: Path, tiny_data: Path, tmp_path_factory: pytest.TempPathFactory):
     """One run with everything recorded: x0-estimate + adam, cos_oracle on, vectors 'all'."""
-    cfg = tiny_cfg(ckpt, tiny_data, x0_estimate=True, stabilizer="adam", oracle=True,
+    cfg = tiny_cfg(ckpt, tiny_data, x0_estimate=True, stabilizer="adam", cos_oracle=True,
                    record_vectors="all", target=2)
     out = tmp_path_factory.mktemp("runs")
     return cfg, run(cfg, out=out, progress=False)
@@ -92,7 +92,7 @@ def test_run_folder_has_every_file_and_column(full_run):
     first = df[col.STEP] == 0
     assert df.loc[first, [col.COS_PREV_RAW, col.COS_PREV_APPLIED]].isna().all().all()
     assert df.loc[~first, col.COS_PREV_APPLIED].notna().all()
-    assert df[col.COS_ORACLE].notna().all()  # --oracle on
+    assert df[col.COS_ORACLE].notna().all()  # --cos-oracle on
     assert df[col.ABAR].is_monotonic_increasing is False  # per sample, t runs 999 -> 0
     assert df.groupby(col.SAMPLE)[col.T].apply(lambda t: t.is_monotonic_decreasing).all()
     # D5 per row: ||gtilde|| = ||score|| wherever the gradient did not vanish
@@ -173,8 +173,30 @@ def test_subset_vectors_are_8_samples_every_10th_step(ckpt, tmp_path):
     assert data_bytes == expected_vector_bytes("subset", 9, 12, (3, 32, 32))
 
 
+def test_cos_oracle_on_a_cpu_defaults_to_the_vector_subset(ckpt, tiny_data, tmp_path, full_run):
+    """cos_oracle=None on a CPU: the first 8 samples at every 10th step and the last, with the
+    values an every-step run gives there (the recorder never changes a sample)."""
+    cfg, _ = full_run
+    # batches of 3: samples 6, 7 and 8 share one, of which only 6 and 7 are in the subset
+    sub_cfg = dataclasses.replace(cfg, cos_oracle=None, num_samples=10, steps=12, batch_size=3)
+    folder = run(sub_cfg, out=tmp_path, progress=False)
+    df = pd.read_parquet(folder / "steps.parquet")
+    want = (df[col.SAMPLE] < 8) & df[col.STEP].isin([0, 10, 11])
+    assert df[col.COS_ORACLE].notna().tolist() == want.tolist()
+    metrics = load_json(folder / "metrics.json")
+    assert metrics["n_cos_oracle"] == 8 * 3
+    assert metrics["mean_cos_oracle"] == pytest.approx(df[col.COS_ORACLE].mean())
+    assert "over 24 (sample, step) pairs" in summary_table(metrics)
+    every = pd.read_parquet(run(dataclasses.replace(sub_cfg, cos_oracle=True), out=tmp_path,
+                                progress=False) / "steps.parquet")
+    assert every[col.COS_ORACLE].notna().all()
+    # fewer rows through the oracle's float64 matmuls may round differently
+    np.testing.assert_allclose(df.loc[want, col.COS_ORACLE], every.loc[want, col.COS_ORACLE],
+                               rtol=1e-9, atol=1e-12)
+
+
 def test_oracle_guidance_and_cos_oracle(ckpt, tiny_data, tmp_path):
-    folder = run(tiny_cfg(ckpt, tiny_data, classifier="oracle", oracle=True, num_samples=2,
+    folder = run(tiny_cfg(ckpt, tiny_data, classifier="oracle", cos_oracle=True, num_samples=2,
                           steps=3), out=tmp_path, progress=False)
     df = pd.read_parquet(folder / "steps.parquet")
     assert folder.name.startswith("oracle-xt-none-s1-t0-n2-k3-seed0-")
@@ -448,7 +470,7 @@ def test_ctrl_c_through_the_console_script_says_so(ckpt, tmp_path):
     args = [_console_script(), "run", "--classifier", str(ckpt / "clf"), "--ddpm",
             str(ckpt / "ddpm"), "--judge", str(ckpt / "judge"), "--data-root", "nowhere",
             "--num-samples", "2", "--steps", "1000", "--device", "cpu", "--no-metrics",
-            "--no-oracle", "--record-vectors", "none", "--out", str(out), "--no-progress"]
+            "--no-cos-oracle", "--record-vectors", "none", "--out", str(out), "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(args[:-1], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     # Wait for the progress bar (stderr) to show sampling steps, then press Ctrl-C.

@@ -74,7 +74,7 @@ def test_shipped_classifiers_recognise_clean_images(kind, data64):
 def test_headline_run_on_shipped_checkpoints(tmp_path, data64):
     torch.set_num_threads(1)
     cfg = RunConfig(classifier="nonrobust", x0_estimate=True, stabilizer="adam", num_samples=2,
-                    batch_size=2, steps=3, device="cpu", data_root=str(data64), oracle=False,
+                    batch_size=2, steps=3, device="cpu", data_root=str(data64), cos_oracle=False,
                     record_vectors="subset")
     folder = run(cfg, out=tmp_path / "runs", progress=False)
     samples = np.load(folder / "samples.npy")

@@ -92,7 +92,7 @@ def test_robust_guidance_raises_the_target_probability_on_the_shipped_set(tmp_pa
     for scale in (0.0, 2.0):
         cfg = RunConfig(classifier="robust", scale=scale, target="soccer", num_samples=4,
                         batch_size=4, steps=25, device="cpu", data_root=str(data32),
-                        oracle=False, record_vectors="none", metrics=False)
+                        cos_oracle=False, record_vectors="none", metrics=False)
         folder = run(cfg, out=tmp_path / "runs", progress=False)
         steps = pd.read_parquet(folder / "steps.parquet")
         last = steps[steps["step"] >= steps["step"].max() - 4]
@@ -107,7 +107,7 @@ def test_headline_run_on_shipped32_keeps_x_t_in_distribution(tmp_path, data32):
     marginal (the step-counted ADAM drove it to noise); metrics.json is strict JSON."""
     torch.set_num_threads(1)
     cfg = RunConfig(classifier="nonrobust", x0_estimate=True, stabilizer="adam", num_samples=2,
-                    batch_size=2, steps=50, device="cpu", data_root=str(data32), oracle=False,
+                    batch_size=2, steps=50, device="cpu", data_root=str(data32), cos_oracle=False,
                     record_vectors="none")
     folder = run(cfg, out=tmp_path / "runs", progress=False)
     steps = pd.read_parquet(folder / "steps.parquet")

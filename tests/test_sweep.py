@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from gradcheck.config import RunConfig, SweepConfig
 from gradcheck.report.paper import PAPER_TABLE1
 from gradcheck.stabilizers import STABILIZERS
 from gradcheck.sweep import (
+    SCALE_GRIDS,
     SCALES,
     grid_configs,
     parse_shard,
@@ -46,7 +48,7 @@ def _shipped_tiny(checkpoints: Path, monkeypatch: pytest.MonkeyPatch):
 def _base(checkpoints: Path, data: Path) -> RunConfig:
     return RunConfig(num_samples=2, batch_size=2, steps=10, device="cpu",
                      ddpm=str(checkpoints / "ddpm"), judge=str(checkpoints / "classifiers/judge"),
-                     data_root=str(data), metrics=False, oracle=False, record_vectors="none")
+                     data_root=str(data), metrics=False, cos_oracle=False, record_vectors="none")
 
 
 # ---- grids --------------------------------------------------------------------------------------
@@ -310,7 +312,7 @@ def test_sweep_killed_with_sigkill_resumes_to_the_uninterrupted_result(
         return subprocess.Popen(
             [str(script), "sweep", "--grid", "table1", "--seeds", "1", "--no-batch-configs",
              "--num-samples", "2", "--steps", "20", "--device", "cpu", "--data-root",
-             str(tiny_data), "--no-metrics", "--no-oracle", "--record-vectors", "none",
+             str(tiny_data), "--no-metrics", "--no-cos-oracle", "--record-vectors", "none",
              "--out", str(out), "--no-progress"],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
@@ -385,19 +387,41 @@ def test_sweep_with_records_resumes_on_a_new_machine_from_the_records_alone(
     assert (report / "report.md").is_file()
 
 
-def test_run_ids_of_d3s_log_softmax_form_are_those_of_runs_made_before_the_stable_form(
+def test_runs_made_before_the_current_results_version_are_never_resumed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Runs made before D3's stable form keep their ids under --log-prob log-softmax (their
-    results stay valid there); the stable default, whose results differ, has new ids."""
+    """Ids made before D5's zero-only vanishing (with either D3 form) are not reproduced by any
+    config now, and D3's two forms have different ids."""
     monkeypatch.setenv("GRADCHECK_CHECKPOINTS", "sportballs32-v1")
-    before = {  # seed 0 of the table1 sweep on the 32x32 set, made before the stable form
+    before = {  # seed 0 of the table1 sweep on the 32x32 set: log-softmax D3, then stable D3
         "robust-xt-none-s1-t0-n64-k1000-seed0-f502f318",
         "robust-x0-adam-s1-t0-n64-k1000-seed0-367f80a4",
         "nonrobust-x0-adam-s1-t0-n64-k1000-seed0-aa044755",
         "nonrobust-xt-none-s1-t0-n64-k1000-seed0-15fb475b",
+        "robust-xt-none-s1-t0-n64-k1000-seed0-b14b1a6a",
+        "robust-x0-adam-s1-t0-n64-k1000-seed0-bee8f082",
+        "nonrobust-x0-adam-s1-t0-n64-k1000-seed0-0b189b0d",
+        "nonrobust-xt-none-s1-t0-n64-k1000-seed0-79db076b",
     }
     old = {runner.default_run_id(c) for c in grid_configs(
         "table1", 1, RunConfig(log_prob="log-softmax"))}
     new = {runner.default_run_id(c) for c in grid_configs("table1", 1, RunConfig())}
-    assert before <= old and not new & old and len(new) == 8
+    assert len(before) == 8 and not before & (old | new)
+    assert not new & old and len(new) == len(old) == 8
+    monkeypatch.setattr(runner, "RESULTS_VERSION", runner.RESULTS_VERSION + 1)
+    assert not new & {runner.default_run_id(c) for c in grid_configs("table1", 1, RunConfig())}
+
+
+def test_committed_study_records_are_found_by_the_sweeps_that_made_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The reference study resumes from reports/sportballs32/records: every record's run id must
+    be one that `scripts/study32.sh` computes today, or the sweep would run it again."""
+    monkeypatch.setenv("GRADCHECK_CHECKPOINTS", "sportballs32-v1")
+    records = Path(__file__).parents[1] / "reports" / "sportballs32" / "records"
+    recorded = {json.loads(p.read_text())["run_id"] for p in records.glob("*/config.json")}
+    assert len(recorded) >= 8  # at least Table 1's seed 0
+    computed = {runner.default_run_id(c) for grid in ("table1", "classifiers", *SCALE_GRIDS)
+                for c in grid_configs(grid, 5, RunConfig())}
+    assert recorded <= computed, sorted(recorded - computed)
+

@@ -20,14 +20,15 @@ from gradcheck.report.paper import FINDINGS, PAPER_TABLE1, TABLE1_KEYS
 
 CONFIG_KEYS = (
     "classifier", "x0_estimate", "stabilizer", "normalize", "scale", "target", "steps",
-    "num_samples", "normalize_to", "diffusion_time", "log_prob", "image_size",
+    "num_samples", "normalize_to", "diffusion_time", "log_prob", "image_size", "results_version",
 )
 """Run-config fields that make a configuration: runs equal in these differ only by seed."""
 
 PROTOCOL_KEYS = ("scale", "normalize", "target", "steps", "num_samples", "normalize_to",
-                 "diffusion_time", "log_prob", "image_size")
+                 "diffusion_time", "log_prob", "image_size", "results_version")
 """Fields shared by all rows of one Table 1 (the measurement protocol)."""
-VARIANT_DEFAULTS = {"normalize_to": "score", "diffusion_time": True, "log_prob": "log-softmax"}
+VARIANT_DEFAULTS = {"normalize_to": "score", "diffusion_time": True, "log_prob": "log-softmax",
+                    "results_version": 1}
 """Settings added after the first runs: runs that predate them had these values."""
 
 RUN_INTERVALS = {"accuracy_guiding": "accuracy_guiding_ci", "accuracy_judge": "accuracy_judge_ci",
@@ -220,8 +221,7 @@ def config_labels(runs: pd.DataFrame) -> pd.Series:
     """A short label per run naming its configuration; fields appear only where runs differ."""
     shown = (("scale", "s"), ("target", "target"), ("steps", "T"), ("num_samples", "N"),
              ("normalize_to", "D5 norm"), ("diffusion_time", "D4' diffusion time"),
-             ("log_prob", "D3"),
-             ("image_size", "size"))
+             ("log_prob", "D3"), ("image_size", "size"), ("results_version", "version"))
     varying = {k: runs[k].nunique(dropna=False) > 1 for k, _ in shown}
 
     def label(r: pd.Series) -> str:
@@ -272,7 +272,8 @@ def _ranges(values: Sequence[int]) -> str:
 def table1_protocol(runs: pd.DataFrame) -> dict[str, Any]:
     """The protocol (scale, normalize, target, steps, N) whose runs cover most Table 1 configs.
 
-    Ties go to D3's stable form, normalised guidance, target 0 (the paper's), larger N, more
+    Ties go to the newest results version (runner.RESULTS_VERSION), D3's stable form, normalised
+    guidance, target 0 (the paper's), larger N, more
     steps, more runs.
     """
     if len(runs) == 0:
@@ -282,7 +283,8 @@ def table1_protocol(runs: pd.DataFrame) -> dict[str, Any]:
     for key, g in runs.groupby(list(PROTOCOL_KEYS), dropna=False):
         proto = dict(zip(PROTOCOL_KEYS, key, strict=True))
         covered = set(g[list(TABLE1_KEYS)].itertuples(index=False, name=None)) & paper
-        rank = (len(covered), proto["log_prob"] == "stable", bool(proto["normalize"]),
+        rank = (len(covered), _num(proto["results_version"]), proto["log_prob"] == "stable",
+                bool(proto["normalize"]),
                 proto["target"] == 0,
                 _num(proto["num_samples"]), _num(proto["steps"]), len(g))
         if best_rank is None or rank > best_rank:
