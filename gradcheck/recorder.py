@@ -139,10 +139,8 @@ class StepRecorder:
         if self.oracle is not None and self._oracle_at is None:
             cos_oracle = cosine(step.grad_applied, self.oracle.grad_log_prob(
                 step.x_t, step.t, step.target, torch.float64))
-        elif self.oracle is not None:
-            samples, steps = self._oracle_at
-            rows = [i for i, s in enumerate(step.sample.tolist())
-                    if s in samples and step.step in steps]
+        elif self.oracle is not None and step.step in self._oracle_at[1]:
+            rows = [i for i, s in enumerate(step.sample.tolist()) if s in self._oracle_at[0]]
             if rows:
                 oracle_grad = self.oracle.grad_log_prob(step.x_t[rows], step.t, step.target,
                                                         torch.float64)
