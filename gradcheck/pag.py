@@ -90,7 +90,7 @@ def gradient_maps(
     batch_size: int = 64,
 ) -> torch.Tensor:
     """Gradients (len(timesteps), N, 3, H, W) on the true class y (N,) at x_t = sqrt(abar_t) x0
-    + sqrt(1 - abar_t) noise, x0 and noise (N, 3, H, W); returned float32 on the CPU."""
+    + sqrt(1 - abar_t) noise, x0 and noise (N, 3, H, W); returned float64 on the CPU."""
     out = []
     for t in timesteps:
         abar = float(alphas_cumprod[t])

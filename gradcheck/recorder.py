@@ -71,13 +71,17 @@ def vector_selection(
 
 
 def vector_dtype(record_vectors: str, key: str) -> torch.dtype:
-    """How a kept vector is stored: float32, except the subset's x0-estimates in float16.
+    """How a kept vector is stored: the raw gradient g_t in float64, the applied gtilde_t in
+    float32, the x0-estimate in float32 (float16 in the subset).
 
-    Guidance gradients stay float32 in every mode: a classifier sure of its class has gradients
-    of norm 1e-8 and below, which float16 (smallest subnormal 6e-8) would store as zeros. The
-    x0-estimate is an image (values up to a few hundred at t = 999), well within float16.
+    A classifier sure of its class has raw gradients below float32's range (norms of 1e-50 at a
+    margin of 120), which float32 would store as zeros, so g_t keeps the sampler's float64
+    (guidance.unscale). gtilde_t has the score's norm (D5). The x0-estimate is an image (values
+    up to a few hundred at t = 999), well within float16.
     """
     check_choice("record_vectors", record_vectors, RECORD_VECTORS)
+    if key == col.VEC_GRAD_RAW:
+        return torch.float64
     if record_vectors == "subset" and key == col.VEC_X0_HAT:
         return torch.float16
     return torch.float32
@@ -182,7 +186,7 @@ class StepRecorder:
             dtypes = {k: vector_dtype(self.record_vectors, k) for k in VECTOR_KEYS}
             # Pinned (page-locked) host memory makes the copies asynchronous; a larger store
             # stays in ordinary memory (its copies then wait for the device) so as not to lock
-            # gigabytes of RAM (``all`` on the paper protocol is 9.4 GB per run).
+            # gigabytes of RAM (``all`` on the paper protocol is 12.6 GB per run).
             size = math.prod(shape) * sum(d.itemsize for d in dtypes.values())
             pin = step.grad_raw.is_cuda and size <= PIN_LIMIT_BYTES
             self._vectors = {k: torch.zeros(shape, dtype=d, pin_memory=pin)

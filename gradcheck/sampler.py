@@ -66,8 +66,8 @@ class GuidanceStep:
     eps: torch.Tensor  # eps_theta(x_t, t)
     score: torch.Tensor  # D1
     x0_hat: torch.Tensor  # D2
-    grad_raw: torch.Tensor  # g_t, D3 (zeros without guidance)
-    grad_stabilized: torch.Tensor  # h_t, D4
+    grad_raw: torch.Tensor  # g_t, D3 (zeros without guidance), float64
+    grad_stabilized: torch.Tensor  # h_t, D4, float64
     grad_applied: torch.Tensor  # gtilde_t, D5
     vanished: torch.Tensor  # (B,) bool, D5
     cos_prev_raw: torch.Tensor  # (B,) float64, D7; NaN at step 0
@@ -200,7 +200,7 @@ def sample_reference(
         # D2-D3: eps_theta(x_t, t) and g_t = grad log p(y | x_in), x_in = x_t or x0_hat.
         if guidance is None:
             with torch.no_grad():
-                eps, g = eps_fn(x), torch.zeros_like(x)
+                eps, g = eps_fn(x), torch.zeros_like(x, dtype=torch.float64)
         else:
             out = guidance(eps_fn, x, t, abar, y)
             eps, g = out.eps, out.grad
@@ -385,7 +385,7 @@ def _sample_configs(
         #    source decides whether x_in is x_t or x0_hat (D2, gradient through the UNet, in
         #    float32 where D2 amplifies rounding: NetworkCalls.at).
         eps = torch.empty_like(x)
-        g = torch.zeros_like(x)
+        g = torch.zeros_like(x, dtype=torch.float64)  # guidance.unscale: no float32 underflow
         log_probs = torch.full((n_lanes * b, n_classes), nan, device=device)
         log_probs_x0 = torch.full_like(log_probs, nan)
         if shared:

@@ -89,6 +89,31 @@ def test_tiny_exact_gradient_keeps_its_direction_and_the_score_norm():
     assert torch.isclose(gtilde[2, 0, 0, 0], flat_norm(score[2:])[0], rtol=1e-6)
 
 
+def test_norms_and_cosines_of_tiny_gradients_are_exact_and_others_bit_identical():
+    """A certain classifier's float64 gradient has entries below 1e-154, whose squares leave
+    float64's normal range: the plain norm read 0 or too small, and D5 then scaled gtilde to up
+    to 7x the score's norm. flat_norm and cosine scale each row by a power of two first, which
+    changes no bit where nothing under- or overflows."""
+    gen = torch.Generator().manual_seed(7)
+    for dtype in (torch.float32, torch.float64):
+        v = torch.randn(5, 3, 8, 8, generator=gen, dtype=dtype) * torch.tensor(
+            [1e-3, 1.0, 7.5, 300.0, 1e-15], dtype=dtype).view(-1, 1, 1, 1)
+        assert torch.equal(flat_norm(v), v.flatten(1).norm(dim=1))
+        w = torch.randn_like(v)
+        a, b = v.flatten(1).double(), w.flatten(1).double()
+        assert torch.equal(cosine(v, w), (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)))
+    unit = torch.randn(2, 3, 8, 8, generator=gen, dtype=torch.float64)
+    for tiny in (1e-170, 1e-200, 1e-300):
+        h = unit * tiny
+        assert h.flatten(1).norm(dim=1).min() < 0.5 * tiny * unit.flatten(1).norm(dim=1).min()
+        torch.testing.assert_close(flat_norm(h) / tiny, flat_norm(unit), rtol=1e-6, atol=0)
+        torch.testing.assert_close(cosine(h, unit), torch.ones(2, dtype=torch.float64))
+        score = torch.randn(2, 3, 8, 8, generator=gen)
+        gtilde, vanished = normalize_guidance(h, score)
+        assert not vanished.any()
+        torch.testing.assert_close(flat_norm(gtilde), flat_norm(score))
+
+
 def test_cosine_values_and_undefined_angles():
     a = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0], [2.0, 0.0]])
     b = torch.tensor([[0.0, 3.0], [2.0, 2.0], [1.0, 0.0], [-1.0, 0.0]])
@@ -114,7 +139,8 @@ def test_classifier_gradient_on_xt_is_grad_log_softmax():
     xr = x.clone().requires_grad_(True)
     lp = torch.log_softmax(clf(xr), dim=1)
     (ref,) = torch.autograd.grad(lp[torch.arange(3), y].sum(), xr)
-    torch.testing.assert_close(out.grad, ref)
+    assert out.grad.dtype == torch.float64  # guidance.unscale: no float32 underflow
+    torch.testing.assert_close(out.grad, ref.double())
     torch.testing.assert_close(out.log_probs, lp.detach())
     torch.testing.assert_close(out.eps, 0.5 * x)
     x0 = x0_from_eps(x, 0.5 * x, torch.tensor(0.3))
@@ -137,11 +163,11 @@ def test_x0_estimate_gradient_flows_through_the_unet():
     x0 = (xr - (1 - abar).sqrt() * eps) / abar.sqrt()
     lp = torch.log_softmax(clf(x0), dim=1)
     (ref,) = torch.autograd.grad(lp[:, 1].sum(), xr)
-    torch.testing.assert_close(out.grad, ref)
+    torch.testing.assert_close(out.grad, ref.double())
     # The Jacobian of the UNet matters: ignoring it (d x0 / d x_t = 1 / sqrt(abar)) differs.
     x0d = x0.detach().requires_grad_(True)
     (g0,) = torch.autograd.grad(torch.log_softmax(clf(x0d), 1)[:, 1].sum(), x0d)
-    assert not torch.allclose(out.grad, g0 / abar.sqrt(), rtol=1e-2)
+    assert not torch.allclose(out.grad, (g0 / abar.sqrt()).double(), rtol=1e-2)
     assert torch.equal(out.log_probs, out.log_probs_x0)
 
 
@@ -175,7 +201,8 @@ def test_oracle_is_a_time_aware_classifier_and_refuses_x0_estimate():
     lp = classifier_log_probs(oracle, x, 300)
     torch.testing.assert_close(lp, oracle.log_prob(x, 300))
     out = ClassifierGuidance(oracle)(lambda v: 0 * v, x, 300, abar[300], y)
-    torch.testing.assert_close(out.grad, oracle.grad_log_prob(x, 300, y), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.grad, oracle.grad_log_prob(x, 300, y).double(), rtol=1e-4,
+                               atol=1e-6)
     with pytest.raises(GradcheckError, match="x0-estimate"):
         ClassifierGuidance(oracle, x0_estimate=True)
 
@@ -231,7 +258,8 @@ def test_guidance_through_a_saturated_classifier_keeps_its_direction():
 def test_the_networks_backward_sees_a_cotangent_of_order_one():
     """At a margin of 95 the cotangent of the logits is ~1e-41, a float32 subnormal: it enters
     the classifier's backward scaled to a largest entry in [1, 2) (a power of two) and the result
-    is scaled back, exact where the unscaled gradient is a normal float (margin 60 here)."""
+    is scaled back into float64, exact where float32 would round the gradient to a subnormal
+    (margin 95) or to 0 (margin 150, ||g|| ~ 1e-65), so D5 still applies its direction."""
     from gradcheck.guidance import logit_cotangent
 
     clf = small_classifier()
@@ -239,22 +267,25 @@ def test_the_networks_backward_sees_a_cotangent_of_order_one():
     with torch.no_grad():
         z = clf(x)
     y, top2 = z.argmax(1), z.topk(2, dim=1).values
-    for margin in (95.0, 60.0):
+    for margin in (150.0, 95.0, 60.0):
         sharp = nn.Sequential(clf, _Scale(margin / float(top2[0, 0] - top2[0, 1]))).eval()
         seen: list[torch.Tensor] = []
         sharp[1].register_full_backward_hook(lambda m, gin, gout, seen=seen: seen.append(gout[0]))
         out = ClassifierGuidance(sharp)(lambda v: 0 * v, x, 500, torch.tensor(0.3), y)
         assert 1 <= float(seen[0].abs().max()) < 2
-        if margin == 95.0:
-            continue
         xr = x.double().requires_grad_(True)  # float64 and D3's stable form: log_softmax's
         zr = sharp.double()(xr)  # backward drops 1 - p_y = 1e-26 even in float64
         margin_r = torch.logsumexp(zr.scatter(1, y[:, None], float("-inf")), 1) - zr[0, y]
         (ref,) = torch.autograd.grad(-torch.nn.functional.softplus(margin_r).sum(), xr)
         sharp.float()
-        assert 1e-30 < float(ref.norm()) < 1e-20
-        torch.testing.assert_close(out.grad.double(), ref, rtol=1e-3, atol=1e-6 * float(
-            ref.abs().max()))
+        assert 0 < float(ref.norm()) < 1e-20
+        assert out.grad.dtype == torch.float64
+        torch.testing.assert_close(out.grad, ref, rtol=1e-3, atol=1e-6 * float(ref.abs().max()))
+        score = torch.randn_like(x)
+        gtilde, vanished = normalize_guidance(out.grad, score)
+        assert not vanished.any()
+        assert cosine(gtilde, ref).item() > 0.9999
+        torch.testing.assert_close(flat_norm(gtilde), flat_norm(score))
     v, scale = logit_cotangent(torch.log_softmax(z * 50, 1), y)
     assert torch.equal(torch.log2(scale), torch.log2(scale).round())  # powers of two
 

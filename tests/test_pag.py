@@ -129,7 +129,7 @@ def test_oracle_maps_are_its_exact_gradient(tiny_data):
     noise = torch.randn(x0[:4].shape, generator=torch.Generator().manual_seed(0))
     maps = gradient_maps(oracle, x0[:4], y[:4], noise, (250,), ABAR)
     x_t = ABAR[250].sqrt() * x0[:4] + (1 - ABAR[250]).sqrt() * noise
-    torch.testing.assert_close(maps[0], oracle.grad_log_prob(x_t, 250, y[:4]))
+    torch.testing.assert_close(maps[0], oracle.grad_log_prob(x_t, 250, y[:4]).double())
 
 
 def test_pag_command_writes_tables_and_figures(tiny_data, classifier_dirs, tmp_path):

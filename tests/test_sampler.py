@@ -210,7 +210,8 @@ def test_16_bit_unet_stays_within_its_stated_tolerance(unet, clf, dtype, toleran
     assert torch.equal(first32.x_t, first16.x_t)  # same x_T
     assert not torch.equal(first32.eps, first16.eps)  # the 16-bit UNet really ran
     assert (first16.eps - first32.eps).norm() / first32.eps.norm() < tolerance
-    assert all(s.eps.dtype == s.grad_raw.dtype == torch.float32 for s in seen[dtype])
+    assert all(s.eps.dtype == s.grad_applied.dtype == torch.float32 for s in seen[dtype])
+    assert all(s.grad_raw.dtype == torch.float64 for s in seen[dtype])
     assert all(s.cos_prev_raw.dtype == torch.float64 for s in seen[dtype])
 
 
