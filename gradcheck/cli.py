@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 import signal
 import sys
+from typing import Any
 
 import typer
 
@@ -24,14 +27,17 @@ app = typer.Typer(
 )
 
 
-_DATA = C.DatasetConfig  # its fields' defaults are the options' defaults
-_EVAL = C.EvalDDPMConfig  # its fields' defaults are the options' defaults
-_METRICS = C.MetricsConfig  # its fields' defaults are the options' defaults
-_PAG = C.PagConfig  # its fields' defaults are the options' defaults
-_RUN = C.RunConfig  # its fields' defaults are the options' defaults
-_SWEEP = C.SweepConfig  # its fields' defaults are the options' defaults
-_CLF = C.TrainClassifierConfig  # its fields' defaults are the options' defaults
-_DDPM = C.TrainDDPMConfig  # its fields' defaults are the options' defaults
+# The stage configs: their fields' defaults are the options' defaults.
+_DATA, _EVAL, _METRICS, _PAG = C.DatasetConfig, C.EvalDDPMConfig, C.MetricsConfig, C.PagConfig
+_RUN, _SWEEP, _CLF, _DDPM = C.RunConfig, C.SweepConfig, C.TrainClassifierConfig, C.TrainDDPMConfig
+
+
+def _given(values: dict[str, Any], target: Any) -> dict[str, Any]:
+    """The entries of a command's ``locals()`` named like a field of the config dataclass (or a
+    parameter of the function) ``target``, None ones left out: None means that one's default."""
+    names = ({f.name for f in dataclasses.fields(target)} if dataclasses.is_dataclass(target)
+             else set(inspect.signature(target).parameters))
+    return {k: v for k, v in values.items() if k in names and v is not None}
 
 
 def _version(value: bool) -> None:
@@ -199,18 +205,7 @@ def train_ddpm_cmd(
 
     if data_root is None:
         data_root = data_root_for(UNET_PRESETS.get(preset, {}).get("sample_size", 64))
-    s = train_ddpm(TrainDDPMConfig(
-        data_root=data_root, out=out, name=name, preset=preset, max_minutes=max_minutes,
-        max_steps=max_steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
-        adam_beta1=adam_beta1, adam_beta2=adam_beta2, weight_decay=weight_decay,
-        grad_clip=grad_clip, min_snr_gamma=min_snr_gamma,
-        multiscale_weight=multiscale_weight, ema_decay=ema_decay,
-        ema_warmup=ema_warmup, hflip=hflip, max_images=max_images,
-        mixed_precision=mixed_precision, channels_last=channels_last, compile=compile, seed=seed,
-        log_every=log_every, sample_every=sample_every, sample_steps=sample_steps,
-        checkpoint_every=checkpoint_every, fp16_export=fp16_export, resume=resume,
-        init_from=init_from, device=device, overwrite=overwrite, progress=progress,
-    ))
+    s = train_ddpm(TrainDDPMConfig(**_given(locals(), TrainDDPMConfig)))
     if not s["main_process"]:
         return
     typer.echo(f"step {s['step']} ({s['steps_this_call']} this call, {s['images_seen']} images "
@@ -253,11 +248,7 @@ def eval_ddpm_cmd(
         unet_config = Path(folder) / "unet" / "config.json"
         size = load_json(unet_config).get("sample_size", 64) if unet_config.is_file() else 64
         data_root = data_root_for(int(size))
-    s = evaluate_ddpm(EvalDDPMConfig(
-        folder=folder, num_samples=num_samples, steps=steps, batch_size=batch_size, judge=judge,
-        data_root=data_root, seed=seed, device=device, mixed_precision=mixed_precision, out=out,
-        overwrite=overwrite, progress=progress,
-    ))
+    s = evaluate_ddpm(EvalDDPMConfig(**_given(locals(), EvalDDPMConfig)))
     typer.echo(f"{s['num_samples']} samples, {s['steps']} steps: white border "
                f"{s['white_border_share']:.1%}, mean-colour slope at t=T-1 "
                f"{s['mean_colour_slope']:.2f} (ideal 1)")
@@ -320,14 +311,8 @@ def train_classifier_cmd(
     from gradcheck.config import TrainClassifierConfig
     from gradcheck.train_classifier import train_classifier
 
-    folder = train_classifier(TrainClassifierConfig(
-        kind=kind, time_conditioned=time_conditioned, ddpm=ddpm, data_root=data_root, out=out,
-        name=name, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-        patience=patience, max_minutes=max_minutes, seed=seed, device=device, amp=amp, fp16=fp16,
-        attack_eps=attack_eps, attack_step_size=attack_step_size, attack_steps=attack_steps,
-        eval_samples=eval_samples, eval_pgd_steps=eval_pgd_steps,
-        eval_pgd_eps=tuple(eval_pgd_eps), overwrite=overwrite, progress=progress,
-    ))
+    eval_pgd_eps = tuple(eval_pgd_eps)
+    folder = train_classifier(TrainClassifierConfig(**_given(locals(), TrainClassifierConfig)))
     typer.echo(str(folder))
 
 
@@ -349,11 +334,7 @@ def eval_classifier_cmd(
     """Re-evaluate a classifier: rewrite accuracy_by_t.parquet and config.json's summary."""
     from gradcheck.train_classifier import evaluate_classifier
 
-    table = evaluate_classifier(
-        folder, data_root=data_root, ddpm=ddpm, eval_samples=eval_samples,
-        eval_pgd_eps=tuple(eval_pgd_eps), eval_pgd_steps=eval_pgd_steps, batch_size=batch_size,
-        seed=seed, device=device, amp=amp, progress=progress,
-    )
+    table = evaluate_classifier(**_given(locals(), evaluate_classifier))
     typer.echo(table.to_string(index=False))
 # [run: sampler.py]
 
@@ -447,15 +428,8 @@ def run_cmd(
     if adam is False and stabilizer == "adam":
         raise GradcheckError("--no-adam conflicts with --stabilizer adam; give one")
     stabilizer = "adam" if adam else stabilizer or "none"
-    extra = {k: v for k, v in (("ddpm", ddpm), ("judge", judge)) if v is not None}
-    cfg = RunConfig(
-        classifier=classifier, x0_estimate=x0_estimate, stabilizer=stabilizer,
-        normalize=normalize, normalize_to=normalize_to, diffusion_time=diffusion_time,
-        log_prob=log_prob, scale=scale, target=parse_target(target), num_samples=num_samples,
-        batch_size=batch_size, steps=steps, seed=seed, device=device, data_root=data_root,
-        cos_oracle=cos_oracle, record_vectors=record_vectors, protocol=protocol, metrics=metrics,
-        precision=precision, net_batch=net_batch, compile=compile, **extra,
-    )
+    target = parse_target(target)
+    cfg = RunConfig(**_given(locals(), RunConfig))
     logger = logging.getLogger("gradcheck")
     if not logger.handlers:
         handler = logging.StreamHandler()
@@ -495,14 +469,10 @@ def metrics_cmd(
     device: str = typer.Option(_METRICS.device, help="auto | cpu | cuda | cuda:N."),
 ) -> None:
     """Recompute a run's FID/KID/precision/recall and accuracies; rewrite its metrics files."""
-    from gradcheck.metrics import recompute_run_metrics
+    from gradcheck.metrics import RECOMPUTE_OPTIONS, recompute_run_metrics
 
-    row = recompute_run_metrics(
-        run_folder, inception_weights=inception_weights, extractor=extractor,
-        n_reference=n_reference, reference_seed=reference_seed, judge=judge,
-        data_root=data_root, kid_subset_size=kid_subset_size, n_bootstrap=n_bootstrap,
-        bootstrap_seed=bootstrap_seed, batch_size=batch_size, device=device,
-    )
+    given = locals()
+    row = recompute_run_metrics(run_folder, **{k: given[k] for k in RECOMPUTE_OPTIONS})
     ci = "{:.4g}  [{:.4g}, {:.4g}]".format
     typer.echo(f"extractor         {row['extractor']} (dim {row['feature_dim']})")
     typer.echo(f"N                 {row['n_samples']} samples vs {row['n_reference']} references "
@@ -566,15 +536,11 @@ def pag_cmd(
     from gradcheck.oracle import oracle_available
     from gradcheck.pag import run_pag
 
-    steps = _ints("timesteps", timesteps, example="0,100,250")
+    timesteps = _ints("timesteps", timesteps, example="0,100,250")
     if oracle is None and not oracle_available(data_root):
         typer.echo(f"note: no train split at {data_root}; the oracle is skipped", err=True)
-    folder = run_pag(PagConfig(
-        classifiers=_split(classifiers), oracle=oracle, data_root=data_root,
-        ddpm=ddpm, num_images=num_images, timesteps=steps, pgd_eps=pgd_eps, pgd_steps=pgd_steps,
-        pgd_step_size=pgd_step_size, seed=seed, batch_size=batch_size, device=device, out=out,
-        overwrite=overwrite,
-    ), progress=progress)
+    classifiers = _split(classifiers)
+    folder = run_pag(PagConfig(**_given(locals(), PagConfig)), progress=progress)
     typer.echo(str(folder))
 # [sweep, report: sweep.py, report/]
 
@@ -642,17 +608,8 @@ def sweep_cmd(
     if grid in SCALE_GRIDS and scale is not None:
         raise GradcheckError(f"the {grid} grid sets the scale itself; drop --scale")
     target = parse_target(target) if target is not None else None
-    given = dict(scale=scale, target=target, normalize=normalize, normalize_to=normalize_to,
-                 log_prob=log_prob,
-                 diffusion_time=diffusion_time, num_samples=num_samples,
-                 batch_size=batch_size, steps=steps, protocol=protocol, device=device, ddpm=ddpm,
-                 judge=judge, data_root=data_root, cos_oracle=cos_oracle,
-                 record_vectors=record_vectors,
-                 metrics=metrics, precision=precision, net_batch=net_batch, compile=compile)
-    base = RunConfig(**{k: v for k, v in given.items() if v is not None})
-    result = run_sweep(SweepConfig(grid=grid, seeds=seeds, shard=shard,
-                                   batch_configs=batch_configs, records=records),
-                       base, out=out, progress=progress)
+    result = run_sweep(SweepConfig(**_given(locals(), SweepConfig)),
+                       RunConfig(**_given(locals(), RunConfig)), out=out, progress=progress)
     i, n = result.shard
     typer.echo(f"sweep {grid}, shard {i}/{n}: {len(result.planned)} runs, {len(result.ran)} run "
                f"now, {len(result.skipped)} already finished, in {out}/")
