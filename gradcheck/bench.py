@@ -19,10 +19,9 @@ Measured, each the median of ``repeats`` timed repetitions after an untimed warm
   ``table1=True`` runs the full protocol (64 samples x 1,000 steps, metrics) on the shipped
   checkpoints.
 
-``--quick`` uses the tiny UNet preset at 32 x 32 and small batches so the whole bench runs in
-about a minute on a 2-core CPU; it skips compilation (about a minute of compiling alone there).
-``--full`` takes minutes on a GPU (on an H100 the training section alone 193 s, 151 of them
-compiling), so ``sections`` runs a part, and every measurement is reported as it is taken.
+``--quick`` (the tiny UNet at 32 x 32, small batches, no compiling) takes about a minute on a
+2-core CPU, ``--full`` minutes on a GPU (docs/performance.md, "The bench"); ``sections`` runs a
+part, and every measurement is reported as it is taken.
 """
 
 from __future__ import annotations
@@ -57,7 +56,6 @@ SECTIONS = ("dataset", "training", "unet", "sampling", "pipeline", "fid", "table
             "table1-cpu")
 DEFAULT_SECTIONS = SECTIONS[:-1]
 """What a bench without ``--sections`` runs: table1-cpu takes minutes and the 32x32 data set."""
-"""What ``run_bench`` measures by default, in order (``--table1`` adds the full protocol)."""
 UNET_PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 UNET_LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 UNET_PASSES = ("forward", "forward+grad")
@@ -176,7 +174,8 @@ def _guidance(mode: str, clf: nn.Module):
 # ---- the sections ------------------------------------------------------------------------------
 
 
-def bench_dataset(sizes: BenchSizes) -> dict[str, Any]:
+def bench_dataset(sizes: BenchSizes, say: Callable[[str], None] = lambda _: None
+                  ) -> dict[str, Any]:
     """Images/s of ``generate_dataset`` writing a small data set to a temporary folder."""
     from gradcheck.data.sportballs import generate_dataset
 
@@ -184,7 +183,8 @@ def bench_dataset(sizes: BenchSizes) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = generate_dataset(Path(tmp) / "d", n_train=n - 2 * (n // 10), n_val=n // 10,
                                n_test=n // 10, progress=False)
-    return {"images": n, "images_per_s": out["images_per_s"]}
+    say(_dataset_line(row := {"images": n, "images_per_s": out["images_per_s"]}))
+    return row
 
 
 def benchmark_training(
@@ -266,7 +266,8 @@ def benchmark_training(
         }
 
 
-def bench_training(sizes: BenchSizes, device: torch.device) -> dict[str, Any]:
+def bench_training(sizes: BenchSizes, device: torch.device,
+                   say: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """Training images/s, eager (and compiled when the sizes ask for it)."""
     out: dict[str, Any] = {"preset": sizes.preset, "batch_size": sizes.train_batch}
     for compiled in ((False, True) if sizes.compile else (False,)):
@@ -280,6 +281,7 @@ def bench_training(sizes: BenchSizes, device: torch.device) -> dict[str, Any]:
     if not sizes.compile:
         out["compiled_images_per_s"] = None
         out["compiled_note"] = "skipped by --quick (compiling alone takes about a minute on a CPU)"
+    say(_training_line(out))
     return out
 
 
@@ -457,9 +459,10 @@ def bench_sampling(
 
 def bench_pipeline(
     sizes: BenchSizes, device: torch.device, repeats: int, precision: str,
+    sampling: Sequence[dict[str, Any]] = (), say: Callable[[str], None] = lambda _: None,
 ) -> list[dict[str, Any]]:
     """Steps/s of a plain diffusers DDPMPipeline loop (the unguided baseline), at the same
-    precision as the sampler's."""
+    precision as the sampler's, and the ratio of the unguided ``sampling`` rows' to it."""
     from diffusers import DDPMPipeline
 
     from gradcheck.numerics import NetworkCalls
@@ -476,9 +479,13 @@ def bench_pipeline(
                 pipe(batch_size=batch, generator=torch.Generator().manual_seed(0),
                      num_inference_steps=sizes.sampling_steps, output_type="np")
 
-        seconds = _median_time(loop, device, repeats)
-        rows.append({"batch": batch, "steps_per_s": sizes.sampling_steps / seconds,
-                     "precision": precision})
+        steps_per_s = sizes.sampling_steps / _median_time(loop, device, repeats)
+        ours = next((r for r in sampling if r["batch"] == batch and r["mode"] == "unguided"
+                     and r["recorder"] == "off"), None)
+        rows.append({"batch": batch, "steps_per_s": steps_per_s, "precision": precision,
+                     "gradcheck_unguided_ratio": ours["steps_per_s"] / steps_per_s if ours
+                     else None})
+        say(_pipeline_line(rows[-1]))
     return rows
 
 
@@ -706,42 +713,27 @@ def run_bench(
         "peak_tflops": device_peak_tflops(dev, precision),
         **{k: v for k, v in run_metadata(dev).items() if k in ("hardware", "torch", "diffusers")},
     }
+    measure: dict[str, tuple[str, Callable[[], Any]]] = {  # what each says, then measures
+        "dataset": ("data set generation", lambda: bench_dataset(sizes, say)),
+        "training": ("DDPM training", lambda: bench_training(sizes, dev, say)),
+        "unet": ("the UNet alone, per precision, layout, autotuning and pass",
+                 lambda: bench_unet(sizes, dev, repeats, say)),
+        "sampling": ("sampling",
+                     lambda: bench_sampling(sizes, dev, repeats, precision, recorders, say)),
+        "pipeline": ("diffusers DDPMPipeline baseline", lambda: bench_pipeline(
+            sizes, dev, repeats, precision, result.get("sampling", ()), say)),
+        "fid": ("FID 64 vs 64", lambda: bench_fid(dev, repeats)),
+        "table1-mini": ("Table 1 configurations together vs one by one",
+                        lambda: bench_table1(sizes, dev, precision, full=False)),
+        "table1-cpu": ("Table 1 at 32x32 on the CPU: float32 eager vs the default",
+                       lambda: bench_table1_cpu(sizes.sampling_steps, repeats, say)),
+        "table1": ("Table 1 protocol (64 samples x 1,000 steps, 8 configurations, metrics)",
+                   lambda: bench_table1(sizes, dev, precision, full=True)),
+    }
     start = time.perf_counter()
-    if "dataset" in sections:
-        say("data set generation")
-        result["dataset"] = bench_dataset(sizes)
-        say(_dataset_line(result["dataset"]))
-    if "training" in sections:
-        say("DDPM training")
-        result["training"] = bench_training(sizes, dev)
-        say(_training_line(result["training"]))
-    if "unet" in sections:
-        say("the UNet alone, per precision, layout, autotuning and pass")
-        result["unet"] = bench_unet(sizes, dev, repeats, say)
-    if "sampling" in sections:
-        say("sampling")
-        result["sampling"] = bench_sampling(sizes, dev, repeats, precision, recorders, say)
-    if "pipeline" in sections:
-        say("diffusers DDPMPipeline baseline")
-        result["pipeline"] = bench_pipeline(sizes, dev, repeats, precision)
-        for row in result["pipeline"]:
-            ours = next((r for r in result.get("sampling", []) if r["batch"] == row["batch"]
-                         and r["mode"] == "unguided" and r["recorder"] == "off"), None)
-            row["gradcheck_unguided_ratio"] = (ours["steps_per_s"] / row["steps_per_s"]
-                                               if ours else None)  # needs "sampling" too
-            say(_pipeline_line(row))
-    if "fid" in sections:
-        say("FID 64 vs 64")
-        result["fid"] = bench_fid(dev, repeats)
-    if "table1-mini" in sections:
-        say("Table 1 configurations together vs one by one")
-        result["table1_mini"] = bench_table1(sizes, dev, precision, full=False)
-    if "table1-cpu" in sections:
-        say("Table 1 at 32x32 on the CPU: float32 eager vs the default")
-        result["table1_cpu"] = bench_table1_cpu(sizes.sampling_steps, repeats, say)
-    if table1:
-        say("Table 1 protocol (64 samples x 1,000 steps, 8 configurations, metrics)")
-        result["table1"] = bench_table1(sizes, dev, precision, full=True)
+    for name in (*sections, *(("table1",) if table1 else ())):
+        say(measure[name][0])
+        result[name.replace("-", "_")] = measure[name][1]()
     result["total_s"] = time.perf_counter() - start
     return result
 

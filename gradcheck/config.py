@@ -65,8 +65,7 @@ class TrainDDPMConfig:
     preset: str = "paper"  # models.UNET_PRESETS; its sample_size must equal the image size
     max_minutes: float | None = None  # wall-clock budget of this call: the usual stop on a GPU
     max_steps: int | None = None  # total optimiser steps (counted across --resume / --init-from)
-    # global; 2x the training notes' 128 (docs/scales.md) fills an H100, halves gradient noise
-    batch_size: int = 256
+    batch_size: int = 256  # global; the defaults' reasons: docs/scales.md, "The recipe"
     lr: float = 5e-4  # AdamW peak; the notes' 2e-4 at batch 128, a bit above linear for 2x batch
     warmup_steps: int = 250  # linear warm-up from 0 (restarts with a fresh optimiser)
     adam_beta1: float = 0.9  # Kingma & Ba default
@@ -74,18 +73,14 @@ class TrainDDPMConfig:
     weight_decay: float = 0.0  # DDPM/EDM use none; decay only slows a short run
     grad_clip: float = 1.0  # max global grad norm (diffusers scripts); guards the high lr
     min_snr_gamma: float = 5.0  # Min-SNR-gamma weighting min(SNR, g)/SNR (Hang et al. 2023); 0=off
-    # + w * low-frequency error (Hoogeboom et al. 2023): a colour offset is only 1/(H W) of the
-    # plain loss, so the UNet learns late to remove the noise's mean colour (the tints). 32x32
-    # CPU proxy, white borders at 3k steps: 39% -> 64% with 0.03; 1.5k more steps from the 39%
-    # model: 78% without, 98% with it. 0.02 keeps that gradient balance at 64x64. 0 = plain.
+    # + w * low-frequency error (Hoogeboom et al. 2023; docs/scales.md, "The recipe"); 0 = plain
     multiscale_weight: float = 0.0  # off until a GPU A/B at 64x64 (sportballs-v1 used 0)
     ema_decay: float = 0.9995  # the training notes (docs/scales.md); the warm-up's ceiling
     ema_warmup: bool = True  # decay = min(ema_decay, (1+step)/(10+step)): early exports usable
     hflip: bool = False  # off: the volleyball is chiral, a flip draws one the data never has
     max_images: int | None = None  # use only the first N training images (overfitting checks)
-    # auto = bf16 autocast on a GPU; on a CPU bf16 where a timed probe finds it >= 1.2x faster
-    # (AVX-512/AMX: 2.8x for the small32 preset), float32 elsewhere. Recorded per sitting.
-    mixed_precision: str = "auto"  # auto | bf16 | no
+    # auto = bf16 autocast on a GPU; on a CPU bf16 where a timed probe finds it >= 1.2x faster,
+    mixed_precision: str = "auto"  # float32 elsewhere; recorded per sitting. auto | bf16 | no
     channels_last: bool = True  # NHWC: faster bf16 convs; eager GroupNorm may copy (benchmark)
     compile: bool = False  # torch.compile the UNet: 1.81x images/s on an H100 after 151 s
     seed: int = 0  # model init, batch indices, flips, timesteps and noise
@@ -161,9 +156,8 @@ class RunConfig:
     x0_estimate: bool = False  # D2 (GradCheck Eq. 3): the classifier sees x0_hat
     stabilizer: str = "none"  # D4 registry (none, adam, ema, rmsprop, adam-nobias); --adam = adam
     normalize: bool = True  # D5 (GradCheck Eq. 2), the paper's setting for every experiment
-    # D5's reference norm: score (docs/maths.md D5) | eps (Augustin et al.'s code scales to
-    # ||eps_theta|| = sqrt(1 - abar_t) ||score||: weaker at low noise, x1/13 at t = 20). score
-    # stays the default: the d5-norm grid found neither better at its best scale (README).
+    # D5's reference norm: score | eps (Augustin et al.'s code; docs/maths.md D5). score stays
+    # the default: the d5-norm grid found neither better at its best scale (README).
     normalize_to: str = "score"
     # D3's objective: stable (exact at any margin) | log-softmax (autograd through log_softmax,
     # which drops the target logit's term once p(y | x) rounds to 1 in float32; guidance.py).
@@ -171,10 +165,8 @@ class RunConfig:
     # D4': stabiliser betas in diffusion time, beta ** (T // steps) (same as the paper at
     # steps = T); False counts sampler steps, which drove 50-step ADAM chains to noise.
     diffusion_time: bool = True
-    # s of D6. The paper's value is lost from our copy (App. C.1). Under D5, gtilde has the norm
-    # of the score, so s * sigma_t^2 * gtilde moves the mean as far as the DDPM's own score term
-    # (beta_t / sqrt(alpha_t)) * score does when s = 1: the guidance pulls as hard as the
-    # denoiser. s = 1 is that scale-free balance point; re-tune with `gradcheck sweep`.
+    # s of D6; the paper's value is lost from our copy (App. C.1). Under D5, s = 1 pulls as hard
+    # as the denoiser (docs/maths.md D6): the scale-free balance point; re-tune with a sweep.
     scale: float = 1.0
     # baseball: GradCheck App. C, the class of every paper experiment. A class name is taken too
     # and resolved to its index (runner.resolve_config), so run ids do not depend on the spelling.
@@ -196,13 +188,8 @@ class RunConfig:
     record_vectors: str = "subset"  # none | subset (8 samples, every 10th step) | all
     protocol: str = "auto"  # auto (sizes above) | paper (64 x 1000) | reduced (8 x 50, opt-in)
     metrics: bool = True  # metrics.json via gradcheck.metrics at the end of the run
-    # How the networks run (numerics.NetworkCalls). fp32 = true float32 (TF32 off on a GPU); tf32
-    # (GPU), bf16 and fp16 (UNet autocast) are faster but corrupt x0-estimate gradients at high
-    # noise. auto: on a GPU a float16 UNet and TF32 except x0-estimate gradients where D2
-    # amplifies rounding (t >= 700), which stay float32; on a CPU a bf16 UNet for the calls no
-    # gradient passes through and float32 for every x0-estimate gradient (NetworkCalls's
-    # docstring has the numbers). None = auto on a CPU, fp32 on a GPU. Guidance maths are always
-    # fp32/fp64.
+    # How the networks run (numerics.NetworkCalls, the `run --precision` help; the CPU's numbers:
+    # docs/performance.md). None = auto on a CPU, fp32 on a GPU. Guidance maths: fp32/fp64.
     precision: str | None = None  # fp32 | tf32 | bf16 | fp16 | auto
     # Rows per network call (pieces padded to it): samples are bit-identical for every batch
     # size and for configurations sampled together. None = 64 (on a CPU at most num_samples).

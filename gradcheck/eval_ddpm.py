@@ -29,6 +29,7 @@ from gradcheck.utils import (
     GradcheckError,
     atomic_output_dir,
     check_choice,
+    check_fields,
     check_positive,
     check_seed,
     randn_per_sample,
@@ -176,9 +177,8 @@ def _fid_kid(
 def evaluate_ddpm(config: EvalDDPMConfig | None = None, **overrides: Any) -> dict[str, Any]:
     """Sample a DDPM folder and measure white borders, judge classes and FID/KID -> summary."""
     cfg = dataclasses.replace(config or EvalDDPMConfig(), **overrides)
-    check_positive("num_samples", cfg.num_samples)
+    check_fields(cfg, "num_samples", "batch_size")
     check_seed(cfg.seed)
-    check_positive("batch_size", cfg.batch_size)
     sampling_bf16(cfg.mixed_precision, torch.device("cpu"))  # checks the choice
     device = resolve_device(cfg.device)
     unet, scheduler = load_ddpm(cfg.folder)

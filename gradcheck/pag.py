@@ -46,7 +46,7 @@ from gradcheck.train_classifier import load_noise_schedule
 from gradcheck.utils import (
     GradcheckError,
     atomic_output_dir,
-    check_positive,
+    check_fields,
     check_seed,
     load_json,
     randn_per_sample,
@@ -223,14 +223,8 @@ def select_images(labels: np.ndarray, num_per_class: int, seed: int) -> np.ndarr
 
 
 def _check_config(cfg: PagConfig) -> None:
-    check_positive("num_images", cfg.num_images)
+    check_fields(cfg, "num_images", "batch_size", "pgd_steps", "pgd_eps", "pgd_step_size")
     check_seed(cfg.seed)
-    check_positive("batch_size", cfg.batch_size)
-    check_positive("pgd_steps", cfg.pgd_steps)
-    if cfg.pgd_eps is not None:
-        check_positive("pgd_eps", cfg.pgd_eps)
-    if cfg.pgd_step_size is not None:
-        check_positive("pgd_step_size", cfg.pgd_step_size)
     if not cfg.timesteps:
         raise GradcheckError("timesteps must name at least one t")
     if not cfg.classifiers and cfg.oracle is False:

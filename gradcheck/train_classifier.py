@@ -51,6 +51,7 @@ from gradcheck.utils import (
     GradcheckError,
     atomic_output_dir,
     check_choice,
+    check_fields,
     check_folder_name,
     check_positive,
     check_seed,
@@ -91,18 +92,14 @@ def _check_config(cfg: TrainClassifierConfig) -> None:
             f"--time-conditioned needs noisy training (kind robust or adversarial), "
             f"not kind {cfg.kind!r}"
         )
-    for name in ("epochs", "batch_size", "lr", "patience", "eval_samples"):
-        check_positive(name, getattr(cfg, name))
-    for name in ("weight_decay", "attack_eps", "attack_step_size", "attack_steps",
-                 "eval_pgd_steps"):
-        check_positive(name, getattr(cfg, name), allow_zero=True)
-    if cfg.max_minutes is not None:
-        check_positive("max_minutes", cfg.max_minutes)
+    check_fields(cfg, "epochs", "batch_size", "lr", "patience", "eval_samples")
+    check_fields(cfg, "weight_decay", "attack_eps", "attack_step_size", "attack_steps",
+                 "eval_pgd_steps", allow_zero=True)
+    check_fields(cfg, "max_minutes")
     for e in cfg.eval_pgd_eps:
         check_positive("eval_pgd_eps", e, allow_zero=True)
     if cfg.kind == "adversarial":  # an attack of 0 steps or radius 0 trains a plain classifier
-        for name in ("attack_eps", "attack_step_size", "attack_steps"):
-            check_positive(name, getattr(cfg, name))
+        check_fields(cfg, "attack_eps", "attack_step_size", "attack_steps")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,9 +390,8 @@ def train_classifier(cfg: TrainClassifierConfig | None = None, **overrides: Any)
         torch.manual_seed(cfg.seed)
         model = make_classifier(arch, cfg.time_conditioned).to(device)
         for m in model.modules():
-            # torchvision's MobileNetV3 BatchNorm momentum (0.01) lets the running statistics
-            # lag ~100 steps behind the weights; the adversarial kind attacks the eval-mode model
-            # during training, so track faster. The momentum is not in the state dict.
+            # Faster than torchvision's 0.01 (see recalibrate_batchnorm): the adversarial kind
+            # attacks the eval-mode model during training. Not in the state dict.
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.momentum = 0.1
         gen = torch.Generator(device=device).manual_seed(cfg.seed)

@@ -8,17 +8,9 @@ Layout for ``--out OUT --name NAME``::
                                             model/ema/optimizer/rng .safetensors, train_log.parquet
     OUT/NAME/train_state/ddpm/samples/      a grid of EMA samples every --sample-every steps
 
-The recipe targets what limits the plain loop of docs/scales.md's training notes in a short
-budget. An EMA at a fixed decay of 0.9995 still holds 0.9995^4716 = 9% of the random
-initialisation after that loop's 4,716 steps; with
-the decay warmed up it averages only recent weights. The UNet's GroupNorms make the noise's
-per-channel mean (a colour offset) hard to pass through, and in the plain loss that offset is
-only 1/(H W) of the error, so it is learned last and samples keep random background tints. A
-multiscale loss term (Hoogeboom et al. 2023) weights the low-frequency error at the noise's own
-scale; :func:`gradcheck.eval_ddpm.mean_colour_slope` measures what it fixes. Min-SNR-gamma
-weighting keeps the easy low-noise steps from drowning out the high-noise ones.
-Batch 256 at a higher learning rate fills the GPU. The hot loop keeps the whole data set on the
-device as uint8 and draws batches by index: no DataLoader, no per-image Python.
+The recipe (EMA with warm-up, multiscale loss, Min-SNR-gamma, batch 256) and why: docs/scales.md,
+"The recipe". The hot loop keeps the whole data set on the device as uint8 and draws batches by
+index: no DataLoader, no per-image Python.
 """
 
 from __future__ import annotations
@@ -51,6 +43,7 @@ from gradcheck.utils import (
     GradcheckError,
     atomic_output_dir,
     check_choice,
+    check_fields,
     check_folder_name,
     check_positive,
     check_seed,
@@ -438,14 +431,10 @@ def _check_config(cfg: TrainDDPMConfig) -> None:
     check_choice("mixed_precision", cfg.mixed_precision, MIXED_PRECISION)
     check_seed(cfg.seed)
     check_folder_name("checkpoint set name", cfg.name)
-    for name in ("batch_size", "lr", "log_every", "sample_steps", "ema_decay"):
-        check_positive(name, getattr(cfg, name))
-    for name in ("warmup_steps", "weight_decay", "grad_clip", "min_snr_gamma",
-                 "multiscale_weight", "sample_every", "checkpoint_every"):
-        check_positive(name, getattr(cfg, name), allow_zero=True)
-    for name in ("max_minutes", "max_steps", "max_images"):
-        if getattr(cfg, name) is not None:
-            check_positive(name, getattr(cfg, name))
+    check_fields(cfg, "batch_size", "lr", "log_every", "sample_steps", "ema_decay")
+    check_fields(cfg, "warmup_steps", "weight_decay", "grad_clip", "min_snr_gamma",
+                 "multiscale_weight", "sample_every", "checkpoint_every", allow_zero=True)
+    check_fields(cfg, "max_minutes", "max_steps", "max_images")
     if cfg.max_minutes is None and cfg.max_steps is None:
         raise GradcheckError("give --max-minutes (wall-clock budget) or --max-steps (or both)")
     if not 0 < cfg.ema_decay < 1:

@@ -46,6 +46,13 @@ def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
         raise GradcheckError(f"{name} must be {bound}, got {value}")
 
 
+def check_fields(cfg: Any, *names: str, allow_zero: bool = False) -> None:
+    """:func:`check_positive` on each named field of ``cfg`` that is set (None: not given)."""
+    for name in names:
+        if getattr(cfg, name) is not None:
+            check_positive(name, getattr(cfg, name), allow_zero)
+
+
 def check_folder_name(what: str, name: str) -> None:
     """Raise unless ``name`` is one plain folder name: not empty, no path separator, no leading
     dot (so it cannot escape its parent or hide as a temporary folder)."""
