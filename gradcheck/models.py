@@ -26,9 +26,7 @@ from gradcheck.utils import (
     save_json,
 )
 
-# ---------------------------------------------------------------------------------------------
-# DDPM
-# ---------------------------------------------------------------------------------------------
+# ---- DDPM ---------------------------------------------------------------------------------------
 
 UNET_PRESETS: dict[str, dict[str, Any]] = {
     # GradCheck App. B: ~22.5M parameters (this gives 22.41M), diffusers UNet2DModel.
@@ -113,9 +111,7 @@ def load_ddpm(folder: str | Path) -> tuple[UNet2DModel, DDPMScheduler]:
     return unet.float().eval(), scheduler
 
 
-# ---------------------------------------------------------------------------------------------
-# Classifiers
-# ---------------------------------------------------------------------------------------------
+# ---- Classifiers --------------------------------------------------------------------------------
 
 CLASSIFIER_KINDS = ("nonrobust", "robust", "adversarial", "judge")
 """The registry of classifier kinds: a shipped set has one folder per kind."""

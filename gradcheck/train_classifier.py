@@ -102,9 +102,7 @@ def _check_config(cfg: TrainClassifierConfig) -> None:
         check_fields(cfg, "attack_eps", "attack_step_size", "attack_steps")
 
 
-# ---------------------------------------------------------------------------------------------
-# DDPM pieces: the noise schedule (training) and the UNet (D2 evaluation)
-# ---------------------------------------------------------------------------------------------
+# ---- DDPM pieces: the noise schedule (training) and the UNet (D2 evaluation) --------------------
 
 
 def _autocast(device: torch.device, amp: bool):
@@ -159,9 +157,7 @@ def x0_estimate(
     return (x_t - math.sqrt(1 - abar) * eps) / math.sqrt(abar)
 
 
-# ---------------------------------------------------------------------------------------------
-# Batches
-# ---------------------------------------------------------------------------------------------
+# ---- Batches ------------------------------------------------------------------------------------
 
 
 def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -259,9 +255,7 @@ def predict(
     return tuple(torch.cat(c) for c in zip(*out, strict=True))
 
 
-# ---------------------------------------------------------------------------------------------
-# Evaluation: accuracy_by_t.parquet
-# ---------------------------------------------------------------------------------------------
+# ---- Evaluation: accuracy_by_t.parquet ----------------------------------------------------------
 
 
 def evaluate(
@@ -348,9 +342,7 @@ def evaluate(
     return table, summary
 
 
-# ---------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------
+# ---- Training -----------------------------------------------------------------------------------
 
 
 def _lr_factor(step: int, total: int) -> float:

@@ -64,9 +64,7 @@ MIXED_PRECISION = ("auto", "bf16", "no")
 CPU_BF16_MIN_SPEEDUP = 1.2  # auto on a CPU: bf16 only where it trains this much faster
 
 
-# ---------------------------------------------------------------------------------------------
-# Recipe pieces (pure functions of the step)
-# ---------------------------------------------------------------------------------------------
+# ---- Recipe pieces (pure functions of the step) -------------------------------------------------
 
 
 def lr_at(step: int, lr: float, warmup_steps: int) -> float:
@@ -117,9 +115,7 @@ class WeightAverage:
         )
 
 
-# ---------------------------------------------------------------------------------------------
-# Data and the hot loop
-# ---------------------------------------------------------------------------------------------
+# ---- Data and the hot loop ----------------------------------------------------------------------
 
 
 def load_train_images(
@@ -249,9 +245,7 @@ class TrainStep:
         return torch.stack([loss.detach(), mse.mean().detach(), grad_norm.detach()])
 
 
-# ---------------------------------------------------------------------------------------------
-# Export and train state (safetensors for tensors, JSON for the rest; never pickle)
-# ---------------------------------------------------------------------------------------------
+# ---- Export and train state (safetensors for tensors, JSON for the rest; never pickle) ----------
 
 
 def export_ddpm(
@@ -421,9 +415,7 @@ def _load_init(folder: str | Path, preset: str) -> dict[str, Any]:
     }
 
 
-# ---------------------------------------------------------------------------------------------
-# The training command
-# ---------------------------------------------------------------------------------------------
+# ---- The training command -----------------------------------------------------------------------
 
 
 def _check_config(cfg: TrainDDPMConfig) -> None:

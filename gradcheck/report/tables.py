@@ -65,9 +65,7 @@ PROPORTIONS = ("accuracy_guiding", "accuracy_judge")
 """Metrics that are shares: their intervals over seeds are clipped to [0, 1]."""
 
 
-# ---------------------------------------------------------------------------------------------
-# Statistics
-# ---------------------------------------------------------------------------------------------
+# ---- Statistics ---------------------------------------------------------------------------------
 
 
 def interval(values: Iterable[float], proportion: bool = False) -> tuple[float, float, float]:
@@ -122,9 +120,7 @@ def pool_step_stats(stats: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
     return g.drop(columns=["_sum", "_sq"])
 
 
-# ---------------------------------------------------------------------------------------------
-# Runs and configurations
-# ---------------------------------------------------------------------------------------------
+# ---- Runs and configurations --------------------------------------------------------------------
 
 
 def lookup(d: dict[str, Any], key: str) -> Any:
@@ -264,9 +260,7 @@ def _ranges(values: Sequence[int]) -> str:
     return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in out)  # type: ignore[misc]
 
 
-# ---------------------------------------------------------------------------------------------
-# Table 1
-# ---------------------------------------------------------------------------------------------
+# ---- Table 1 ------------------------------------------------------------------------------------
 
 
 def table1_protocol(runs: pd.DataFrame) -> dict[str, Any]:
@@ -416,9 +410,7 @@ def format_table1(t1: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-# ---------------------------------------------------------------------------------------------
-# Findings
-# ---------------------------------------------------------------------------------------------
+# ---- Findings -----------------------------------------------------------------------------------
 
 
 def _select(runs: pd.DataFrame, classifier: str, x0: bool, stabilizer: str) -> pd.DataFrame:
@@ -646,9 +638,7 @@ def _kawar_scales(runs: pd.DataFrame, protocol: dict[str, Any]) -> tuple[str, st
                              + "; ".join(text))
 
 
-# ---------------------------------------------------------------------------------------------
-# Scale sweep
-# ---------------------------------------------------------------------------------------------
+# ---- Scale sweep --------------------------------------------------------------------------------
 
 
 def scale_curves(runs: pd.DataFrame) -> pd.DataFrame:
@@ -684,9 +674,7 @@ def accuracy_pivot(acc: pd.DataFrame) -> pd.DataFrame:
     return wide.reset_index()
 
 
-# ---------------------------------------------------------------------------------------------
-# Text output
-# ---------------------------------------------------------------------------------------------
+# ---- Text output --------------------------------------------------------------------------------
 
 
 def to_markdown(df: pd.DataFrame, floatfmt: str = ".4g") -> str:
