@@ -28,42 +28,26 @@ from gradcheck.utils import (
 
 # ---- DDPM ---------------------------------------------------------------------------------------
 
+_RGB = dict(in_channels=3, out_channels=3, attention_head_dim=8)  # every preset's
 UNET_PRESETS: dict[str, dict[str, Any]] = {
     # GradCheck App. B: ~22.5M parameters (this gives 22.41M), diffusers UNet2DModel.
     "paper": dict(
-        sample_size=64,
-        in_channels=3,
-        out_channels=3,
-        layers_per_block=2,
-        block_out_channels=(64, 128, 192, 256),
+        sample_size=64, **_RGB, layers_per_block=2, block_out_channels=(64, 128, 192, 256),
         down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
         up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=8,
     ),
-    # The CPU scale (docs/scales.md): 32x32, 3.15M parameters, 0.56 GFLOP per forward; attention
-    # only at 8x8 and 4x4, where it is cheap. Trains in about an hour on two CPU cores.
+    # The CPU scale (docs/scales.md): 32x32, 3.15M parameters; attention only at 8x8 and 4x4.
     "small32": dict(
-        sample_size=32,
-        in_channels=3,
-        out_channels=3,
-        layers_per_block=1,
-        block_out_channels=(32, 64, 64, 128),
+        sample_size=32, **_RGB, layers_per_block=1, block_out_channels=(32, 64, 64, 128),
         down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
         up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-        attention_head_dim=8,
         norm_num_groups=8,
     ),
     # For CPU tests: same block types in miniature, 32x32 images.
     "tiny": dict(
-        sample_size=32,
-        in_channels=3,
-        out_channels=3,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
+        sample_size=32, **_RGB, layers_per_block=1, block_out_channels=(8, 16),
         down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=8,
-        norm_num_groups=8,
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
     ),
 }
 

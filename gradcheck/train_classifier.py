@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -50,6 +49,7 @@ from gradcheck.paths import default_data_root
 from gradcheck.utils import (
     GradcheckError,
     atomic_output_dir,
+    atomic_output_file,
     check_choice,
     check_fields,
     check_folder_name,
@@ -547,9 +547,8 @@ def evaluate_classifier(
     )
     config.update(summary, noise_schedule_source=source, evaluated_with=run_metadata(dev))
     write_parquet(table, folder / "accuracy_by_t.parquet", config)
-    tmp = folder / ".config.json.tmp"
-    save_json(tmp, config)
-    os.replace(tmp, folder / "config.json")
+    with atomic_output_file(folder / "config.json", overwrite=True) as tmp:
+        save_json(tmp, config)
     return table
 
 

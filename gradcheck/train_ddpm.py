@@ -37,7 +37,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from gradcheck.config import TrainDDPMConfig, config_to_dict
-from gradcheck.eval_ddpm import sample_images
+from gradcheck.eval_ddpm import MIXED_PRECISION, sample_images
 from gradcheck.models import UNET_PRESETS, load_ddpm, make_scheduler, make_unet
 from gradcheck.utils import (
     GradcheckError,
@@ -47,6 +47,7 @@ from gradcheck.utils import (
     check_folder_name,
     check_positive,
     check_seed,
+    from_uint8,
     load_json,
     refuse_pickle,
     resolve_device,
@@ -60,7 +61,6 @@ GRID_SAMPLES = 16
 STATE_FORMAT = 1
 LOG_COLUMNS = ("step", "loss", "mse", "grad_norm", "lr", "images_per_s")
 MULTISCALE_SIZES = (1, 2, 4, 8)  # pooled sizes: the per-channel mean (1) up to 8 x 8 cells
-MIXED_PRECISION = ("auto", "bf16", "no")
 CPU_BF16_MIN_SPEEDUP = 1.2  # auto on a CPU: bf16 only where it trains this much faster
 
 
@@ -208,8 +208,7 @@ class TrainStep:
         """A batch (B, 3, H, W) in [-1, 1], drawn with replacement, optionally mirrored."""
         g, dev = self.generator, self.device
         idx = torch.randint(len(self.images), (self.batch_size,), generator=g, device=dev)
-        x0 = self.images[idx.to(self.images.device)].to(dev, non_blocking=True)
-        x0 = x0.float() / 127.5 - 1
+        x0 = from_uint8(self.images[idx.to(self.images.device)].to(dev, non_blocking=True))
         if self.hflip:
             flip = torch.rand(self.batch_size, generator=g, device=dev) < 0.5
             x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)

@@ -33,10 +33,8 @@ from gradcheck.report import tables as T
 from gradcheck.report.paper import PAPER_CLASSIFIER_ACCURACY, PAPER_PROTOCOL
 from gradcheck.utils import GradcheckError, atomic_output_dir, load_json, read_image_grid
 
-RUN_MARKERS = ("config.json", "steps.parquet")
 RECORD_STEPS = "step_stats.parquet"  # a compact record's per-step summaries (tables.step_stats)
 RECORD_SAMPLES = "samples_head.npy"  # first samples of records written before samples.png sufficed
-"""Files that make a folder a run folder (the runner writes a run atomically)."""
 
 _REPO_ROOT = str(Path(__file__).resolve().parents[2])
 """The checkout the package runs from: records name paths inside it relative to it."""
@@ -615,12 +613,10 @@ def write_report(sections: Sequence[Section], folder: Path) -> None:
         md += [f"## {sec.title}", ""]
         doc.append(f"<h2>{html.escape(sec.title)}</h2>")
         for b in sec.blocks:
-            if b.kind == "text":
-                md += [b.text, ""]
-                doc.append(f"<p>{_inline_html(b.text)}</p>")
-            elif b.kind == "note":
-                md += [f"*{b.text}*", ""]
-                doc.append(f"<p class=\"note\">{_inline_html(b.text)}</p>")
+            if b.kind in ("text", "note"):
+                md += [b.text if b.kind == "text" else f"*{b.text}*", ""]
+                attr = ' class="note"' if b.kind == "note" else ""
+                doc.append(f"<p{attr}>{_inline_html(b.text)}</p>")
             elif b.kind == "table":
                 assert b.table is not None and b.data is not None
                 b.data.to_csv(folder / "tables" / f"{b.name}.csv", index=False)

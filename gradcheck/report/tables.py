@@ -101,8 +101,7 @@ def step_stats(steps: pd.DataFrame) -> pd.DataFrame:
         subset=["value"]
     )
     g = long.groupby(["step", "t", "quantity"])["value"]
-    out = pd.DataFrame({"n": g.count(), "mean": g.mean(), "std": g.std(ddof=0)}).reset_index()
-    return out
+    return pd.DataFrame({"n": g.count(), "mean": g.mean(), "std": g.std(ddof=0)}).reset_index()
 
 
 def pool_step_stats(stats: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
@@ -141,8 +140,7 @@ def run_row(
     :func:`step_stats` of its steps.parquet (fallback for the mean cosines)."""
     row: dict[str, Any] = {"run_id": run_id, "path": str(path)}
     for k in ("seed", *CONFIG_KEYS):
-        v = metrics.get(k, lookup(config, k))
-        row[k] = v
+        row[k] = metrics.get(k, lookup(config, k))
     for k in METRIC_COLUMNS:
         v = metrics.get(k)
         row[k] = float(v) if v is not None else math.nan
@@ -154,9 +152,7 @@ def run_row(
             )
     for k, default in VARIANT_DEFAULTS.items():
         row[k] = default if row[k] is None else row[k]
-    row["extractor"] = metrics.get("extractor")
-    row["reference_split"] = metrics.get("reference_split")
-    for k in ("n_samples", "n_reference", "image_size"):
+    for k in ("extractor", "reference_split", "n_samples", "n_reference", "image_size"):
         row[k] = metrics.get(k)
     row["hardware"] = metrics.get("hardware") or lookup(config, "hardware")
     wall = metrics.get("wall_time_s", lookup(config, "wall_time_s"))
@@ -166,18 +162,14 @@ def run_row(
 
 def runs_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
     """The run table: typed columns, a ``config`` key and a readable ``label`` per run."""
-    df = pd.DataFrame(list(rows), columns=list(RUN_COLUMNS))
-    df["x0_estimate"] = df["x0_estimate"].astype(bool)
-    df["normalize"] = df["normalize"].astype(bool)
+    df = pd.DataFrame(list(rows), columns=list(RUN_COLUMNS)).astype(
+        {"x0_estimate": bool, "normalize": bool, "classifier": str, "stabilizer": str})
     for k in ("scale", *METRIC_COLUMNS, "wall_time_s"):
         df[k] = pd.to_numeric(df[k], errors="coerce").astype(float)
-    for k in ("seed", "target", "steps", "num_samples"):
+    for k in ("seed", "target", "steps", "num_samples", "image_size"):
         df[k] = pd.to_numeric(df[k], errors="coerce").astype("Int64")
-    df["classifier"] = df["classifier"].astype(str)
-    df["stabilizer"] = df["stabilizer"].astype(str)
     for k, default in VARIANT_DEFAULTS.items():
         df[k] = df[k].where(df[k].notna(), default).astype(type(default))
-    df["image_size"] = pd.to_numeric(df["image_size"], errors="coerce").astype("Int64")
     df["config"] = df[list(CONFIG_KEYS)].apply(lambda c: c.map(str)).agg("|".join, axis=1)
     df["label"] = config_labels(df)
     return df.sort_values(["label", "seed", "run_id"]).reset_index(drop=True)
@@ -242,8 +234,7 @@ def provenance(runs: pd.DataFrame) -> str:
     wall = runs["wall_time_s"].dropna()
     wall_text = (f"wall time {wall.sum():.0f} s in {len(wall)} runs ({wall.mean():.1f} s/run)"
                  if len(wall) else "wall time not recorded")
-    seed_text = _ranges(seeds)
-    return (f"N = {', '.join(map(str, n))} samples per run; seeds {seed_text} ({len(seeds)}); "
+    return (f"N = {', '.join(map(str, n))} samples per run; seeds {_ranges(seeds)} ({len(seeds)}); "
             f"extractor {', '.join(extractors)}"
             + (f" against {', '.join(refs)} (reference)" if refs else "")
             + f"; {'; '.join(hardware)}; {wall_text}")
@@ -267,8 +258,7 @@ def table1_protocol(runs: pd.DataFrame) -> dict[str, Any]:
     """The protocol (scale, normalize, target, steps, N) whose runs cover most Table 1 configs.
 
     Ties go to the newest results version (runner.RESULTS_VERSION), D3's stable form, normalised
-    guidance, target 0 (the paper's), larger N, more
-    steps, more runs.
+    guidance, target 0 (the paper's), larger N, more steps, more runs.
     """
     if len(runs) == 0:
         return {}
@@ -278,8 +268,7 @@ def table1_protocol(runs: pd.DataFrame) -> dict[str, Any]:
         proto = dict(zip(PROTOCOL_KEYS, key, strict=True))
         covered = set(g[list(TABLE1_KEYS)].itertuples(index=False, name=None)) & paper
         rank = (len(covered), _num(proto["results_version"]), proto["log_prob"] == "stable",
-                bool(proto["normalize"]),
-                proto["target"] == 0,
+                bool(proto["normalize"]), proto["target"] == 0,
                 _num(proto["num_samples"]), _num(proto["steps"]), len(g))
         if best_rank is None or rank > best_rank:
             best_key, best_rank = proto, rank
@@ -350,9 +339,7 @@ def fmt_interval(mean: float, low: float, high: float, percent: bool = False,
     """'26.64 [24.10, 29.18]', '96.9% [93.0, 100.0]', '26.64' without an interval, '-' if NaN."""
     if mean is None or pd.isna(mean):
         return "-"
-    f = 100.0 if percent else 1.0
-    d = 1 if percent else digits
-    unit = "%" if percent else ""
+    f, d, unit = (100.0, 1, "%") if percent else (1.0, digits, "")
     text = f"{mean * f:.{d}f}{unit}"
     if low is not None and not pd.isna(low):
         text += f" [{low * f:.{d}f}, {high * f:.{d}f}]"
