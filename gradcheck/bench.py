@@ -1,23 +1,12 @@
 """`gradcheck bench`: how fast each stage runs on this machine, against a plain baseline.
 
-Measured, each the median of ``repeats`` timed repetitions after an untimed warm-up:
-
-- data set generation (images/s), through :func:`gradcheck.data.generate_dataset` itself;
-- DDPM training (images/s), eager and compiled, through the real training step
-  (:func:`benchmark_training`, EMA update included);
-- the UNet alone, forward and forward + backward to the input, per precision, memory layout and
-  cuDNN autotuning: what the sampler could gain from each setting;
-- guided sampling (steps/s) at two batch sizes for the three modes (unguided, guided on x_t,
-  guided through the x0-estimate), each with the recorder off, ``subset`` and ``all``: the
-  recorder's overhead is the ratio to "off"; peak GPU memory; achieved TFLOP/s (FLOPs counted by
-  ``torch.utils.flop_counter`` on one step) against the device's peak at that precision;
-- a plain diffusers ``DDPMPipeline`` loop at the same batch and precision, the baseline of the
-  unguided mode;
-- FID and KID of 64 vs 64 images through the metrics module (judge features);
-- the Table 1 protocol: its 8 configurations sampled together (:func:`runner.run_many`) vs one
-  by one, with a check that both give the same samples. ``--quick`` uses a miniature of it;
-  ``table1=True`` runs the full protocol (64 samples x 1,000 steps, metrics) on the shipped
-  checkpoints.
+Each measurement is the median of ``repeats`` timed repetitions after an untimed warm-up, one
+section (:data:`SECTIONS`) at a time: data set generation, DDPM training through the real
+training step (eager and compiled), the UNet alone, guided sampling per mode and recorder setting
+(steps/s, the recorder's overhead, peak GPU memory, TFLOP/s against the device's peak), a plain
+diffusers ``DDPMPipeline`` loop (the unguided baseline), FID and KID, and the Table 1
+configurations sampled together vs one by one, checked to give the same samples (a miniature;
+``table1=True``: the full protocol on the shipped checkpoints).
 
 ``--quick`` (the tiny UNet at 32 x 32, small batches, no compiling) takes about a minute on a
 2-core CPU, ``--full`` minutes on a GPU (docs/performance.md, "The bench"); ``sections`` runs a

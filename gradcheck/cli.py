@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 import signal
 import sys
@@ -32,11 +31,10 @@ _DATA, _EVAL, _METRICS, _PAG = C.DatasetConfig, C.EvalDDPMConfig, C.MetricsConfi
 _RUN, _SWEEP, _CLF, _DDPM = C.RunConfig, C.SweepConfig, C.TrainClassifierConfig, C.TrainDDPMConfig
 
 
-def _given(values: dict[str, Any], target: Any) -> dict[str, Any]:
-    """The entries of a command's ``locals()`` named like a field of the config dataclass (or a
-    parameter of the function) ``target``, None ones left out: None means that one's default."""
-    names = ({f.name for f in dataclasses.fields(target)} if dataclasses.is_dataclass(target)
-             else set(inspect.signature(target).parameters))
+def _given(values: dict[str, Any], config: Any) -> dict[str, Any]:
+    """The entries of a command's ``locals()`` named like a field of the dataclass ``config``,
+    None ones left out: an option given as None means that field's default."""
+    names = {f.name for f in dataclasses.fields(config)}
     return {k: v for k, v in values.items() if k in names and v is not None}
 
 
@@ -198,14 +196,13 @@ def train_ddpm_cmd(
     progress: bool = typer.Option(_DDPM.progress, help="Show the progress bar."),
 ) -> None:
     """Train the unconditional DDPM (several GPUs: `accelerate launch -m gradcheck train-ddpm`)."""
-    from gradcheck.config import TrainDDPMConfig
     from gradcheck.models import UNET_PRESETS
     from gradcheck.paths import data_root_for
     from gradcheck.train_ddpm import train_ddpm
 
     if data_root is None:
         data_root = data_root_for(UNET_PRESETS.get(preset, {}).get("sample_size", 64))
-    s = train_ddpm(TrainDDPMConfig(**_given(locals(), TrainDDPMConfig)))
+    s = train_ddpm(_DDPM(**_given(locals(), _DDPM)))
     if not s["main_process"]:
         return
     typer.echo(f"step {s['step']} ({s['steps_this_call']} this call, {s['images_seen']} images "
@@ -238,7 +235,6 @@ def eval_ddpm_cmd(
     """Unconditional sample quality: white borders, judge classes, FID/KID -> eval.json."""
     from pathlib import Path
 
-    from gradcheck.config import EvalDDPMConfig
     from gradcheck.eval_ddpm import evaluate_ddpm
     from gradcheck.paths import data_root_for, default_ddpm
     from gradcheck.utils import load_json
@@ -248,7 +244,7 @@ def eval_ddpm_cmd(
         unet_config = Path(folder) / "unet" / "config.json"
         size = load_json(unet_config).get("sample_size", 64) if unet_config.is_file() else 64
         data_root = data_root_for(int(size))
-    s = evaluate_ddpm(EvalDDPMConfig(**_given(locals(), EvalDDPMConfig)))
+    s = evaluate_ddpm(_EVAL(**_given(locals(), _EVAL)))
     typer.echo(f"{s['num_samples']} samples, {s['steps']} steps: white border "
                f"{s['white_border_share']:.1%}, mean-colour slope at t=T-1 "
                f"{s['mean_colour_slope']:.2f} (ideal 1)")
@@ -308,11 +304,10 @@ def train_classifier_cmd(
     progress: bool = typer.Option(_CLF.progress, help="Show progress bars."),
 ) -> None:
     """Train a guiding classifier or the judge, then write its accuracy_by_t.parquet."""
-    from gradcheck.config import TrainClassifierConfig
     from gradcheck.train_classifier import train_classifier
 
     eval_pgd_eps = tuple(eval_pgd_eps)
-    folder = train_classifier(TrainClassifierConfig(**_given(locals(), TrainClassifierConfig)))
+    folder = train_classifier(_CLF(**_given(locals(), _CLF)))
     typer.echo(str(folder))
 
 
@@ -334,7 +329,8 @@ def eval_classifier_cmd(
     """Re-evaluate a classifier: rewrite accuracy_by_t.parquet and config.json's summary."""
     from gradcheck.train_classifier import evaluate_classifier
 
-    table = evaluate_classifier(**_given(locals(), evaluate_classifier))
+    eval_pgd_eps = tuple(eval_pgd_eps)  # the options are train-classifier's, the config's fields
+    table = evaluate_classifier(folder, **_given(locals(), _CLF))
     typer.echo(table.to_string(index=False))
 # [run: sampler.py]
 
@@ -419,7 +415,6 @@ def run_cmd(
     import logging
     from pathlib import Path
 
-    from gradcheck.config import RunConfig
     from gradcheck.runner import parse_target, run, summary_table
     from gradcheck.utils import load_json
 
@@ -429,7 +424,7 @@ def run_cmd(
         raise GradcheckError("--no-adam conflicts with --stabilizer adam; give one")
     stabilizer = "adam" if adam else stabilizer or "none"
     target = parse_target(target)
-    cfg = RunConfig(**_given(locals(), RunConfig))
+    cfg = _RUN(**_given(locals(), _RUN))
     logger = logging.getLogger("gradcheck")
     if not logger.handlers:
         handler = logging.StreamHandler()
@@ -532,7 +527,6 @@ def pag_cmd(
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """PAG: gradient maps, large-eps targeted PGD and PAG scores (D9) per classifier."""
-    from gradcheck.config import PagConfig
     from gradcheck.oracle import oracle_available
     from gradcheck.pag import run_pag
 
@@ -540,7 +534,7 @@ def pag_cmd(
     if oracle is None and not oracle_available(data_root):
         typer.echo(f"note: no train split at {data_root}; the oracle is skipped", err=True)
     classifiers = _split(classifiers)
-    folder = run_pag(PagConfig(**_given(locals(), PagConfig)), progress=progress)
+    folder = run_pag(_PAG(**_given(locals(), _PAG)), progress=progress)
     typer.echo(str(folder))
 # [sweep, report: sweep.py, report/]
 
@@ -601,15 +595,14 @@ def sweep_cmd(
     every stabiliser (non-robust, x0-estimate); classifiers = {nonrobust, robust, adversarial,
     oracle}. Runs two grids share (same config and seed) run once.
     """
-    from gradcheck.config import RunConfig, SweepConfig
     from gradcheck.runner import parse_target
     from gradcheck.sweep import SCALE_GRIDS, run_sweep
 
     if grid in SCALE_GRIDS and scale is not None:
         raise GradcheckError(f"the {grid} grid sets the scale itself; drop --scale")
     target = parse_target(target) if target is not None else None
-    result = run_sweep(SweepConfig(**_given(locals(), SweepConfig)),
-                       RunConfig(**_given(locals(), RunConfig)), out=out, progress=progress)
+    result = run_sweep(_SWEEP(**_given(locals(), _SWEEP)),
+                       _RUN(**_given(locals(), _RUN)), out=out, progress=progress)
     i, n = result.shard
     typer.echo(f"sweep {grid}, shard {i}/{n}: {len(result.planned)} runs, {len(result.ran)} run "
                f"now, {len(result.skipped)} already finished, in {out}/")

@@ -5,9 +5,7 @@ Three analyses per gradient source (a classifier, or the exact oracle of D8):
 - gradient maps ``grad_x log p(y | x_t)`` of validation images on their true class at several t,
   min-max normalised (Kawar Figure 3);
 - targeted L2 PGD with a large radius, turning an image of each class into every class, at t = 0
-  (Kawar Figure 4). Kawar et al. use eps = 100 on 3x128x128 images in [-1, 1]; we keep its
-  per-pixel RMS, 100 / sqrt(3 * 128 * 128) = 0.451, so eps = 0.451 * sqrt(3 * 64 * 64) = 50.0
-  at 64x64 (:func:`kawar_equivalent_eps`);
+  (Kawar Figure 4), with the per-pixel RMS of Kawar's radius (:func:`kawar_equivalent_eps`);
 - the PAG score of D9: with G the channel sum of the squared gradient, mean(G on the ball disc) /
   mean(G off it), from the generator's known discs. 1 means the gradient ignores the object.
 

@@ -14,9 +14,8 @@ i, i + n, i + 2n, ... A unit is a group of runs sampled together (with ``batch_c
 default: one seed's configurations, e.g. Table 1's eight), so a shard never splits a group and
 loses its shared UNet calls; ``--seeds 5 --shard k/5`` runs seed k. With fewer groups than
 shards (8 GPUs, 3 seeds), or ``--no-batch-configs``, a unit is a single run, so that no shard
-sits idle. Without ``--shard``, a process started by ``accelerate launch`` / torchrun
-(``RANK``, ``WORLD_SIZE``) or as a SLURM array task (``SLURM_ARRAY_TASK_ID``,
-``SLURM_ARRAY_TASK_COUNT``) takes its own shard; both together give array task x process.
+sits idle. Without ``--shard``, a process takes its launcher's shard (:func:`shard_from_env`:
+torchrun / ``accelerate launch``, a SLURM array, or both).
 """
 
 from __future__ import annotations
