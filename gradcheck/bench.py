@@ -152,14 +152,6 @@ def _models(sizes: BenchSizes, device: torch.device) -> tuple[nn.Module, Any, nn
     return unet, scheduler, clf.to(device).requires_grad_(False), origin
 
 
-def _guidance(mode: str, clf: nn.Module):
-    from gradcheck.guidance import ClassifierGuidance
-
-    if mode == "unguided":
-        return None
-    return ClassifierGuidance(clf, x0_estimate=mode == "guided-x0")
-
-
 # ---- the sections ------------------------------------------------------------------------------
 
 
@@ -397,6 +389,7 @@ def bench_sampling(
 ) -> list[dict[str, Any]]:
     """Steps/s, recorder overhead, peak memory and TFLOP/s per (batch, mode, recorder); the
     recorder's overhead is against "off", which is always measured first."""
+    from gradcheck.guidance import ClassifierGuidance
     from gradcheck.numerics import NetworkCalls
     from gradcheck.recorder import StepRecorder
     from gradcheck.sampler import sample_guided
@@ -411,7 +404,8 @@ def bench_sampling(
     for batch in sizes.batches:
         net = NetworkCalls.for_precision(precision, rows=batch, cuda=device.type == "cuda")
         for mode in SAMPLING_MODES:
-            guidance = _guidance(mode, clf)
+            guidance = (None if mode == "unguided"
+                        else ClassifierGuidance(clf, x0_estimate=mode == "guided-x0"))
             flops = _step_flops(unet, clf, mode, batch, size, device)
             base_s = math.nan
             for record in ("off", *(r for r in recorders if r != "off")):

@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from matplotlib.figure import Figure
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -227,11 +226,6 @@ def _check_config(cfg: PagConfig) -> None:
         raise GradcheckError("the oracle is not a classifier folder; use --oracle")
 
 
-def _save_figure(fig: Figure, folder: Path, stem: str) -> None:
-    fig.savefig(folder / f"{stem}.png", dpi=150)
-    fig.savefig(folder / f"{stem}.pdf")
-
-
 def run_pag(cfg: PagConfig | None = None, progress: bool = True, **overrides: Any) -> Path:
     """Gradient maps, targeted PGD and PAG scores of every source; writes ``cfg.out``:
     pag.parquet, pgd.parquet, gradient_maps, pgd_targeted and pag_score figures (PNG and PDF),
@@ -332,6 +326,7 @@ def run_pag(cfg: PagConfig | None = None, progress: bool = True, **overrides: An
         write_parquet(table, tmp / "pag.parquet", meta)
         write_parquet(pgd_table, tmp / "pgd.parquet", meta)
         for stem, fig in figures.items():
-            _save_figure(fig, tmp, stem)
+            fig.savefig(tmp / f"{stem}.png", dpi=150)
+            fig.savefig(tmp / f"{stem}.pdf")
         save_json(tmp / "config.json", meta)
     return out

@@ -442,9 +442,8 @@ def analyze_votes(votes: Sequence[str | Path], survey: str | Path | dict[str, An
         "n_pairs_rated": len(per_pair),
         "n_votes": n_votes,
         "n_a": n_a, "n_b": n_b, "n_same": n_same,
-        "share_a": n_a / n_votes if n_votes else float("nan"),
-        "share_b": n_b / n_votes if n_votes else float("nan"),
-        "share_same": n_same / n_votes if n_votes else float("nan"),
+        **{f"share_{k}": v / n_votes if n_votes else float("nan")
+           for k, v in (("a", n_a), ("b", n_b), ("same", n_same))},
         "votes_per_pair_min": int(per_pair.min()) if len(per_pair) else 0,
         "votes_per_pair_mean": float(per_pair.mean()) if len(per_pair) else float("nan"),
         "votes_per_pair_max": int(per_pair.max()) if len(per_pair) else 0,

@@ -187,43 +187,41 @@ def scale_figure(curves: pd.DataFrame, title: str, footer: str) -> Figure:
     return fig
 
 
+def _curves_over_t(d: pd.DataFrame, curve: str, y: str, title: str, footer: str, level: float,
+                   xlabel: str, ylabel: str, scale: float = 1.0) -> tuple[Figure, Axes]:
+    """One line of ``scale`` x ``y`` over t per value of ``curve`` (the mean of rows sharing a
+    t), and a dotted reference ``level``."""
+    fig, (ax,) = _figure(1, title, footer, width=7.5)
+    names = sorted(d[curve].astype(str).unique())
+    colors = _colors(names)
+    for name in names:
+        e = d[d[curve] == name].groupby("t", as_index=False)[y].mean()
+        ax.plot(e["t"], scale * e[y], "o-", ms=3, color=colors[name], label=name)
+    ax.axhline(level, color="0.5", lw=0.6, ls=":")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return fig, ax
+
+
 def accuracy_by_t_figure(acc: pd.DataFrame, title: str, footer: str) -> Figure:
     """Classifier accuracy vs t: columns classifier, t, accuracy and optionally input."""
-    fig, (ax,) = _figure(1, title, footer, width=7.5)
     acc = acc.copy()
     if "input" not in acc.columns:
         acc["input"] = "x_t"
     acc["curve"] = acc["classifier"].astype(str) + " (" + acc["input"].astype(str) + ")"
-    names = sorted(acc["curve"].unique())
-    colors = _colors(names)
-    for name in names:
-        d = acc[acc["curve"] == name].groupby("t", as_index=False)["accuracy"].mean()
-        ax.plot(d["t"], 100 * d["accuracy"], "o-", ms=3, color=colors[name], label=name)
-    ax.axhline(25, color="0.5", lw=0.6, ls=":")
-    ax.set_xlabel("t (noise level of the input)")
-    ax.set_ylabel("accuracy (%)")
+    fig, ax = _curves_over_t(acc, "curve", "accuracy", title, footer, 25,
+                             "t (noise level of the input)", "accuracy (%)", scale=100)
     ax.set_ylim(0, 102)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
     return fig
 
 
 def pag_figure(pag: pd.DataFrame, title: str, footer: str) -> Figure:
     """PAG score (D9) vs t per classifier: pag.parquet rows (classifier, class_name, t,
     pag_score_mean, n_images), averaged over classes weighted by their images."""
-    fig, (ax,) = _figure(1, title, footer, width=7.5)
-    d = pag_by_t(pag)
-    names = sorted(d["classifier"].astype(str).unique())
-    colors = _colors(names)
-    for name in names:
-        e = d[d["classifier"] == name].sort_values("t")
-        ax.plot(e["t"], e["pag_score"], "o-", ms=3, color=colors[name], label=name)
-    ax.axhline(1, color="0.5", lw=0.6, ls=":")
-    ax.set_xlabel("t")
-    ax.set_ylabel("PAG score (inside / outside the ball)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return fig
+    return _curves_over_t(pag_by_t(pag), "classifier", "pag_score", title, footer, 1, "t",
+                          "PAG score (inside / outside the ball)")[0]
 
 
 def pag_by_t(pag: pd.DataFrame) -> pd.DataFrame:
