@@ -724,10 +724,10 @@ def bench_cmd(
     setting), the diffusers baseline, metrics and the Table 1 protocol on this machine; each
     measurement is printed as it is taken."""
     from gradcheck.bench import format_report, run_bench
-    from gradcheck.utils import atomic_output_file, check_output_file, resolve_device, save_json
+    from gradcheck.utils import atomic_output_file, check_output, resolve_device, save_json
 
     if json_path is not None:
-        check_output_file(json_path, overwrite)
+        check_output(json_path, overwrite)
     if quick is None:
         quick = resolve_device(device).type != "cuda"
         if quick:
@@ -772,11 +772,11 @@ def precision_cmd(
     """How far each precision turns the guidance gradient from float32's, per t: the numbers
     behind --precision (TF32 emulated on a CPU)."""
     from gradcheck.precision import format_agreement, measure_precision
-    from gradcheck.utils import atomic_output_file, check_output_file
+    from gradcheck.utils import atomic_output_file, check_output
 
     ts = list(_ints("timesteps", timesteps, example="999,900,500"))
     if out is not None:
-        check_output_file(out, overwrite)
+        check_output(out, overwrite)
     table = measure_precision(
         ddpm=ddpm, classifiers=_split(classifiers), data_root=data_root, timesteps=ts,
         num_samples=num_samples, target=target, modes=_split(modes), x0_estimate=x0_estimate,

@@ -9,6 +9,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from gradcheck import paths
+
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     """A JSON-ready dict of a config dataclass (paths and tuples become strings and lists)."""
@@ -21,21 +23,15 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 # ---- stage configs: each section belongs to the module named in its header -----------------
 def _default_ddpm() -> str:
-    from gradcheck.paths import default_ddpm
-
-    return str(default_ddpm())
+    return str(paths.default_ddpm())
 
 
 def _default_data_root() -> str:
-    from gradcheck.paths import default_data_root
-
-    return str(default_data_root())
+    return str(paths.default_data_root())
 
 
 def _default_judge() -> str:
-    from gradcheck.paths import default_classifier
-
-    return str(default_classifier("judge"))
+    return str(paths.default_classifier("judge"))
 
 
 # [dataset: data/sportballs.py]

@@ -44,6 +44,7 @@ from gradcheck.utils import (
     GradcheckError,
     atomic_output_dir,
     check_fields,
+    check_output,
     check_seed,
     load_json,
     randn_per_sample,
@@ -233,9 +234,7 @@ def run_pag(cfg: PagConfig | None = None, progress: bool = True, **overrides: An
     cfg = dataclasses.replace(cfg or PagConfig(), **overrides)
     _check_config(cfg)
     device = resolve_device(cfg.device)
-    out = Path(cfg.out)
-    if out.exists() and not cfg.overwrite:
-        raise GradcheckError(f"{out} already exists; pass --overwrite to replace it")
+    out = check_output(cfg.out, cfg.overwrite, folder=True)
     folders = [resolve_classifier_folder(s) for s in cfg.classifiers]
     names = [n for n, _ in folders]
     if len(set(names)) != len(names):

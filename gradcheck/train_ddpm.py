@@ -542,13 +542,11 @@ def train_ddpm(config: TrainDDPMConfig | None = None, **overrides: Any) -> dict[
         prior_images = init["images_seen"]
     unet.to(device, memory_format=memory_format).train()
     ema = WeightAverage(unet, cfg.ema_decay, cfg.ema_warmup)
-    if ckpt is not None:
-        _load_weights(ema.model, ckpt["ema"], ckpt_dir / "ema.safetensors")
     optimizer = make_optimizer(unet, cfg, device)
-    if ckpt is not None:
-        _load_optimizer(optimizer, ckpt["optimizer"], ckpt_dir / "optimizer.safetensors")
     generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + rank)
     if ckpt is not None:
+        _load_weights(ema.model, ckpt["ema"], ckpt_dir / "ema.safetensors")
+        _load_optimizer(optimizer, ckpt["optimizer"], ckpt_dir / "optimizer.safetensors")
         prefix = f"rank{rank}."
         try:
             _set_rng_state(generator, {k[len(prefix):]: v for k, v in ckpt["rng"].items()

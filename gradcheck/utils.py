@@ -152,12 +152,7 @@ def atomic_output_dir(final: str | Path, overwrite: bool = False) -> Iterator[Pa
     the temporary folder is removed and nothing at ``final`` changes. Temporary folders that
     killed processes left beside it are removed first (:func:`remove_stale_temporaries`).
     """
-    final = Path(final)
-    if final.exists() and not overwrite:
-        what = "" if final.is_dir() else " as a file"
-        raise GradcheckError(f"{final} already exists{what}; pass --overwrite to replace it")
-    if final.parent.exists() and not final.parent.is_dir():
-        raise GradcheckError(f"cannot write {final}: {final.parent} is a file, not a folder")
+    final = check_output(final, overwrite, folder=True)
     created = [p for p in (final.parent, *final.parent.parents) if not p.exists()]
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -186,14 +181,16 @@ def atomic_output_dir(final: str | Path, overwrite: bool = False) -> Iterator[Pa
         tmp.rename(final)
 
 
-def check_output_file(final: str | Path, overwrite: bool = False) -> Path:
-    """``final`` as a Path, after checking it can be written (before minutes of work): not a
-    folder, its parent not a file, and not existing unless ``overwrite``."""
+def check_output(final: str | Path, overwrite: bool = False, folder: bool = False) -> Path:
+    """``final`` (a file, or a ``folder``) as a Path, after checking it can be written (before
+    minutes of work): a file is not a folder, its parent not a file, and ``final`` does not exist
+    unless ``overwrite``."""
     final = Path(final)
-    if final.is_dir():
+    if final.is_dir() and not folder:
         raise GradcheckError(f"{final} is a folder; give a file path")
     if final.exists() and not overwrite:
-        raise GradcheckError(f"{final} already exists; pass --overwrite to replace it")
+        what = " as a file" if folder and not final.is_dir() else ""
+        raise GradcheckError(f"{final} already exists{what}; pass --overwrite to replace it")
     if final.parent.exists() and not final.parent.is_dir():
         raise GradcheckError(f"cannot write {final}: {final.parent} is a file, not a folder")
     return final
@@ -202,7 +199,7 @@ def check_output_file(final: str | Path, overwrite: bool = False) -> Path:
 @contextlib.contextmanager
 def atomic_output_file(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling path that replaces ``final`` only when the block succeeds."""
-    final = check_output_file(final, overwrite)
+    final = check_output(final, overwrite)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

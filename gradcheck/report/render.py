@@ -682,9 +682,9 @@ def render_report(
     PAG tables, survey analyses and classifier accuracy tables found below ``runs`` or at their
     default places (:func:`default_extras`) add their sections; missing ones leave a note.
     """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise GradcheckError(f"{out} already exists; pass --overwrite to replace it")
+    from gradcheck.utils import check_output
+
+    out = check_output(out, overwrite, folder=True)
     inputs = find_inputs([*runs, *default_extras(out)])
     for r in inputs.runs:  # records beside the report (out/records) are kept; its own parts not
         if out.resolve() in r.resolve().parents and \
