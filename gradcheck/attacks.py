@@ -77,8 +77,7 @@ def pgd(
     check_choice("PGD norm", norm, NORMS)
     check_positive("PGD eps", eps, allow_zero=True)
     check_positive("PGD step_size", step_size, allow_zero=True)
-    if steps < 0:
-        raise GradcheckError(f"PGD steps must be >= 0, got {steps}")
+    check_positive("PGD steps", steps, allow_zero=True)
     if x.shape[0] != y.shape[0]:
         raise GradcheckError(f"PGD got {x.shape[0]} inputs but {y.shape[0]} labels")
 

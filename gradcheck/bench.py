@@ -216,17 +216,16 @@ def benchmark_training(
             generator, batch_size, cfg.hflip, cfg.grad_clip, mixed_precision == "bf16",
             channels_last,
         )
-        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
 
         def run(n: int, offset: int) -> float:
-            sync()
+            _sync(dev)
             start = time.perf_counter()
             for i in range(n):
                 step_fn(cfg.lr)
                 ema.update(unet, offset + i)
-            sync()
+            _sync(dev)
             return time.perf_counter() - start
 
         warmup_s = run(warmup, 0)

@@ -54,9 +54,7 @@ def sampling_bf16(mixed_precision: str, device: torch.device) -> bool:
     check_choice("mixed_precision", mixed_precision, MIXED_PRECISION)
     if mixed_precision != "auto":
         return mixed_precision == "bf16"
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and cpu_has_native_bf16()
+    return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
 
 
 @torch.no_grad()

@@ -124,10 +124,8 @@ class TimeConditionedClassifier(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor | int | None = None) -> torch.Tensor:
         """x: (B, 3, H, W); t: (B,) or scalar timesteps (None = 0) -> logits (B, classes)."""
         b, _, h, w = x.shape
-        if t is None:
-            t = 0
-        if isinstance(t, int):  # a fill on the device: no host-to-device copy, no sync
-            plane = x.new_full((b, 1, h, w), t / self.num_train_timesteps)
+        if t is None or isinstance(t, int):  # a fill on the device: no host-to-device copy
+            plane = x.new_full((b, 1, h, w), (t or 0) / self.num_train_timesteps)
             return self.net(torch.cat([x, plane], dim=1))
         t = torch.as_tensor(t, device=x.device, dtype=x.dtype).reshape(-1)
         plane = (t / self.num_train_timesteps).expand(b).view(b, 1, 1, 1).expand(b, 1, h, w)

@@ -205,6 +205,7 @@ def run_sweep(
     resumes after the fix.
     """
     from gradcheck import runner
+    from gradcheck.report import write_records
 
     i, n = parse_shard(cfg.shard) if cfg.shard else shard_from_env()
     configs = grid_configs(cfg.grid, cfg.seeds, base)
@@ -222,15 +223,12 @@ def run_sweep(
     if n > 1:
         _use_local_gpu(os.environ)
     run_id_of = dict(zip(configs, ids, strict=True))  # RunConfig is frozen, so hashable
-    ran, skipped = [], []
-    todo = []
+    ran, skipped, todo = [], [], []
     for run_cfg, run_id in run_id_of.items():
         recorded = records is not None and is_finished(records / run_id)
         if is_finished(out / run_id):
             skipped.append(run_id)
             if records is not None and not recorded:  # finished before records were asked for
-                from gradcheck.report import write_records
-
                 write_records([out / run_id], records)
         elif recorded:
             skipped.append(run_id)
@@ -245,8 +243,6 @@ def run_sweep(
         bar.set_postfix_str(names[0] if len(group) == 1 else f"{len(group)} runs together")
         runner.run_many(group, out=out, names=names, overwrite=False, progress=False)
         if records is not None:
-            from gradcheck.report import write_records
-
             write_records([out / name for name in names], records)
         ran.extend(names)
         bar.update(len(group))
