@@ -3,12 +3,8 @@
 FID, KID and precision/recall come from torch-fidelity, computed on features we extract with a
 feature extractor registered in torch-fidelity's registry: the judge's penultimate features at the
 data set's resolution (``sportballs-judge-shufflenet``), or Inception-v3 (``inception-v3-compat``)
-when a verified copy of the standard FID weights is given. Nothing is ever downloaded.
-
-Protocol (paper): N samples of the target class against ``n_reference`` training images of that
-class drawn by a recorded seed. Every output row names its extractor and N: at N = 64, FID is
-rank-deficient and biased, so KID is reported beside it, with a seeded bootstrap interval for one
-run and a t-interval over seeds (:func:`seed_interval`) for several.
+when a verified copy of the standard FID weights is given. Nothing is ever downloaded. Every
+output row names its extractor and N; the protocol and why: docs/metrics.md.
 """
 
 from __future__ import annotations
@@ -267,11 +263,8 @@ def features_to_precision_recall(
 
 
 def proportion_interval(correct: np.ndarray, level: float = 0.95) -> tuple[float, float]:
-    """Exact (Clopper-Pearson) interval of the share of True in a boolean vector (N,).
-
-    Never collapses at the extremes as a bootstrap does ([0, 36.9%] for 0 of 8, [94.4%, 100%]
-    for 64 of 64) and never leaves [0, 1].
-    """
+    """Exact (Clopper-Pearson) interval of the share of True in a boolean vector (N,): unlike a
+    bootstrap's, it never collapses at the extremes (docs/metrics.md) and never leaves [0, 1]."""
     from scipy.stats import binomtest  # scipy comes with scikit-learn
 
     correct = np.asarray(correct, dtype=bool)
@@ -334,10 +327,8 @@ def seed_interval(values: Sequence[float]) -> tuple[float, float, float]:
 
 
 REFERENCE_SPLIT = "test"
-"""FID/KID reference images come from the held-out test split, the same for every command
-(run metrics and eval-ddpm): the judge, whose features FID uses without Inception weights, was
-trained on the train split, and a reference it has memorised would flatter the samples. The
-paper compares with 64 training images; this is a marked protocol difference."""
+"""FID/KID reference images: the held-out split for every command, not the paper's training
+images (a marked protocol difference; why: docs/metrics.md, "FID, KID")."""
 
 
 def reference_images(

@@ -177,10 +177,9 @@ def runs_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
 
 def classifier_name(classifier: str) -> str:
     """Display name of a classifier (a path shows as its last folder name)."""
-    names = {"nonrobust": "non-robust"}
     if "/" in classifier or "\\" in classifier:
         return Path(classifier).name
-    return names.get(classifier, classifier)
+    return {"nonrobust": "non-robust"}.get(classifier, classifier)
 
 
 def method_name(classifier: str, x0_estimate: bool, stabilizer: str,
