@@ -207,11 +207,8 @@ def select_images(labels: np.ndarray, num_per_class: int, seed: int) -> np.ndarr
     """Indices of up to ``num_per_class`` images of every class, drawn with ``seed``, grouped
     by class."""
     rng = np.random.default_rng(seed)
-    picked = []
-    for c in range(len(CLASS_NAMES)):
-        idx = np.flatnonzero(labels == c)
-        picked.append(np.sort(rng.permutation(idx)[:num_per_class]))
-    return np.concatenate(picked)
+    return np.concatenate([np.sort(rng.permutation(np.flatnonzero(labels == c))[:num_per_class])
+                           for c in range(len(CLASS_NAMES))])
 
 
 def _check_config(cfg: PagConfig) -> None:
