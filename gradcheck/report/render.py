@@ -527,8 +527,11 @@ def _survey(d: _Data) -> Section:
 def _run_index(d: _Data) -> Section:
     sec = Section("All runs")
     cols = ["run_id", "label", "seed", "fid", "kid_mean", "accuracy_guiding", "accuracy_judge",
-            "mean_cos_prev_applied", "extractor", "hardware", "wall_time_s"]
-    sec.add_table("runs", d.runs[cols], d.runs)
+            "mean_cos_prev_applied", "mean_cos_oracle", "n_cos_oracle", "grad_vanished_frac",
+            "extractor", "hardware", "wall_time_s"]
+    sec.add_table("runs", d.runs[cols], d.runs,
+                  caption="grad_vanished_frac: the share of (sample, step) pairs whose gradient "
+                  "was exactly 0 or not finite, so that no guidance was applied there (D5).")
     return sec
 
 

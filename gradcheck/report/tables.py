@@ -39,6 +39,7 @@ accuracies, bootstrap for KID): the interval shown where a configuration has one
 METRIC_COLUMNS = (
     "fid", "kid_mean", "kid_std", "precision", "recall", "accuracy_guiding", "accuracy_judge",
     "mean_cos_prev_raw", "mean_cos_prev_applied", "mean_cos_prev_null", "max_x_norm_ratio",
+    "grad_vanished_frac", "mean_cos_oracle", "n_cos_oracle",
     *(f"{p}_{end}" for p in RUN_INTERVALS.values() for end in ("low", "high")),
 )
 """Per-run numbers from metrics.json (NaN when a run has no metrics)."""
