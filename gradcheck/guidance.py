@@ -181,10 +181,8 @@ def logit_cotangent(log_probs: torch.Tensor, y: torch.Tensor, form: str = "stabl
     z = log_probs.detach().double().requires_grad_(True)
     with torch.enable_grad():
         (v,) = torch.autograd.grad(target_log_prob(z, y, form).sum(), z)
-    peak = v.abs().amax(dim=1)
-    ok = torch.isfinite(peak) & (peak > 0)
-    scale = torch.where(ok, torch.exp2(torch.floor(torch.log2(torch.where(ok, peak, 1.0)))), 1.0)
-    return (v / scale[:, None]).to(log_probs.dtype), scale
+    scale = _pow2_peak(v)
+    return (v / scale).to(log_probs.dtype), scale[:, 0]
 
 
 def unscale(g: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
