@@ -10,6 +10,7 @@ step, so no UNet call is spent twice.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -113,12 +114,23 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class GradientOutput:
-    """What a gradient source returns for one step (all tensors detached)."""
+    """What a gradient source returns for one step (all tensors detached).
+
+    The raw gradient g_t = grad_{x_t} log p(y | x_in) (D3) comes as ``direction`` times
+    2**``log2_scale`` per sample: past a margin of about 745 g_t is below float64's range and
+    :attr:`grad` reads 0, while its direction, all that D5 and the cosines need, stays exact.
+    """
 
     eps: torch.Tensor  # (B, 3, H, W) eps_theta(x_t, t)
-    grad: torch.Tensor  # (B, 3, H, W) float64: g_t = grad_{x_t} log p(y | x_in)  (D3)
+    direction: torch.Tensor  # (B, 3, H, W) float64: g_t / 2**log2_scale, of order 1
+    log2_scale: torch.Tensor  # (B,) float64
     log_probs: torch.Tensor  # (B, C) log p(. | x_in), the input the gradient came from
     log_probs_x0: torch.Tensor  # (B, C) log p(. | x0_hat) (t = 0 for time-aware models)
+
+    @property
+    def grad(self) -> torch.Tensor:
+        """(B, 3, H, W) float64: g_t itself (:func:`unscale`)."""
+        return unscale(self.direction, self.log2_scale)
 
 
 class GuidanceSource:
@@ -169,24 +181,44 @@ def target_log_prob(log_probs: torch.Tensor, y: torch.Tensor, form: str = "stabl
 def logit_cotangent(log_probs: torch.Tensor, y: torch.Tensor, form: str = "stable"
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """d log p(y | x) / d log_probs per sample, scaled to a largest entry in [1, 2) -> (scaled
-    cotangent (B, C) in log_probs' dtype, scale (B,) float64: a power of two).
+    cotangent (B, C) in log_probs' dtype, log2 of the scale (B,) float64: an integer).
 
     The objective is differentiated in float64, and the networks' backward passes then run on
-    a cotangent of order 1, the true gradient being ``scale`` times theirs: a confident
-    classifier's cotangent (sigmoid(L) ~ 1e-40 at a margin of 92) would otherwise fill the
-    backward with float32 subnormals, which lose digits and run about 90x slower on x86 (11.4 s
-    instead of 0.13 s for the 32x32 UNet's backward of 8 images). A power of two keeps every
-    normal-range product exact. Where the cotangent is 0 or not finite the scale is 1.
+    a cotangent of order 1, the true gradient being ``2**log2_scale`` times theirs
+    (:func:`unscale`): a confident classifier's cotangent (sigmoid(L) ~ 1e-40 at a margin of 92)
+    would otherwise fill the backward with float32 subnormals, which lose digits and run about
+    90x slower on x86 (11.4 s instead of 0.13 s for the 32x32 UNet's backward of 8 images). A
+    power of two keeps every normal-range product exact.
+
+    The stable form's cotangent is sigmoid(L) (e_y - softmax_{j != y}(z)) with L = -margin: past
+    a margin of about 708 it leaves float64's normal range and past about 745 it is 0. There it
+    is taken from that closed form in the log domain (direction e_y - softmax_{j != y}(z), log2
+    scale log_sigmoid(L) / ln 2), exact at any margin: the empirical oracle's margins reach
+    thousands at small t. Elsewhere it is autograd's, bit for bit. Where the cotangent is 0 in
+    the ``log-softmax`` form, or not finite, the log2 scale is 0.
     """
     z = log_probs.detach().double().requires_grad_(True)
     with torch.enable_grad():
         (v,) = torch.autograd.grad(target_log_prob(z, y, form).sum(), z)
-    scale = _pow2_peak(v)
-    return (v / scale).to(log_probs.dtype), scale[:, 0]
+    z, peak = z.detach(), _pow2_peak(v)
+    v, log2_scale = v / peak, torch.log2(peak[:, 0])
+    if form == "stable":  # computed always (B x C numbers), selected without a host sync
+        others = z.scatter(1, y[:, None], float("-inf"))
+        log2_s = F.logsigmoid(torch.logsumexp(others, dim=1) - picked(z, y)) / math.log(2)
+        exponent = torch.floor(log2_s)
+        direction = F.one_hot(y, z.shape[1]).double() - torch.softmax(others, dim=1)
+        closed = direction * torch.exp2(log2_s - exponent)[:, None]
+        tiny = (peak[:, 0] < torch.finfo(v.dtype).tiny) | (v.abs().amax(dim=1) == 0)
+        tiny &= torch.isfinite(exponent) & torch.isfinite(closed).all(dim=1)
+        v = torch.where(tiny[:, None], closed, v)
+        log2_scale = torch.where(tiny, exponent, log2_scale)
+    return v.to(log_probs.dtype), log2_scale
 
 
-def unscale(g: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """(B, ...) gradient of a scaled cotangent, (B,) scale -> the true gradient in float64.
+def unscale(g: torch.Tensor, log2_scale: torch.Tensor) -> torch.Tensor:
+    """(B, ...) gradient of a scaled cotangent, (B,) log2 of its scale -> the true gradient in
+    float64; 0 where it lies below float64's range (its direction, g, is still known: D5 and
+    the cosines use that, :class:`GradientOutput`).
 
     float64, not g's dtype: past a margin of about 100 the true gradient is below float32's
     smallest subnormal (1.4e-45) and would round to exactly 0, a step left unguided although
@@ -194,23 +226,27 @@ def unscale(g: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     non-robust classifier's plain-guidance steps at s = 1, 67% at s = 8). float64 reaches
     4.9e-324, a margin of about 740; the stabilisers (D4) and D5 then run in float64 too.
     """
-    return g.double() * scale.reshape(-1, *[1] * (g.dim() - 1)).double()
+    shape = [-1, *[1] * (g.dim() - 1)]
+    e = log2_scale.double()
+    low = e.clamp(min=-1022)  # 2**e is itself 0 below 2**-1074: two exact steps
+    return g.double() * torch.exp2(low).reshape(shape) * torch.exp2(e - low).reshape(shape)
 
 
 def log_prob_gradient(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor | int,
     form: str = "stable",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (B, 3, H, W), labels y (B,), t -> (grad_x log p(y | x) in float64, log p(. | x) (B,
-    C)), both detached: D3 on x_t for a classifier, or the oracle's exact D8 (its autograd
-    backward is the closed form); ``form`` as in :func:`target_log_prob`, the backward as in
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (B, 3, H, W), labels y (B,), t -> (direction (B, 3, H, W) float64, log2 scale (B,),
+    log p(. | x) (B, C)), detached: grad_x log p(y | x) = direction 2**log2_scale
+    (:func:`unscale`), D3 on x_t for a classifier or the oracle's exact D8 (its autograd backward
+    is the closed form); ``form`` as in :func:`target_log_prob`, the backward as in
     :func:`logit_cotangent`."""
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
         lp = classifier_log_probs(model, x, t)
-        v, scale = logit_cotangent(lp, y, form)
+        v, log2_scale = logit_cotangent(lp, y, form)
         (g,) = torch.autograd.grad(lp, x, grad_outputs=v)
-    return unscale(g, scale), lp.detach()
+    return g.double(), log2_scale, lp.detach()
 
 
 def picked(log_probs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -257,10 +293,10 @@ class ClassifierGuidance(GuidanceSource):
                 e = eps_fn(x)
                 x0 = x0_from_eps(x, e, abar)
                 lp = classifier_log_probs(clf, x0, 0)
-                v, scale = logit_cotangent(lp, yy, self.log_prob)
+                v, log2_scale = logit_cotangent(lp, yy, self.log_prob)
                 if not net.scaled_backward:
                     (g,) = torch.autograd.grad(lp, x, grad_outputs=v)
-                    return e.detach(), unscale(g, scale), lp.detach()
+                    return e.detach(), g.double(), log2_scale, lp.detach()
                 # float16 UNet: its backward would underflow for small gradients (robust
                 # classifiers) and overflow for large ones. The vector-Jacobian product is
                 # linear, so each sample's gradient w.r.t. x0_hat enters it scaled to a largest
@@ -271,17 +307,17 @@ class ClassifierGuidance(GuidanceSource):
                 k = _per_sample(torch.where(torch.isfinite(peak) & (peak > 0), peak,
                                             torch.ones_like(peak)))
                 (g,) = torch.autograd.grad(x0, x, grad_outputs=u / k)
-            return e.detach(), unscale(g, scale * k.flatten().double()), lp.detach()
+            return e.detach(), g.double() * k.double(), log2_scale, lp.detach()
 
         if self.x0_estimate:
-            eps, grad, log_probs = net.map(x0_piece, x_t, y)
-            return GradientOutput(eps=eps, grad=grad, log_probs=log_probs, log_probs_x0=log_probs)
+            eps, direction, log2_scale, log_probs = net.map(x0_piece, x_t, y)
+            return GradientOutput(eps, direction, log2_scale, log_probs, log_probs_x0=log_probs)
         if eps is None:
             with torch.no_grad():
                 eps = net.map(eps_fn, x_t)
-        grad, log_probs = net.map(
+        direction, log2_scale, log_probs = net.map(
             lambda x, yy: log_prob_gradient(clf, x, yy, t, self.log_prob), x_t, y)
         with torch.no_grad():
             log_probs_x0 = net.map(lambda x: classifier_log_probs(clf, x, 0),
                                    x0_from_eps(x_t, eps, abar))
-        return GradientOutput(eps=eps, grad=grad, log_probs=log_probs, log_probs_x0=log_probs_x0)
+        return GradientOutput(eps, direction, log2_scale, log_probs, log_probs_x0)

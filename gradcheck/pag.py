@@ -30,7 +30,7 @@ from gradcheck import CLASS_NAMES
 from gradcheck.attacks import pgd
 from gradcheck.config import PagConfig, config_to_dict
 from gradcheck.data.sportballs import ball_masks, load_factors, load_split
-from gradcheck.guidance import log_prob_gradient
+from gradcheck.guidance import log_prob_gradient, unscale
 from gradcheck.models import (
     CLASSIFIER_KINDS,
     check_image_size,
@@ -91,10 +91,9 @@ def gradient_maps(
     for t in timesteps:
         abar = float(alphas_cumprod[t])
         x_t = math.sqrt(abar) * x0 + math.sqrt(1 - abar) * noise
-        grads = [
-            log_prob_gradient(source, x_t[i:i + batch_size], y[i:i + batch_size], t)[0].cpu()
-            for i in range(0, x0.shape[0], batch_size)
-        ]
+        pieces = (log_prob_gradient(source, x_t[i:i + batch_size], y[i:i + batch_size], t)
+                  for i in range(0, x0.shape[0], batch_size))
+        grads = [unscale(direction, log2_scale).cpu() for direction, log2_scale, _ in pieces]
         out.append(torch.cat(grads))
     return torch.stack(out)
 

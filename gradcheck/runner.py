@@ -79,13 +79,16 @@ SHARED_FIELDS = ("num_samples", "batch_size", "steps", "seed", "device", "ddpm",
 NOT_HASHED = ("batch_size", "protocol")
 """Fields that never change a run's results (the sizes they resolve to are hashed). net_batch
 stays hashed: a different row count may round differently (numerics.NetworkCalls)."""
-RESULTS_VERSION = 3
+RESULTS_VERSION = 4
 """Hashed into every run id; raised when the code changes what every run computes, so that no
 run made before is resumed as if made now. 2: D5 flags only an exactly-zero or non-finite h
 (runs before it discarded ||h|| < 1e-12), and D3's backward passes run on a cotangent scaled
 per sample (guidance.logit_cotangent). 3: g_t, the stabiliser and D5 run in float64
 (guidance.unscale), where version 2 rounded gradients past a margin of about 100 to 0, and norms
-and cosines are exact for float64's tiny gradients (guidance.flat_norm)."""
+and cosines are exact for float64's tiny gradients (guidance.flat_norm). 4: past a margin of
+about 708 D3's cotangent comes from its log-domain closed form, and plain guidance applies g_t's
+direction where g_t is below float64's range (sampler.d5_input): version 3 left such steps
+unguided (the oracle's, at low t) and lost digits of the cotangent at margins of 708-745."""
 PAPER_SIZE = (64, 1000)  # GradCheck §3.4: 64 samples, T = 1000 steps
 CPU_SIZE = (8, 1000)  # auto without a GPU: the paper's full chain, fewer samples (minutes)
 REDUCED_SIZE = (8, 50)  # opt-in only: a respaced chain, for trying the tool, not for numbers

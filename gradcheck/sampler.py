@@ -67,6 +67,7 @@ class GuidanceStep:
     score: torch.Tensor  # D1
     x0_hat: torch.Tensor  # D2
     grad_raw: torch.Tensor  # g_t, D3 (zeros without guidance), float64
+    grad_direction: torch.Tensor  # g_t / 2**e per sample, exact where g_t underflows (D3)
     grad_stabilized: torch.Tensor  # h_t, D4, float64
     grad_applied: torch.Tensor  # gtilde_t, D5
     vanished: torch.Tensor  # (B,) bool, D5
@@ -80,6 +81,18 @@ class GuidanceStep:
 
 
 Observer = Callable[[GuidanceStep], None]
+
+
+def d5_input(stabilize: Stabilizer, h: torch.Tensor, direction: torch.Tensor,
+             normalize: bool) -> torch.Tensor:
+    """What D5 rescales: h_t, or S(g_t's direction) where S is scale-free and D5 is on.
+
+    D5 is scale-free, so a scale-free S (``none``: h = g) gives the same gtilde from g's
+    direction, bit for bit wherever g is in float64's normal range, and the right one where g
+    itself underflows to 0 (margins past about 745: guidance.logit_cotangent)."""
+    if normalize and getattr(stabilize, "scale_free", False):
+        return stabilize(direction)
+    return h
 
 
 def _frozen_copy(v: torch.Tensor) -> torch.Tensor:
@@ -201,13 +214,15 @@ def sample_reference(
         if guidance is None:
             with torch.no_grad():
                 eps, g = eps_fn(x), torch.zeros_like(x, dtype=torch.float64)
+            direction = g
         else:
             out = guidance(eps_fn, x, t, abar, y)
-            eps, g = out.eps, out.grad
+            eps, g, direction = out.eps, out.grad, out.direction
         score = score_from_eps(eps, abar)  # D1
         h = stabilize(g)  # D4 (D4': betas in diffusion time)
         reference = score if normalize_to == "score" else eps
-        gtilde, _ = normalize_guidance(h, reference, normalize)  # D5
+        gtilde, _ = normalize_guidance(d5_input(stabilize, h, direction, normalize), reference,
+                                       normalize)  # D5
         noise = randn_per_sample(x.shape[1:], generators, device) if t > 0 else None
         sigma2 = float(scheduler._get_variance(t))
         with torch.no_grad():  # D6: the unguided step with the same noise, plus s sigma^2 gtilde
@@ -386,6 +401,7 @@ def _sample_configs(
         #    float32 where D2 amplifies rounding: NetworkCalls.at).
         eps = torch.empty_like(x)
         g = torch.zeros_like(x, dtype=torch.float64)  # guidance.unscale: no float32 underflow
+        direction = torch.zeros_like(g)  # g's, exact where g underflows float64 (GradientOutput)
         log_probs = torch.full((n_lanes * b, n_classes), nan, device=device)
         log_probs_x0 = torch.full_like(log_probs, nan)
         if shared:
@@ -400,6 +416,7 @@ def _sample_configs(
                              net=call, eps=None if source.x0_estimate else rows_of(eps, members))
             eps = place(eps, out.eps, members)
             g = place(g, out.grad, members)
+            direction = place(direction, out.direction, members)
             log_probs = place(log_probs, out.log_probs, members)
             log_probs_x0 = place(log_probs_x0, out.log_probs_x0, members)
 
@@ -418,7 +435,9 @@ def _sample_configs(
         for i, lane in enumerate(lanes):
             h = stabs[i](g[lane_rows[i]])
             reference = score if lane.normalize_to == "score" else eps
-            gt, van = normalize_guidance(h, reference[lane_rows[i]], lane.normalize)
+            gt, van = normalize_guidance(
+                d5_input(stabs[i], h, direction[lane_rows[i]], lane.normalize),
+                reference[lane_rows[i]], lane.normalize)
             hs.append(h)
             gtildes.append(gt)
             vanished.append(van)
@@ -439,16 +458,18 @@ def _sample_configs(
         #    change a sample). Nothing here waits for the device.
         z = _host_noise((c, *size), null_gens, device)  # D7', one draw shared by lanes
         for i, lane in enumerate(lanes):
-            rows, gi = lane_rows[i], g[lane_rows[i]]
+            rows, gi, di = lane_rows[i], g[lane_rows[i]], direction[lane_rows[i]]
             if g_prev[i] is None:
                 cos_prev_raw = cos_prev_applied = torch.full((b,), nan, dtype=torch.float64,
                                                              device=device)
             else:
-                cos_prev_raw = cosine(gi, g_prev[i])
+                cos_prev_raw = cosine(di, g_prev[i])  # g's direction: scale-free
                 cos_prev_applied = cosine(gtildes[i], gtilde_prev[i])
-            g_prev[i], gtilde_prev[i] = gi, gtildes[i]
-            # D7' (D5 rescales each sample by a positive number: the cosine is h's).
-            h_null = null_stabs[i](z * (flat_norm(gi) / flat_norm(z)).view(-1, 1, 1, 1))
+            g_prev[i], gtilde_prev[i] = di, gtildes[i]
+            # D7' (D5 rescales each sample by a positive number: the cosine is h's). The random
+            # gradients get g's norm, or its direction's where the stabiliser is scale-free.
+            norm = flat_norm(di if getattr(null_stabs[i], "scale_free", False) else gi)
+            h_null = null_stabs[i](z * (norm / flat_norm(z)).view(-1, 1, 1, 1))
             cos_prev_null = (torch.full((b,), nan, dtype=torch.float64, device=device)
                              if null_prev[i] is None else cosine(h_null, null_prev[i]))
             null_prev[i] = h_null
@@ -460,7 +481,8 @@ def _sample_configs(
                     guided=lane.guidance is not None, sample=sample_ids.clone(),
                     x_t=_frozen_copy(x[rows]), eps=_frozen_copy(eps[rows]),
                     score=_frozen_copy(score[rows]), x0_hat=_frozen_copy(x0_hat[rows]),
-                    grad_raw=_frozen_copy(gi), grad_stabilized=_frozen_copy(hs[i]),
+                    grad_raw=_frozen_copy(gi), grad_direction=_frozen_copy(di),
+                    grad_stabilized=_frozen_copy(hs[i]),
                     grad_applied=_frozen_copy(gtildes[i]), vanished=_frozen_copy(vanished[i]),
                     cos_prev_raw=cos_prev_raw.clone(), cos_prev_applied=cos_prev_applied.clone(),
                     cos_prev_null=cos_prev_null, x_norm_ratio=x_norm_ratio[rows].clone(),

@@ -38,6 +38,10 @@ class Stabilizer(Protocol):
 class Identity:
     """``none``: h = g."""
 
+    scale_free = True
+    """S(c g) = c S(g) for every c > 0 and no memory: the sampler may hand it g's direction
+    where g underflows (sampler.d5_input). Stabilisers without the attribute are not."""
+
     def __init__(self, time_scale: float = 1.0) -> None:
         pass  # no memory, nothing to rescale
 

@@ -286,8 +286,8 @@ def test_the_networks_backward_sees_a_cotangent_of_order_one():
         assert not vanished.any()
         assert cosine(gtilde, ref).item() > 0.9999
         torch.testing.assert_close(flat_norm(gtilde), flat_norm(score))
-    v, scale = logit_cotangent(torch.log_softmax(z * 50, 1), y)
-    assert torch.equal(torch.log2(scale), torch.log2(scale).round())  # powers of two
+    v, log2_scale = logit_cotangent(torch.log_softmax(z * 50, 1), y)
+    assert torch.equal(log2_scale, log2_scale.round())  # powers of two
 
 
 class _Scale(nn.Module):
@@ -297,3 +297,62 @@ class _Scale(nn.Module):
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         return self.k * v
+
+
+def test_the_cotangent_past_float64s_range_comes_from_its_closed_form():
+    """Past a margin of about 745, sigmoid(-margin) is 0 in float64 and autograd's cotangent with
+    it; the log-domain closed form keeps direction and log2 scale. In float64's normal range the
+    result is autograd's, bit for bit."""
+    from gradcheck.guidance import logit_cotangent, target_log_prob, unscale
+
+    y = torch.tensor([1, 0])
+    for margin in (5.0, 100.0, 700.0, 720.0, 800.0, 3000.0):
+        z = torch.tensor([[-margin, 0.0, -margin - 1, -margin - 3],
+                          [0.0, -margin - 0.5, -margin, -margin - 2]], dtype=torch.float64)
+        v, log2_scale = logit_cotangent(z, y)
+        assert torch.equal(log2_scale, log2_scale.round())
+        assert (v.abs().amax(1) >= 1).all() and (v.abs().amax(1) < 2).all()
+        others = z.scatter(1, y[:, None], float("-inf"))
+        log_s = -torch.nn.functional.softplus(z.gather(1, y[:, None])[:, 0]
+                                               - torch.logsumexp(others, 1))  # log sigmoid(L)
+        expected = torch.nn.functional.one_hot(y, 4).double() - torch.softmax(others, 1)
+        torch.testing.assert_close(v / v.abs().amax(1, keepdim=True), expected, rtol=1e-13,
+                                   atol=1e-14)
+        torch.testing.assert_close(log2_scale + torch.log2(v.abs().amax(1)),
+                                   log_s / torch.log(torch.tensor(2.0, dtype=torch.float64)),
+                                   rtol=1e-14, atol=1e-12)
+        zz = z.clone().requires_grad_(True)
+        (auto,) = torch.autograd.grad(target_log_prob(zz, y).sum(), zz)
+        if margin < 700:  # normal range: autograd's numbers exactly
+            assert torch.equal(unscale(v, log2_scale), auto)
+        if margin > 750:  # autograd's is 0 here; the direction is not
+            assert (auto == 0).all() and (unscale(v, log2_scale) == 0).all()
+            assert (log2_scale < -1074).all()
+
+
+def test_oracle_guidance_keeps_its_direction_where_its_gradient_underflows():
+    """At small t the empirical posterior's margin reaches thousands: g_t = grad log q(y | x_t)
+    is below float64's range (grad reads 0), but its direction is exact (D8's pairwise form,
+    sum_{c != y} q_c (mu_y - mu_c), normalised in the log domain), and D5 applies it."""
+    gen = torch.Generator().manual_seed(11)
+    images = torch.rand(16, 3, 8, 8, generator=gen) * 2 - 1
+    labels = torch.arange(16) % 4
+    abar = torch.linspace(0.9999, 0.01, 1000, dtype=torch.float64)
+    oracle = EmpiricalOracle(images, labels, abar).eval()
+    t = 2
+    x = (abar[t].sqrt() * images[[1, 6]] + (1 - abar[t]).sqrt() * torch.randn(
+        2, 3, 8, 8, generator=gen, dtype=torch.float64)).float()
+    y = labels[[1, 6]]  # the nearest images' classes: q(y | x_t) = 1 - e^(-margin)
+    out = ClassifierGuidance(oracle)(lambda v: 0 * v, x, t, abar[t], y)
+    log_q, coef, means = oracle._moments(oracle._flat(x), oracle._abar(t, x))
+    others = log_q.scatter(1, y[:, None], float("-inf"))
+    assert (log_q.gather(1, y[:, None])[:, 0] - others.max(1).values > 1000).all()
+    assert (out.grad == 0).all()  # the true gradient: below 4.9e-324
+    w = torch.softmax(others, dim=1)  # q_c / sum_{c != y} q_c
+    mu_y = means[torch.arange(2), y]
+    ref = (coef[:, None] * (w[..., None] * (mu_y[:, None] - means)).sum(1)).reshape(x.shape)
+    assert (cosine(out.direction, ref) > 1 - 1e-6).all()
+    score = torch.randn_like(x)
+    gtilde, vanished = normalize_guidance(out.direction, score)
+    assert not vanished.any()
+    torch.testing.assert_close(flat_norm(gtilde), flat_norm(score))

@@ -244,6 +244,40 @@ def test_zero_gradient_sets_grad_vanished_without_nan(unet):
     assert (df["grad_norm_applied"] == 0).all() and df["score_norm"].notna().all()
 
 
+class CertainClassifier(nn.Module):
+    """Class 1 at a margin of 2000 + mean(x): grad log p(1 | x) = e^-2000 / D, below float64's
+    range, in the direction of all ones."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = torch.zeros(x.shape[0], 4)
+        z[:, 1] = 2000 + x.mean(dim=(1, 2, 3))
+        return z
+
+
+def test_a_gradient_below_float64s_range_still_guides_by_its_direction(unet):
+    """Plain guidance (S = none) applies g_t's direction where g_t itself reads 0: D5 is
+    scale-free. ADAM's memory needs g_t's size, which float64 cannot hold: there it vanishes."""
+    sched, source = make_scheduler(), ClassifierGuidance(CertainClassifier().eval())
+    kw = dict(target=1, scale=1.0, steps=STEPS)
+    seen: list[GuidanceStep] = []
+    x = sample_guided(unet, sched, source, gens(range(2)), observers=[seen.append], **kw)
+    assert all((s.grad_raw == 0).all() and not s.vanished.any() for s in seen)
+    for s in seen:
+        ones = torch.ones_like(s.grad_direction)
+        assert (cosine(s.grad_direction, ones) > 1 - 1e-6).all()
+        assert (cosine(s.grad_applied, ones) > 1 - 1e-6).all()
+        torch.testing.assert_close(flat_norm(s.grad_applied), flat_norm(s.score), rtol=1e-5, atol=0)
+    assert all((s.cos_prev_raw > 1 - 1e-6).all() for s in seen[1:])
+    assert not torch.equal(x, sample_guided(unet, sched, None, gens(range(2)), steps=STEPS))
+    from gradcheck.sampler import sample_reference
+
+    assert torch.equal(x, sample_reference(unet, make_scheduler(), source, gens(range(2)), **kw))
+    adam: list[GuidanceStep] = []
+    sample_guided(unet, sched, source, gens(range(2)), stabilizer="adam", observers=[adam.append],
+                  **kw)
+    assert all(s.vanished.all() for s in adam)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
