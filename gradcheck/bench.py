@@ -1,16 +1,9 @@
 """`gradcheck bench`: how fast each stage runs on this machine, against a plain baseline.
 
 Each measurement is the median of ``repeats`` timed repetitions after an untimed warm-up, one
-section (:data:`SECTIONS`) at a time: data set generation, DDPM training through the real
-training step (eager and compiled), the UNet alone, guided sampling per mode and recorder setting
-(steps/s, the recorder's overhead, peak GPU memory, TFLOP/s against the device's peak), a plain
-diffusers ``DDPMPipeline`` loop (the unguided baseline), FID and KID, and the Table 1
-configurations sampled together vs one by one, checked to give the same samples (a miniature;
-``table1=True``: the full protocol on the shipped checkpoints).
-
-``--quick`` (the tiny UNet at 32 x 32, small batches, no compiling) takes about a minute on a
-2-core CPU, ``--full`` minutes on a GPU (docs/performance.md, "The bench"); ``sections`` runs a
-part, and every measurement is reported as it is taken.
+section (:data:`SECTIONS`) at a time, reported as it is taken. ``--quick`` (the tiny UNet at
+32 x 32, small batches, no compiling) takes about a minute on a 2-core CPU, ``--full`` minutes
+on a GPU (docs/performance.md, "The bench").
 """
 
 from __future__ import annotations
@@ -169,15 +162,9 @@ def bench_dataset(sizes: BenchSizes, say: Callable[[str], None] = lambda _: None
 
 
 def benchmark_training(
-    preset: str = "paper",
-    batch_size: int = 256,
-    steps: int = 50,
-    compile: bool = False,
-    channels_last: bool = True,
-    mixed_precision: str = "bf16",
-    warmup: int = 10,
-    device: str = "auto",
-    seed: int = 0,
+    preset: str = "paper", batch_size: int = 256, steps: int = 50, compile: bool = False,
+    channels_last: bool = True, mixed_precision: str = "bf16", warmup: int = 10,
+    device: str = "auto", seed: int = 0,
 ) -> dict[str, Any]:
     """Speed of the real training step (EMA update included) on random uint8 images: images/s,
     it/s and peak memory. ``warmup`` untimed steps absorb compilation and cuDNN autotuning."""
@@ -230,20 +217,12 @@ def benchmark_training(
 
         warmup_s = run(warmup, 0)
         seconds = run(steps, warmup)
-        return {
-            "preset": preset,
-            "batch_size": batch_size,
-            "compile": compile,
-            "channels_last": channels_last,
-            "mixed_precision": mixed_precision,
-            "it_per_s": steps / seconds,
-            "images_per_s": steps * batch_size / seconds,
-            "warmup_s": warmup_s,
-            "peak_memory_gib": torch.cuda.max_memory_allocated(dev) / 2**30
-            if dev.type == "cuda" else math.nan,
-            "device": str(dev),
-            "hardware": run_metadata(dev)["hardware"],
-        }
+        peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else math.nan
+        return {"preset": preset, "batch_size": batch_size, "compile": compile,
+                "channels_last": channels_last, "mixed_precision": mixed_precision,
+                "it_per_s": steps / seconds, "images_per_s": steps * batch_size / seconds,
+                "warmup_s": warmup_s, "peak_memory_gib": peak, "device": str(dev),
+                "hardware": run_metadata(dev)["hardware"]}
 
 
 def bench_training(sizes: BenchSizes, device: torch.device,
@@ -316,11 +295,8 @@ def bench_unet(
     say: Callable[[str], None] = lambda _: None,
 ) -> list[dict[str, Any]]:
     """The UNet alone, per (batch, precision, memory layout, cuDNN autotuning, pass): ms per call,
-    images/s and TFLOP/s. ``forward+grad`` is the forward plus the backward to the input that
-    the x0-estimate needs (no weight gradients). On a CPU only fp32 without autotuning (TF32 and
-    autotuning are CUDA's; bf16 there says nothing about a GPU). Independent of the bench's
-    ``precision``: it compares them. What the sampler could gain from each setting, before it
-    adopts one."""
+    images/s and TFLOP/s, whatever the bench's ``precision``. On a CPU only fp32 without
+    autotuning (TF32 and autotuning are CUDA's; bf16 there says nothing about a GPU)."""
     from gradcheck.numerics import NetworkCalls
 
     unet, _, _, origin = _models(sizes, device)
@@ -430,11 +406,9 @@ def bench_sampling(
                     "batch": batch, "mode": mode, "recorder": record,
                     "steps_per_s": steps_per_s, "ms_per_step": 1e3 * seconds / n_steps,
                     "recorder_overhead": seconds / base_s - 1 if record != "off" else 0.0,
-                    "peak_memory_gib": memory,
-                    "tflops": flops * steps_per_s / 1e12,
+                    "peak_memory_gib": memory, "tflops": flops * steps_per_s / 1e12,
                     "peak_fraction": flops * steps_per_s / 1e12 / peak if peak else None,
-                    "precision": precision, "models": origin,
-                })
+                    "precision": precision, "models": origin})
                 say(_sampling_line(rows[-1]))
     return rows
 
@@ -506,11 +480,9 @@ def bench_fid(device: torch.device, repeats: int) -> dict[str, Any]:
 def bench_table1(
     sizes: BenchSizes, device: torch.device, precision: str, full: bool,
 ) -> dict[str, Any]:
-    """The Table 1 configurations sampled together vs one by one: wall time and equality.
-
-    ``full``: the protocol itself (64 samples x 1,000 steps, metrics) on the shipped
-    checkpoints, together only (one by one is the plain loop the issue measured at ~6 min).
-    Otherwise a miniature on random tiny models, both ways, checked to give the same samples.
+    """The Table 1 configurations sampled together vs one by one: wall time and equality. ``full``:
+    the protocol itself (64 samples x 1,000 steps, metrics) on the shipped checkpoints, together
+    only. Otherwise a miniature on random tiny models, both ways, checked to give the same samples.
     """
     from gradcheck import runner
     from gradcheck.config import RunConfig
@@ -528,10 +500,9 @@ def bench_table1(
         start = time.perf_counter()
         together = runner.run_many(cfgs, out=tmp_path / "together", progress=False)
         together_s = time.perf_counter() - start
-        out: dict[str, Any] = {
-            "configurations": len(cfgs), "num_samples": runner.resolve_config(base).num_samples,
-            "steps": runner.resolve_config(base).steps, "together_s": together_s,
-        }
+        resolved = runner.resolve_config(base)
+        out: dict[str, Any] = {"configurations": len(cfgs), "num_samples": resolved.num_samples,
+                               "steps": resolved.steps, "together_s": together_s}
         if full:
             return out
         start = time.perf_counter()
@@ -569,8 +540,7 @@ def _mini_table1_base(sizes: BenchSizes, tmp: Path, device: torch.device, precis
 
 
 CPU_TABLE1_SETTINGS: dict[str, dict[str, Any]] = {
-    # The sampler as it ran on a CPU before the speed work (issue "CPU speed of the study").
-    "fp32 eager": dict(precision="fp32", net_batch=8, compile=False),
+    "fp32 eager": dict(precision="fp32", net_batch=8, compile=False),  # the old CPU defaults
     "default": {},  # RunConfig's defaults, resolved for the CPU (runner.resolve_config)
     "no vectors": dict(record_vectors="none"),  # the default less the recorder's vector copies
 }
@@ -580,14 +550,9 @@ CPU_TABLE1_SETTINGS: dict[str, dict[str, Any]] = {
 def bench_table1_cpu(
     steps: int, repeats: int, say: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
-    """One seed of Table 1 on the shipped 32x32 set (N = 64), per :data:`CPU_TABLE1_SETTINGS`.
-
-    Each setting samples the 8 configurations together on a ``steps``-step respaced chain,
-    ``repeats`` times in turn (interleaved, so drift hits both); the median sampling time per
-    step, times 1,000, plus the rest of a run (loading, metrics, writing; measured on the last
-    repeat) gives the per-seed time of the 1,000-step protocol. A respaced chain visits the
-    same mix of t as the full one, so precision switches by D2's gain cost what they cost there.
-    """
+    """One seed of Table 1 on the shipped 32x32 set (N = 64), per :data:`CPU_TABLE1_SETTINGS`:
+    ``repeats`` interleaved ``steps``-step respaced chains per setting; per seed = 1,000 x the
+    median step + the rest of the last repeat's run (docs/performance.md, "Table 1 at 32x32")."""
     from gradcheck import runner
     from gradcheck.config import RunConfig
     from gradcheck.paths import checkpoint_set_image_size, default_data_root
@@ -751,8 +716,7 @@ def format_report(result: dict[str, Any]) -> str:
     if "unet" in result:
         lines += ["", *map(_unet_line, result["unet"])]
     if "sampling" in result:
-        lines += ["", SAMPLING_HEADER]
-        lines += map(_sampling_line, result["sampling"])
+        lines += ["", SAMPLING_HEADER, *map(_sampling_line, result["sampling"])]
     lines += map(_pipeline_line, result.get("pipeline", []))
     if "fid" in result:
         f = result["fid"]

@@ -53,15 +53,13 @@ def _data_root_option(help: str) -> typer.models.OptionInfo:
 
 
 def _sized_data_root_option(help: str, by: str) -> typer.models.OptionInfo:
-    """--data-root of commands whose image size is set by ``by``: GRADCHECK_DATA when set, else
-    that size's data set (datasets/sportballs for 64, datasets/sportballsN for N)."""
+    """--data-root: GRADCHECK_DATA when set, else the data set of ``by``'s image size."""
     return typer.Option(None, envvar="GRADCHECK_DATA",
                         help=f"{help} [default: the data set of {by}'s image size]")
 
 
 def _choose_checkpoints(value: str | None) -> str | None:
-    """--checkpoints: a set name or folder, made the process's GRADCHECK_CHECKPOINTS, so every
-    default (DDPM, classifiers, judge, data set) follows it; said in one line."""
+    """--checkpoints: a set name or folder, made the process's GRADCHECK_CHECKPOINTS."""
     import os
 
     from gradcheck.paths import checkpoint_set, checkpoint_set_name
@@ -316,15 +314,16 @@ def eval_classifier_cmd(
     folder: str = typer.Argument(..., help="Classifier folder (config.json + model.safetensors)."),
     data_root: str = _data_root_option("Data set root."),
     ddpm: str | None = typer.Option(None, help="DDPM folder: its UNet adds x0-estimate (D2) rows."),
-    eval_samples: int = typer.Option(1000, help="Validation images in the table."),
+    eval_samples: int = typer.Option(_CLF.eval_samples, help="Validation images in the table."),
     eval_pgd_eps: list[float] = typer.Option(
-        [0.0, 0.25, 0.5, 1.0, 2.0, 4.0], help="L2 PGD radii (repeat the option)."),
-    eval_pgd_steps: int = typer.Option(20, help="PGD steps (step 2.5 eps / steps)."),
-    batch_size: int = typer.Option(256, help="Batch size."),
-    seed: int = typer.Option(0, help="Seed of the fixed evaluation noise."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
-    amp: bool = typer.Option(True, help="bf16 autocast on CUDA."),
-    progress: bool = typer.Option(True, help="Show progress bars."),
+        list(_CLF.eval_pgd_eps), help="L2 PGD radii (repeat the option)."),
+    eval_pgd_steps: int = typer.Option(
+        _CLF.eval_pgd_steps, help="PGD steps (step 2.5 eps / steps)."),
+    batch_size: int = typer.Option(_CLF.batch_size, help="Batch size."),
+    seed: int = typer.Option(_CLF.seed, help="Seed of the fixed evaluation noise."),
+    device: str = typer.Option(_CLF.device, help="auto | cpu | cuda | cuda:N."),
+    amp: bool = typer.Option(_CLF.amp, help="bf16 autocast on CUDA."),
+    progress: bool = typer.Option(_CLF.progress, help="Show progress bars."),
 ) -> None:
     """Re-evaluate a classifier: rewrite accuracy_by_t.parquet and config.json's summary."""
     from gradcheck.train_classifier import evaluate_classifier
@@ -379,8 +378,7 @@ def run_cmd(
         None, help="DDPM pipeline folder [default: the checkpoint set's ddpm/]."),
     judge: str | None = typer.Option(
         None, help="Judge classifier folder for the metrics [default: the checkpoint set's]."),
-    data_root: str = _data_root_option(
-        "Data set root (oracle and FID reference images)."),
+    data_root: str = _data_root_option("Data set root (oracle and FID reference images)."),
     cos_oracle: bool | None = typer.Option(
         None, "--cos-oracle/--no-cos-oracle", "--oracle/--no-oracle",
         help="Log cos_oracle against the exact gradient (D8) at every sample and step [default: "
@@ -521,8 +519,7 @@ def pag_cmd(
     batch_size: int = typer.Option(
         _PAG.batch_size, help="Gradient batch size (results do not depend on it)."),
     device: str = typer.Option(_PAG.device, help="auto | cpu | cuda | cuda:N."),
-    out: str = typer.Option(
-        _PAG.out, help="Output folder (`gradcheck report` reads it there)."),
+    out: str = typer.Option(_PAG.out, help="Output folder (`gradcheck report` reads it there)."),
     overwrite: bool = typer.Option(_PAG.overwrite, help="Replace an existing output folder."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
@@ -789,9 +786,7 @@ def precision_cmd(
 
 
 class Interrupted(BaseException):
-    """Ctrl-C or SIGTERM. Not a KeyboardInterrupt, which typer turns into a silent exit 130
-    before :func:`main` could say what happened; like it, it unwinds every ``with`` block, so
-    temporary outputs are removed on the way out."""
+    """Ctrl-C or SIGTERM; not a KeyboardInterrupt, which typer would swallow silently."""
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
@@ -800,7 +795,6 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors print one line and exit 2; Ctrl-C exits 130."""
-    # Ctrl-C and SIGTERM (kill, SLURM time limits) unwind, so temporary outputs are removed.
     signal.signal(signal.SIGINT, _raise_interrupt)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:

@@ -1,7 +1,4 @@
-"""Frozen dataclasses, one per stage. Field names equal CLI option names and parquet columns.
-
-Each field's comment says where its default comes from.
-"""
+"""Frozen dataclasses, one per stage; field names equal CLI option names and parquet columns."""
 
 from __future__ import annotations
 
@@ -69,14 +66,12 @@ class TrainDDPMConfig:
     weight_decay: float = 0.0  # DDPM/EDM use none; decay only slows a short run
     grad_clip: float = 1.0  # max global grad norm (diffusers scripts); guards the high lr
     min_snr_gamma: float = 5.0  # Min-SNR-gamma weighting min(SNR, g)/SNR (Hang et al. 2023); 0=off
-    # + w * low-frequency error (Hoogeboom et al. 2023; docs/scales.md, "The recipe"); 0 = plain
-    multiscale_weight: float = 0.0  # off until a GPU A/B at 64x64 (sportballs-v1 used 0)
+    multiscale_weight: float = 0.0  # low-frequency loss term (docs/scales.md); sportballs-v1: 0
     ema_decay: float = 0.9995  # the training notes (docs/scales.md); the warm-up's ceiling
     ema_warmup: bool = True  # decay = min(ema_decay, (1+step)/(10+step)): early exports usable
     hflip: bool = False  # off: the volleyball is chiral, a flip draws one the data never has
     max_images: int | None = None  # use only the first N training images (overfitting checks)
-    # auto = bf16 autocast on a GPU; on a CPU bf16 where a timed probe finds it >= 1.2x faster,
-    mixed_precision: str = "auto"  # float32 elsewhere; recorded per sitting. auto | bf16 | no
+    mixed_precision: str = "auto"  # auto | bf16 | no (auto: the train-ddpm help)
     channels_last: bool = True  # NHWC: faster bf16 convs; eager GroupNorm may copy (benchmark)
     compile: bool = False  # torch.compile the UNet: 1.81x images/s on an H100 after 151 s
     seed: int = 0  # model init, batch indices, flips, timesteps and noise
@@ -104,8 +99,7 @@ class EvalDDPMConfig:
     data_root: str = dataclasses.field(default_factory=_default_data_root)  # test: FID reference
     seed: int = 0
     device: str = "auto"
-    # auto = bf16 autocast on a GPU and on CPUs with native bf16 (AVX-512 bf16/AMX), else fp32
-    mixed_precision: str = "auto"  # auto | bf16 | no
+    mixed_precision: str = "auto"  # auto | bf16 | no (auto: the eval-ddpm help)
     out: str | None = None  # default: FOLDER/eval/
     overwrite: bool = False
     progress: bool = True
@@ -137,7 +131,6 @@ class TrainClassifierConfig:
     attack_steps: int = 7  # Kawar et al. §5.1; per-sample early stopping
     eval_samples: int = 1000  # validation images for accuracy_by_t.parquet
     eval_pgd_steps: int = 20  # evaluation attack: step 2.5 * eps / steps (Madry et al.)
-    # L2 radii of the evaluation attack; noise-trained classifiers stay accurate beyond 1.
     eval_pgd_eps: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
     overwrite: bool = False
     progress: bool = True
@@ -152,24 +145,12 @@ class RunConfig:
     x0_estimate: bool = False  # D2 (GradCheck Eq. 3): the classifier sees x0_hat
     stabilizer: str = "none"  # D4 registry (none, adam, ema, rmsprop, adam-nobias); --adam = adam
     normalize: bool = True  # D5 (GradCheck Eq. 2), the paper's setting for every experiment
-    # D5's reference norm: score | eps (Augustin et al.'s code; docs/maths.md D5). score stays
-    # the default: the d5-norm grid found neither better at its best scale (README).
-    normalize_to: str = "score"
-    # D3's objective: stable (exact at any margin) | log-softmax (autograd through log_softmax,
-    # which drops the target logit's term once p(y | x) rounds to 1 in float32; guidance.py).
-    log_prob: str = "stable"
-    # D4': stabiliser betas in diffusion time, beta ** (T // steps) (same as the paper at
-    # steps = T); False counts sampler steps, which drove 50-step ADAM chains to noise.
-    diffusion_time: bool = True
-    # s of D6; the paper's value is lost from our copy (App. C.1). Under D5, s = 1 pulls as hard
-    # as the denoiser (docs/maths.md D6): the scale-free balance point; re-tune with a sweep.
-    scale: float = 1.0
-    # baseball: GradCheck App. C, the class of every paper experiment. A class name is taken too
-    # and resolved to its index (runner.resolve_config), so run ids do not depend on the spelling.
-    target: int | str = 0
-    # None = the protocol's (runner.resolve_config): 64 x 1000 on a GPU (GradCheck §3.4), 8 x
-    # 1000 on a CPU; a sweep's runs are 64 x 1000 everywhere. Given values are kept.
-    num_samples: int | None = None
+    normalize_to: str = "score"  # score | eps (docs/maths.md D5; the d5-norm grid: README)
+    log_prob: str = "stable"  # D3's objective: stable | log-softmax (guidance.py)
+    diffusion_time: bool = True  # D4': stabiliser betas in diffusion time (docs/maths.md)
+    scale: float = 1.0  # s of D6 (the paper's is lost, App. C.1); 1 = the denoiser's pull (D6)
+    target: int | str = 0  # baseball (GradCheck App. C); a name resolves to its index
+    num_samples: int | None = None  # None = the protocol's (runner.resolve_config)
     batch_size: int = 64  # memory only: results do not depend on it (one generator per sample)
     steps: int | None = None  # sampling steps; None = T = 1000 (the paper); fewer respace
     seed: int = 0  # sample i depends only on (seed, i)
@@ -177,19 +158,15 @@ class RunConfig:
     ddpm: str = dataclasses.field(default_factory=_default_ddpm)  # shipped DDPM pipeline folder
     judge: str = dataclasses.field(default_factory=_default_judge)  # docs/metrics.md judge folder
     data_root: str = dataclasses.field(default_factory=_default_data_root)  # oracle, FID reference
-    # Log cos_oracle, the cosine to the exact gradient (D8): True at every sample and step;
-    # None = so on a GPU, and on a CPU (the oracle reads every training image per gradient) at
-    # the vector subset's 8 samples, every 10th step and the last; off without the data set.
+    # cos_oracle (D8): True at every sample and step; None = so on a GPU, at the vector subset on
+    # a CPU, off without the data set.
     cos_oracle: bool | None = None
     record_vectors: str = "subset"  # none | subset (8 samples, every 10th step) | all
     protocol: str = "auto"  # auto (sizes above) | paper (64 x 1000) | reduced (8 x 50, opt-in)
     metrics: bool = True  # metrics.json via gradcheck.metrics at the end of the run
-    # How the networks run (numerics.NetworkCalls, the `run --precision` help; the CPU's numbers:
-    # docs/performance.md). None = auto on a CPU, fp32 on a GPU. Guidance maths: fp32/fp64.
+    # numerics.NetworkCalls; None = auto on a CPU, fp32 on a GPU (docs/performance.md).
     precision: str | None = None  # fp32 | tf32 | bf16 | fp16 | auto
-    # Rows per network call (pieces padded to it): samples are bit-identical for every batch
-    # size and for configurations sampled together. None = 64 (on a CPU at most num_samples).
-    net_batch: int | None = None
+    net_batch: int | None = None  # rows per network call; None = 64 (CPU: at most num_samples)
     compile: bool = False  # torch.compile the UNet (one shape thanks to net_batch)
 # [metrics: metrics.py]
 
@@ -217,13 +194,8 @@ class SweepConfig:
     grid: str = "table1"  # table1 | scales | scales-x0 | d5-norm | stabilizers | classifiers
     seeds: int = 3  # seeds 0..seeds-1: the fewest that give a 95% t-interval worth reading
     shard: str | None = None  # "i/n", 0-based; None = the launcher's (RANK/WORLD_SIZE, SLURM)
-    # Sample the configurations of one seed together (runner.run_many): shared UNet calls,
-    # bit-identical results to running them one by one.
-    batch_configs: bool = True
-    # Folder of compact run records (report.write_records): each finished run is recorded there
-    # and a run already recorded is skipped, so a sweep resumes on another machine from the
-    # committed records alone.
-    records: str | None = None
+    batch_configs: bool = True  # sample one seed's configs together (runner.run_many), same results
+    records: str | None = None  # compact records (report.write_records); recorded runs are skipped
 
 
 # ---- pag: pag.py --------------------------------------------------------------------------

@@ -1,9 +1,8 @@
 """Unconditional sample quality of a DDPM folder: white borders, judge classes, FID/KID, and the
 mean-colour slope that diagnoses tinted backgrounds (see :func:`mean_colour_slope`).
 
-``evaluate_ddpm`` writes into ``--out`` (default ``FOLDER/eval/``, so an export replaces its stale
-evaluation): ``eval.json`` (summary, config, versions), ``eval.parquet`` (one row per sample) and
-``samples.png`` (the first 64 samples). Sample i depends only on ``(seed, i)``, never on the batch.
+``evaluate_ddpm`` writes ``eval.json`` (summary, config, versions), ``eval.parquet`` (one row
+per sample) and ``samples.png`` (the first 64 samples) into ``--out`` (default ``FOLDER/eval/``).
 """
 
 from __future__ import annotations
@@ -48,9 +47,9 @@ MIXED_PRECISION = ("auto", "bf16", "no")
 
 
 def sampling_bf16(mixed_precision: str, device: torch.device) -> bool:
-    """Whether unguided sampling runs the UNet in bf16 autocast: ``auto`` on a GPU, and on a CPU
-    with native bf16 units (AVX-512 bf16 or AMX: 2.1x the float32 forward of the small32 UNet;
-    emulated elsewhere, slower than float32); ``bf16`` always; ``no`` never."""
+    """Whether unguided sampling runs the UNet in bf16 autocast: ``auto`` on a GPU and on a CPU
+    with native bf16 (:func:`~gradcheck.numerics.cpu_has_native_bf16`); ``bf16`` always; ``no``
+    never."""
     check_choice("mixed_precision", mixed_precision, MIXED_PRECISION)
     if mixed_precision != "auto":
         return mixed_precision == "bf16"
@@ -59,19 +58,11 @@ def sampling_bf16(mixed_precision: str, device: torch.device) -> bool:
 
 @torch.no_grad()
 def sample_images(
-    unet: UNet2DModel,
-    scheduler: DDPMScheduler,
-    num_samples: int,
-    steps: int = 1000,
-    seed: int = 0,
-    batch_size: int = 250,
-    mixed_precision: str = "auto",
-    progress: bool = False,
+    unet: UNet2DModel, scheduler: DDPMScheduler, num_samples: int, steps: int = 1000,
+    seed: int = 0, batch_size: int = 250, mixed_precision: str = "auto", progress: bool = False,
 ) -> torch.Tensor:
     """Unconditional DDPM samples as uint8 (N, 3, H, W) on the CPU; sample i uses only (seed, i).
-
-    ``steps`` < T respaces the chain through ``DDPMScheduler.set_timesteps`` (docs/maths.md).
-    """
+    ``steps`` < T respaces the chain through ``DDPMScheduler.set_timesteps`` (docs/maths.md)."""
     check_positive("num_samples", num_samples)
     check_positive("batch_size", batch_size)
     T = scheduler.config.num_train_timesteps
@@ -159,17 +150,10 @@ def _fid_kid(
     n, m = len(f_gen), len(f_ref)
     subset = min(1000, n, m)  # torch-fidelity's default subset size, capped by the set sizes
     kid_mean, kid_std = metrics.features_to_kid(f_gen, f_ref, subset, seed=cfg.seed)
-    return {
-        "fid": metrics.features_to_fid(f_gen, f_ref),
-        "kid_mean": kid_mean,
-        "kid_std": kid_std,
-        "kid_subset_size": subset,
-        "extractor": fe_name,
-        "feature_dim": int(f_gen.shape[1]),
-        "inception_weights_sha256": sha,
-        "n_reference": m,
-        "reference": f"{root} test split (all {m} images)",
-    }
+    return {"fid": metrics.features_to_fid(f_gen, f_ref), "kid_mean": kid_mean,
+            "kid_std": kid_std, "kid_subset_size": subset, "extractor": fe_name,
+            "feature_dim": int(f_gen.shape[1]), "inception_weights_sha256": sha,
+            "n_reference": m, "reference": f"{root} test split (all {m} images)"}
 
 
 def evaluate_ddpm(config: EvalDDPMConfig | None = None, **overrides: Any) -> dict[str, Any]:
@@ -202,8 +186,7 @@ def evaluate_ddpm(config: EvalDDPMConfig | None = None, **overrides: Any) -> dic
             "white_border": (border >= WHITE_BORDER).numpy(),
         })
         summary: dict[str, Any] = {
-            "num_samples": cfg.num_samples,
-            "steps": cfg.steps,
+            "num_samples": cfg.num_samples, "steps": cfg.steps,
             "sampling_autocast": "bf16" if sampling_bf16(cfg.mixed_precision, device)
             else "float32",
             "white_border_share": float(rows["white_border"].mean()),

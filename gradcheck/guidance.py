@@ -65,9 +65,7 @@ def flat_norm(v: torch.Tensor) -> torch.Tensor:
 
     Each row is scaled by a power of two to a largest entry in [1, 2) first, and the norm
     scaled back: bit-identical to ``norm()`` wherever no square under- or overflows, and right
-    for the tiny float64 gradients of a certain classifier (entries below 1e-154 have squares
-    below float64's normal range: their plain norm read up to 7x too small, or 0, at margins of
-    350-740).
+    for float64 entries below 1e-154 (docs/maths.md D5).
     """
     v = v.flatten(1)
     k = _pow2_peak(v)
@@ -79,12 +77,10 @@ def normalize_guidance(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """D5 (GradCheck Eq. 2): gtilde = ||score|| h / ||h|| per sample, or gtilde = h.
 
-    h, score (B, 3, H, W) -> (gtilde (B, 3, H, W) in score's dtype, vanished (B,) bool). h may
-    be float64 (the sampler's g and h are: see :func:`unscale`). Where h is exactly 0 or
-    not finite, gtilde = 0 and the sample is flagged: no NaN ever reaches a sample. D5 is
-    scale-free, so a small but exact h (D3's stable form gives ||h|| ~ 1e-13 at confident
-    margins) keeps its direction; the rescaling runs in float64 so that no ||h|| down to float32's
-    smallest subnormal overflows. DESIGN.md's absolute threshold ||h|| < 1e-12 discarded those.
+    h, score (B, 3, H, W) -> (gtilde (B, 3, H, W) in score's dtype, vanished (B,) bool), in
+    float64 inside. Only where h is exactly 0 or not finite is gtilde = 0 and the sample
+    flagged: no NaN reaches a sample, and a tiny but exact h keeps its direction (no absolute
+    threshold: docs/maths.md D5).
     """
     h_norm = flat_norm(h.double())
     vanished = ~torch.isfinite(h_norm) | (h_norm == 0)
@@ -161,15 +157,11 @@ logit's term once p(y | x) rounds to 1; the runs made before the stable form exi
 def target_log_prob(log_probs: torch.Tensor, y: torch.Tensor, form: str = "stable"
                     ) -> torch.Tensor:
     """(B, C) log-probabilities (or logits), (B,) labels -> (B,) log p(y | x), the objective D3
-    differentiates.
+    differentiates (docs/maths.md D3).
 
-    ``stable``: ``-softplus(logsumexp_{j != y} z_j - z_y)``, whose gradient w.r.t. the logits is
-    ``sigmoid(L) (e_y - softmax_{j != y}(z))``, exact to float32's relative precision at any
-    margin. log_softmax's backward instead forms ``1 - exp(log p_y)`` for the target logit: once
-    p_y rounds to 1 in float32 (a margin above about 16.6) that is exactly 0, and the gradient
-    keeps only "away from the other classes", a different direction that D5 then rescales to the
-    score's norm. Guided chains reach such margins at most steps (measured on the 32x32 set:
-    60-100% of steps from t = 900 on). ``log-softmax`` is that form, kept for comparison.
+    ``stable``: ``-softplus(logsumexp_{j != y} z_j - z_y)``, whose gradient w.r.t. the logits,
+    ``sigmoid(L) (e_y - softmax_{j != y}(z))``, is exact at any margin. ``log-softmax``: autograd
+    through log_softmax, whose target term is 0 once p_y rounds to 1 (kept for comparison).
     """
     if form == "log-softmax":
         return picked(log_probs, y)
@@ -183,19 +175,12 @@ def logit_cotangent(log_probs: torch.Tensor, y: torch.Tensor, form: str = "stabl
     """d log p(y | x) / d log_probs per sample, scaled to a largest entry in [1, 2) -> (scaled
     cotangent (B, C) in log_probs' dtype, log2 of the scale (B,) float64: an integer).
 
-    The objective is differentiated in float64, and the networks' backward passes then run on
-    a cotangent of order 1, the true gradient being ``2**log2_scale`` times theirs
-    (:func:`unscale`): a confident classifier's cotangent (sigmoid(L) ~ 1e-40 at a margin of 92)
-    would otherwise fill the backward with float32 subnormals, which lose digits and run about
-    90x slower on x86 (11.4 s instead of 0.13 s for the 32x32 UNet's backward of 8 images). A
-    power of two keeps every normal-range product exact.
-
-    The stable form's cotangent is sigmoid(L) (e_y - softmax_{j != y}(z)) with L = -margin: past
-    a margin of about 708 it leaves float64's normal range and past about 745 it is 0. There it
-    is taken from that closed form in the log domain (direction e_y - softmax_{j != y}(z), log2
-    scale log_sigmoid(L) / ln 2), exact at any margin: the empirical oracle's margins reach
-    thousands at small t. Elsewhere it is autograd's, bit for bit. Where the cotangent is 0 in
-    the ``log-softmax`` form, or not finite, the log2 scale is 0.
+    The networks' backward passes run on this cotangent of order 1 (no float32 subnormals), the
+    true gradient being ``2**log2_scale`` times theirs (:func:`unscale`; docs/maths.md D3).
+    Past a margin of about 708, where the float64 cotangent leaves the normal range, the stable
+    form's comes from its closed form in the log domain, exact at any margin; elsewhere it is
+    autograd's, bit for bit. The log2 scale is 0 where the cotangent is 0 (``log-softmax``) or
+    not finite.
     """
     z = log_probs.detach().double().requires_grad_(True)
     with torch.enable_grad():
@@ -217,15 +202,8 @@ def logit_cotangent(log_probs: torch.Tensor, y: torch.Tensor, form: str = "stabl
 
 def unscale(g: torch.Tensor, log2_scale: torch.Tensor) -> torch.Tensor:
     """(B, ...) gradient of a scaled cotangent, (B,) log2 of its scale -> the true gradient in
-    float64; 0 where it lies below float64's range (its direction, g, is still known: D5 and
-    the cosines use that, :class:`GradientOutput`).
-
-    float64, not g's dtype: past a margin of about 100 the true gradient is below float32's
-    smallest subnormal (1.4e-45) and would round to exactly 0, a step left unguided although
-    its direction is known (measured on the 32x32 set with results version 2: 12% of the
-    non-robust classifier's plain-guidance steps at s = 1, 67% at s = 8). float64 reaches
-    4.9e-324, a margin of about 740; the stabilisers (D4) and D5 then run in float64 too.
-    """
+    float64 (float32 loses it past a margin of about 100), 0 below float64's range (a margin of
+    about 745), where its direction ``g`` still guides (:class:`GradientOutput`)."""
     shape = [-1, *[1] * (g.dim() - 1)]
     e = log2_scale.double()
     low = e.clamp(min=-1022)  # 2**e is itself 0 below 2**-1074: two exact steps
@@ -299,13 +277,11 @@ class ClassifierGuidance(GuidanceSource):
                     return e.detach(), g.double(), log2_scale, lp.detach()
                 # float16 UNet: its backward would underflow for small gradients (robust
                 # classifiers) and overflow for large ones. The vector-Jacobian product is
-                # linear, so each sample's gradient w.r.t. x0_hat enters it scaled to a largest
-                # entry of 1 and the result is scaled back, all on the device (GradScaler's
-                # idea, per sample).
+                # linear, so each sample's gradient w.r.t. x0_hat enters it scaled by a power
+                # of two to a largest entry in [1, 2) and the result is scaled back, all on the
+                # device (GradScaler's idea, per sample).
                 (u,) = torch.autograd.grad(lp, x0, grad_outputs=v)
-                peak = u.flatten(1).abs().amax(dim=1)
-                k = _per_sample(torch.where(torch.isfinite(peak) & (peak > 0), peak,
-                                            torch.ones_like(peak)))
+                k = _per_sample(_pow2_peak(u.flatten(1)))
                 (g,) = torch.autograd.grad(x0, x, grad_outputs=u / k)
             return e.detach(), g.double() * k.double(), log2_scale, lp.detach()
 

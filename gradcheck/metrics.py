@@ -1,14 +1,10 @@
-"""Class-conditional sample quality and accuracy (docs/metrics.md), with uncertainty.
-
-FID, KID and precision/recall come from torch-fidelity, computed on features we extract with a
-feature extractor registered in torch-fidelity's registry: the judge's penultimate features at the
-data set's resolution (``sportballs-judge-shufflenet``), or Inception-v3 (``inception-v3-compat``)
-when a verified copy of the standard FID weights is given. Nothing is ever downloaded. Every
-output row names its extractor and N; the protocol and why: docs/metrics.md.
-"""
+"""Class-conditional sample quality and accuracy with uncertainty: FID, KID and
+precision/recall by torch-fidelity on the judge's or Inception-v3's features, nothing downloaded
+(protocol and why: docs/metrics.md)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import os
@@ -43,6 +39,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_featur
 from torch_fidelity.utils import create_feature_extractor
 
 from gradcheck import CLASS_NAMES
+from gradcheck.config import MetricsConfig
 from gradcheck.models import (
     GUIDING_KINDS,
     check_image_size,
@@ -71,9 +68,7 @@ EXTRACTORS = ("auto", "judge", "inception")
 JUDGE_ARCH = "shufflenet_v2_x1_0"
 
 INCEPTION_ENV = "GRADCHECK_INCEPTION_WEIGHTS"
-# The standard FID Inception-v3 weights (TF 2015-12-05 graph converted to PyTorch), published as
-# pytorch-fid's pt_inception-2015-12-05-6726825d.pth and torch-fidelity's
-# weights-inception-2015-12-05-6726825d.pth; the file name carries the hash's first 8 digits.
+# The standard FID Inception-v3 file (pytorch-fid's pt_inception-2015-12-05-6726825d.pth).
 INCEPTION_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
 INCEPTION_SIZE = 95_628_359
 
@@ -85,30 +80,19 @@ RUN_IDENTITY_FIELDS = (
     "steps", "num_samples", "wall_time_s", "batched_runs", "batched_wall_time_s", "hardware",
     "mean_cos_prev_raw", "mean_cos_prev_applied",
 )
-RECOMPUTE_OPTIONS = (
-    "judge", "data_root", "n_reference", "reference_seed", "extractor", "inception_weights",
-    "device", "batch_size", "kid_subset_size", "n_bootstrap", "bootstrap_seed",
-)
+RECOMPUTE_OPTIONS = ("judge", "data_root", *(f.name for f in dataclasses.fields(MetricsConfig)))
 
 
 # ---- Feature extractors -------------------------------------------------------------------------
 
 
 class JudgeFeatureExtractor(FeatureExtractorBase):
-    """torch-fidelity extractor: the judge's penultimate features (B, 1024), images not resized.
+    """torch-fidelity extractor: the judge's penultimate features (B, 1024), images not resized;
+    the judge given loaded (``judge=``) or as its folder (``feature_extractor_weights_path=``)."""
 
-    Takes the judge either as a loaded model (``judge=``) or as its classifier folder
-    (``feature_extractor_weights_path=``, loaded from safetensors).
-    """
-
-    def __init__(
-        self,
-        name: str,
-        features_list: Sequence[str],
-        feature_extractor_weights_path: str | Path | None = None,
-        judge: nn.Module | None = None,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, name: str, features_list: Sequence[str],
+                 feature_extractor_weights_path: str | Path | None = None,
+                 judge: nn.Module | None = None, **kwargs: Any) -> None:
         super().__init__(name, list(features_list))
         if judge is None:
             if feature_extractor_weights_path is None:
@@ -137,9 +121,8 @@ class JudgeFeatureExtractor(FeatureExtractorBase):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x: uint8 (B, 3, H, W) -> ((B, 1024) float32,), the judge's input convention [-1, 1]."""
         if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3:
-            raise GradcheckError(
-                f"expected uint8 images (B, 3, H, W), got {x.dtype} {tuple(x.shape)}"
-            )
+            raise GradcheckError(f"expected uint8 images (B, 3, H, W), got {x.dtype} "
+                                 f"{tuple(x.shape)}")
         return (classifier_features(self.judge, from_uint8(x)).float(),)
 
 
@@ -154,10 +137,8 @@ def resolve_inception_weights(path: str | Path | None) -> Path | None:
 
 
 def verify_inception_weights(path: str | Path) -> Path:
-    """Return ``path`` if it is the standard FID Inception file (size and SHA-256), else raise.
-
-    torch-fidelity unpickles this file, so any other file is refused before it is opened by torch.
-    """
+    """Return ``path`` if it is the standard FID Inception file (size and SHA-256), else raise:
+    torch-fidelity unpickles it, so any other file is refused before torch opens it."""
     path = Path(path)
     if not path.is_file():
         raise GradcheckError(f"Inception weights {path} not found (from --inception-weights or "
@@ -172,34 +153,26 @@ def verify_inception_weights(path: str | Path) -> Path:
         raise GradcheckError(
             f"refusing Inception weights {path}: not the standard FID file "
             f"pt_inception-2015-12-05-6726825d.pth ({INCEPTION_SIZE} bytes, SHA-256 "
-            f"{INCEPTION_SHA256}); torch-fidelity unpickles it, so no other file is loaded"
-        )
+            f"{INCEPTION_SHA256}); torch-fidelity unpickles it, so no other file is loaded")
     return path
 
 
 def make_extractor(
-    extractor: str,
-    judge: nn.Module,
-    inception_weights: str | Path | None,
-    device: torch.device,
+    extractor: str, judge: nn.Module, inception_weights: str | Path | None, device: torch.device,
 ) -> tuple[FeatureExtractorBase, str, str | None]:
-    """(feature extractor on ``device``, its name, verified Inception SHA-256 or None).
-
-    ``auto`` picks Inception-v3 when weights are named (option or environment), else the judge.
-    """
+    """(feature extractor on ``device``, its name, verified Inception SHA-256 or None); ``auto``
+    picks Inception-v3 when weights are named (option or environment), else the judge."""
     check_choice("extractor", extractor, EXTRACTORS)
     weights = resolve_inception_weights(inception_weights)
     if extractor == "inception" and weights is None:
-        raise GradcheckError(
-            f"--extractor inception needs the FID Inception weights: pass --inception-weights "
-            f"PATH or set {INCEPTION_ENV} (nothing is downloaded)"
-        )
+        raise GradcheckError("--extractor inception needs the FID Inception weights: pass "
+                             f"--inception-weights PATH or set {INCEPTION_ENV} (nothing is "
+                             "downloaded)")
     if extractor == "judge" or (extractor == "auto" and weights is None):
         fe = create_feature_extractor(
             JUDGE_EXTRACTOR, ["1024"], cuda=False, judge=judge, verbose=False
         )
         return fe.to(device), JUDGE_EXTRACTOR, None
-    # Verified before torch-fidelity sees it: with a path it loads the file and never downloads.
     weights = verify_inception_weights(weights)
     fe = create_feature_extractor(
         INCEPTION_EXTRACTOR, ["2048"], cuda=False, feature_extractor_weights_path=str(weights),
@@ -213,8 +186,7 @@ def extract_features(
     images: np.ndarray, extractor: FeatureExtractorBase, batch_size: int = 64,
     device: str | torch.device = "cpu",
 ) -> torch.Tensor:
-    """uint8 images (N, H, W, 3) -> features (N, D) float64 on the CPU, one image at a time in
-    effect: each image's features do not depend on the batch it is in."""
+    """uint8 images (N, H, W, 3) -> features (N, D) float64 on the CPU, batch-independent."""
     out = []
     for i in range(0, len(images), batch_size):
         batch = torch.from_numpy(np.array(images[i : i + batch_size]))  # copy: may be a memmap
@@ -237,12 +209,8 @@ def features_to_kid(
     features_1: torch.Tensor, features_2: torch.Tensor, subset_size: int,
     subsets: int = KID_SUBSETS, seed: int = 0,
 ) -> tuple[float, float]:
-    """(mean, std) of KID over ``subsets`` random subsets of ``subset_size`` (torch-fidelity).
-
-    The std is NaN when the subsets are both whole sets (``subset_size`` equal to both sizes,
-    e.g. 64 samples vs 64 references): every subset then gives the same value, and torch-fidelity's
-    std of 0 would read as an exact KID. Use :func:`bootstrap_kid`'s interval there.
-    """
+    """(mean, std) of KID over ``subsets`` random subsets of ``subset_size`` (torch-fidelity); the
+    std is NaN when both subsets are whole sets (docs/metrics.md, "Interval details")."""
     out = kid_features_to_metric(
         features_1.double().cpu(), features_2.double().cpu(), kid_subsets=subsets,
         kid_subset_size=subset_size, rng_seed=seed, verbose=False,
@@ -263,8 +231,7 @@ def features_to_precision_recall(
 
 
 def proportion_interval(correct: np.ndarray, level: float = 0.95) -> tuple[float, float]:
-    """Exact (Clopper-Pearson) interval of the share of True in a boolean vector (N,): unlike a
-    bootstrap's, it never collapses at the extremes (docs/metrics.md) and never leaves [0, 1]."""
+    """Exact Clopper-Pearson interval of the share of True in a bool vector (N,) (metrics.md)."""
     from scipy.stats import binomtest  # scipy comes with scikit-learn
 
     correct = np.asarray(correct, dtype=bool)
@@ -277,8 +244,7 @@ def proportion_interval(correct: np.ndarray, level: float = 0.95) -> tuple[float
 def _mmd2_unbiased_resampled(
     k_11: np.ndarray, k_22: np.ndarray, k_12: np.ndarray, i: np.ndarray, j: np.ndarray
 ) -> float:
-    """Unbiased MMD² of resampled index sets; pairs that repeat one original sample are left out
-    (like the diagonal), else duplicates from resampling would inflate the within-set terms."""
+    """Unbiased MMD² of resampled index sets without pairs repeating a sample (docs/metrics.md)."""
     within_1 = k_11[np.ix_(i, i)][i[:, None] != i[None, :]]
     within_2 = k_22[np.ix_(j, j)][j[:, None] != j[None, :]]
     if within_1.size == 0 or within_2.size == 0:
@@ -289,8 +255,7 @@ def _mmd2_unbiased_resampled(
 def bootstrap_kid(
     features_1: torch.Tensor, features_2: torch.Tensor, n_bootstrap: int = 1000, seed: int = 0
 ) -> tuple[float, float]:
-    """95% two-sample bootstrap interval of KID (full-set unbiased MMD², torch-fidelity's cubic
-    polynomial kernel): both sets are resampled with replacement, independently."""
+    """95% two-sample bootstrap interval of KID (full-set unbiased MMD², cubic kernel)."""
     f1, f2 = features_1.double().cpu().numpy(), features_2.double().cpu().numpy()
     if len(f1) < 2 or len(f2) < 2:
         return math.nan, math.nan
@@ -307,10 +272,8 @@ def bootstrap_kid(
 
 
 def seed_interval(values: Sequence[float]) -> tuple[float, float, float]:
-    """(mean, low, high): 95% Student-t interval of the mean over runs that differ only in seed.
-
-    One value gives (value, nan, nan); a NaN among the values gives NaN throughout.
-    """
+    """(mean, low, high): 95% Student-t interval of the mean over runs that differ only in seed;
+    one value gives (value, nan, nan), a NaN among them NaN bounds."""
     from scipy.stats import t as student_t  # scipy comes with scikit-learn
 
     v = np.asarray(values, dtype=np.float64)
@@ -326,25 +289,20 @@ def seed_interval(values: Sequence[float]) -> tuple[float, float, float]:
 # ---- The paper protocol -------------------------------------------------------------------------
 
 
-REFERENCE_SPLIT = "test"
-"""FID/KID reference images: the held-out split for every command, not the paper's training
-images (a marked protocol difference; why: docs/metrics.md, "FID, KID")."""
+REFERENCE_SPLIT = "test"  # not the paper's training images (why: docs/metrics.md)
 
 
 def reference_images(
     data_root: str | Path, target: int, n_reference: int = 64, reference_seed: int = 0
 ) -> np.ndarray:
-    """``n_reference`` held-out images (n, H, W, 3) uint8 of class ``target`` from the
-    :data:`REFERENCE_SPLIT`, drawn by seed."""
+    """``n_reference`` seeded held-out images (n, H, W, 3) uint8 of class ``target``."""
     from gradcheck.data.sportballs import load_split
 
     images, labels = load_split(data_root, REFERENCE_SPLIT)
     pool = np.flatnonzero(np.asarray(labels) == target)
     if len(pool) < n_reference:
-        raise GradcheckError(
-            f"n_reference {n_reference} exceeds the {len(pool)} {REFERENCE_SPLIT} images of "
-            f"class {target} ({CLASS_NAMES[target]}) in {data_root}"
-        )
+        raise GradcheckError(f"n_reference {n_reference} exceeds the {len(pool)} {REFERENCE_SPLIT} "
+                             f"images of class {target} ({CLASS_NAMES[target]}) in {data_root}")
     # Sorted after drawing: the set, not its order, is what the seed fixes; memmap reads in order.
     chosen = np.sort(np.random.default_rng(reference_seed).choice(pool, n_reference, replace=False))
     return np.asarray(images[chosen])
@@ -354,10 +312,7 @@ def reference_images(
 def classifier_correct(
     model: nn.Module, images: np.ndarray, target: int, batch_size: int = 64
 ) -> np.ndarray:
-    """Whether ``model`` assigns each uint8 image (N, H, W, 3) to ``target``: bool (N,).
-
-    Runs on the model's own device; time-conditioned models see t = 0 (final, clean samples).
-    """
+    """Whether ``model`` (t = 0) assigns each uint8 image (N, H, W, 3) to ``target``: bool (N,)."""
     pred, _ = classify(model, torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2),
                        batch_size)
     return (pred == target).numpy()
@@ -375,20 +330,15 @@ def _check_images(samples: np.ndarray) -> None:
 def load_judge(
     judge: str | Path | None, device: torch.device, image_size: int | None = None
 ) -> tuple[nn.Module, Path]:
-    """The judge (shufflenet_v2_x1_0, never guides) from its folder, default the shipped one;
-    with ``image_size``, checked to have been trained on images of that size."""
+    """The judge from its folder (default the shipped one), checked against ``image_size``."""
     folder = Path(judge) if judge is not None else default_classifier("judge")
     if not (folder / "model.safetensors").is_file():
-        raise GradcheckError(
-            f"judge checkpoint not found in {folder}; pass --judge FOLDER or train one with "
-            f"`gradcheck train-classifier --kind judge`"
-        )
+        raise GradcheckError(f"judge checkpoint not found in {folder}; pass --judge FOLDER or "
+                             "train one with `gradcheck train-classifier --kind judge`")
     model, config = load_classifier(folder, device)
     if config.get("arch") != JUDGE_ARCH:
-        raise GradcheckError(
-            f"judge {folder} is a {config.get('arch')}; the judge must be a {JUDGE_ARCH}, an "
-            "architecture that never guides"
-        )
+        raise GradcheckError(f"judge {folder} is a {config.get('arch')}; the judge must be a "
+                             f"{JUDGE_ARCH}, an architecture that never guides")
     if image_size is not None:
         check_image_size(config, image_size, f"judge {folder}", "the samples are")
     return model, folder
@@ -409,26 +359,14 @@ def _notes(extractor: str, n: int, m: int, dim: int, kid_subset: int) -> str:
 
 
 def evaluate_samples(
-    samples: np.ndarray,
-    target: int,
-    *,
-    guiding: tuple[nn.Module, dict] | None,
-    judge: str | Path | None,
-    data_root: str | Path,
-    n_reference: int = 64,
-    reference_seed: int = 0,
-    extractor: str = "auto",
-    inception_weights: str | Path | None = None,
-    device: str = "auto",
-    batch_size: int = 64,
-    kid_subset_size: int | None = None,
-    n_bootstrap: int = 1000,
-    bootstrap_seed: int = 0,
+    samples: np.ndarray, target: int, *, guiding: tuple[nn.Module, dict] | None,
+    judge: str | Path | None, data_root: str | Path, n_reference: int = 64,
+    reference_seed: int = 0, extractor: str = "auto", inception_weights: str | Path | None = None,
+    device: str = "auto", batch_size: int = 64, kid_subset_size: int | None = None,
+    n_bootstrap: int = 1000, bootstrap_seed: int = 0,
 ) -> dict[str, Any]:
     """All docs/metrics.md metrics of uint8 samples (N, H, W, 3) of class ``target``: a flat dict.
-
-    ``guiding`` is the (model, config) that guided, None for the oracle (accuracy_guiding NaN).
-    """
+    ``guiding`` is the (model, config) that guided, None for the oracle (accuracy_guiding NaN)."""
     start = time.perf_counter()
     _check_images(samples)
     check_choice("target", target, range(len(CLASS_NAMES)))
@@ -472,36 +410,19 @@ def evaluate_samples(
         guiding_low, guiding_high = proportion_interval(guiding_correct)
 
     return {
-        "target": int(target),
-        "target_name": CLASS_NAMES[target],
-        "n_samples": n,
-        "n_reference": int(n_reference),
-        "reference_seed": int(reference_seed),
-        "reference_split": REFERENCE_SPLIT,
-        "extractor": fe_name,
-        "feature_dim": int(f_gen.shape[1]),
-        "inception_weights_sha256": inception_sha,
-        "fid": fid,
-        "kid_mean": kid_mean,
-        "kid_std": kid_std,
-        "kid_subset_size": int(subset),
-        "kid_subsets": KID_SUBSETS,
-        "kid_ci_low": kid_low,
-        "kid_ci_high": kid_high,
-        "precision": precision,
-        "recall": recall,
-        "prc_neighborhood": PRC_NEIGHBORHOOD,
-        "accuracy_guiding": acc_guiding,
-        "accuracy_guiding_ci_low": guiding_low,
+        "target": int(target), "target_name": CLASS_NAMES[target], "n_samples": n,
+        "n_reference": int(n_reference), "reference_seed": int(reference_seed),
+        "reference_split": REFERENCE_SPLIT, "extractor": fe_name,
+        "feature_dim": int(f_gen.shape[1]), "inception_weights_sha256": inception_sha,
+        "fid": fid, "kid_mean": kid_mean, "kid_std": kid_std, "kid_subset_size": int(subset),
+        "kid_subsets": KID_SUBSETS, "kid_ci_low": kid_low, "kid_ci_high": kid_high,
+        "precision": precision, "recall": recall, "prc_neighborhood": PRC_NEIGHBORHOOD,
+        "accuracy_guiding": acc_guiding, "accuracy_guiding_ci_low": guiding_low,
         "accuracy_guiding_ci_high": guiding_high,
-        "accuracy_judge": acc_judge,
-        "accuracy_judge_ci_low": judge_low,
-        "accuracy_judge_ci_high": judge_high,
-        "accuracy_interval": "exact Clopper-Pearson 95%",
-        "n_bootstrap": int(n_bootstrap),
-        "bootstrap_seed": int(bootstrap_seed),
-        "judge": str(judge_folder),
-        "metrics_device": str(dev),
+        "accuracy_judge": acc_judge, "accuracy_judge_ci_low": judge_low,
+        "accuracy_judge_ci_high": judge_high, "accuracy_interval": "exact Clopper-Pearson 95%",
+        "n_bootstrap": int(n_bootstrap), "bootstrap_seed": int(bootstrap_seed),
+        "judge": str(judge_folder), "metrics_device": str(dev),
         "metrics_time_s": time.perf_counter() - start,
         "torch_fidelity": torch_fidelity.__version__,
         "notes": _notes(fe_name, n, n_reference, int(f_gen.shape[1]), subset),
@@ -512,8 +433,7 @@ def evaluate_samples(
 
 
 def write_metrics(run_folder: str | Path, row: dict[str, Any]) -> None:
-    """Write ``metrics.json`` and a one-row ``metrics.parquet`` (versions in its metadata),
-    each through a temporary file and os.replace, so a crash never leaves half a file."""
+    """Write ``metrics.json`` and a one-row ``metrics.parquet`` atomically."""
     folder = Path(run_folder)
     text = strict_json(row)
     with atomic_output_file(folder / "metrics.json", overwrite=True) as tmp:
@@ -533,12 +453,8 @@ def _guiding_classifier(
 
 
 def recompute_run_metrics(run_folder: str | Path, **overrides: Any) -> dict[str, Any]:
-    """Recompute a run's metrics from its config.json and samples.npy and rewrite metrics.json
-    and metrics.parquet, keeping the run's identity fields. Returns the new row.
-
-    ``overrides`` are keyword arguments of :func:`evaluate_samples` (e.g. inception_weights);
-    n_reference and reference_seed default to those recorded in the old metrics.json.
-    """
+    """Recompute a run's metrics from config.json and samples.npy, rewrite its metrics files and
+    return the new row; ``overrides``: :data:`RECOMPUTE_OPTIONS` (default: as recorded)."""
     folder = Path(run_folder)
     unknown = sorted(set(overrides) - set(RECOMPUTE_OPTIONS))
     if unknown:

@@ -1,8 +1,5 @@
-"""UNet presets, the DDPM scheduler, classifier constructors, and safetensors-only load/save.
-
-Checkpoint formats (docs/formats.md): a DDPM is a diffusers pipeline folder; a classifier is
-``config.json`` + ``model.safetensors``. Pickle files are refused everywhere.
-"""
+"""UNet presets, the DDPM scheduler, classifier constructors, and safetensors-only load/save
+(formats: docs/formats.md; pickle files are refused everywhere)."""
 
 from __future__ import annotations
 
@@ -60,15 +57,9 @@ def make_unet(preset: str = "paper") -> UNet2DModel:
 
 def make_scheduler() -> DDPMScheduler:
     """docs/maths.md: linear beta 1e-4..0.02, T = 1000, fixed small variance, epsilon, clipped."""
-    return DDPMScheduler(
-        num_train_timesteps=1000,
-        beta_start=1e-4,
-        beta_end=0.02,
-        beta_schedule="linear",
-        variance_type="fixed_small",
-        prediction_type="epsilon",
-        clip_sample=True,
-    )
+    return DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
+                         beta_schedule="linear", variance_type="fixed_small",
+                         prediction_type="epsilon", clip_sample=True)
 
 
 def _refuse_pickles_in(folder: Path) -> None:
@@ -81,10 +72,8 @@ def load_ddpm(folder: str | Path) -> tuple[UNet2DModel, DDPMScheduler]:
     """Load (unet, scheduler) from a diffusers pipeline folder, safetensors only, in eval mode."""
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
-        raise GradcheckError(
-            f"{folder} is not a DDPM pipeline folder (no model_index.json); "
-            "train one with `gradcheck train-ddpm` or give another pipeline folder"
-        )
+        raise GradcheckError(f"{folder} is not a DDPM pipeline folder (no model_index.json); train "
+                             "one with `gradcheck train-ddpm` or give another pipeline folder")
     _refuse_pickles_in(folder)
     try:
         unet = UNet2DModel.from_pretrained(folder / "unet", use_safetensors=True)
@@ -143,9 +132,7 @@ def _mobilenet(in_channels: int = 3) -> nn.Module:
 
 
 def _judge() -> nn.Module:
-    # ShuffleNetV2 x1.0: an architecture unlike the guiding MobileNetV3, 1.26M parameters
-    # (2.5 MB fp16, inside the 64 MB checkpoint budget). The stem's max-pool is removed so a
-    # 64x64 input ends at 4x4 instead of 2x2 before global pooling.
+    # ShuffleNetV2 x1.0, unlike the guiding MobileNetV3; no stem max-pool: 64x64 ends at 4x4.
     net = shufflenet_v2_x1_0(weights=None, num_classes=len(CLASS_NAMES))
     net.maxpool = nn.Identity()
     return net
@@ -182,16 +169,10 @@ def classifier_config(
 ) -> dict[str, Any]:
     """The config.json written beside a classifier's model.safetensors."""
     size = int(extra.get("image_size", 64))
-    return {
-        "kind": kind,
-        "arch": arch,
-        "num_classes": len(CLASS_NAMES),
-        "class_names": list(CLASS_NAMES),
-        "time_conditioned": time_conditioned,
-        "input": INPUT_CONVENTION.replace("3x64x64", f"3x{size}x{size}"),
-        "time_input": TIME_CONVENTION if time_conditioned else "none",
-        **extra,
-    }
+    return {"kind": kind, "arch": arch, "num_classes": len(CLASS_NAMES),
+            "class_names": list(CLASS_NAMES), "time_conditioned": time_conditioned,
+            "input": INPUT_CONVENTION.replace("3x64x64", f"3x{size}x{size}"),
+            "time_input": TIME_CONVENTION if time_conditioned else "none", **extra}
 
 
 def save_classifier(
@@ -217,10 +198,8 @@ def load_classifier(
     if folder.is_file():
         raise GradcheckError(f"{folder} is a file; a classifier is a folder with config.json")
     if not folder.is_dir():
-        raise GradcheckError(
-            f"classifier folder {folder} does not exist; train one with "
-            "`gradcheck train-classifier` or pass its folder"
-        )
+        raise GradcheckError(f"classifier folder {folder} does not exist; train one with "
+                             "`gradcheck train-classifier` or pass its folder")
     _refuse_pickles_in(folder)
     config = load_json(folder / "config.json")
     weights = folder / "model.safetensors"
@@ -241,8 +220,7 @@ def load_classifier(
 
 
 def check_image_size(config: dict[str, Any], size: int, what: str, other: str) -> None:
-    """Raise when a classifier trained on one image size (its config's ``image_size``) would
-    see images of another: ``"{what} was trained on 64x64 images but {other} 32x32"``."""
+    """Raise when a classifier trained on one image size would see images of another."""
     trained = config.get("image_size")
     if trained is not None and int(trained) != int(size):
         raise GradcheckError(f"{what} was trained on {trained}x{trained} images but {other} "
@@ -250,8 +228,7 @@ def check_image_size(config: dict[str, Any], size: int, what: str, other: str) -
 
 
 def classifier_logits(model: nn.Module, x: torch.Tensor, t: torch.Tensor | int | None = None):
-    """Logits of any gradcheck classifier or the oracle; ``t`` reaches only time-aware models
-    (``time_aware = True``: a :class:`TimeConditionedClassifier`, the empirical oracle)."""
+    """Logits of any gradcheck classifier or the oracle; ``t`` reaches only ``time_aware`` ones."""
     if getattr(model, "time_aware", False):
         return model(x, t)
     return model(x)
@@ -279,6 +256,5 @@ def classify(
 def classifier_log_probs(
     model: nn.Module, x: torch.Tensor, t: torch.Tensor | int | None = None
 ) -> torch.Tensor:
-    """(B, 3, H, W) -> (B, C) float32 log-probabilities of :func:`classifier_logits` (the
-    oracle's are normalised already, and log_softmax leaves them unchanged)."""
+    """(B, 3, H, W) -> (B, C) float32 log-probabilities of :func:`classifier_logits`."""
     return torch.log_softmax(classifier_logits(model, x, t).float(), dim=1)

@@ -11,19 +11,9 @@ This is what a perfect classifier of the training data would give as guidance. A
 posterior collapses onto the nearest training image (w becomes one-hot), so the oracle there is a
 nearest-neighbour classifier and its gradient points from that image to the nearest image of y.
 
-Numerics. The oracle streams over the training set in chunks grouped by class and keeps, per
-sample and class, a running maximum of the logits (streaming log-sum-exp), so no class underflows
-even when its posterior is 1e-300. Everything is float64. The logit of image i is computed as
-(2 sqrt(abar) <x_t, x_i> - abar ||x_i||^2) / (2 (1 - abar)): the ||x_t||^2 term of the squared
-distance is the same for every i and cancels in every softmax. The inner products are matmuls.
-In float32 (TF32 is worse) their absolute error reaches 3e-3 for values ~1e4 (3x64x64 images in
-[-1, 1], measured), and the logits multiply it by 1 / (1 - abar_0) = 1e4 at t = 0: errors of
-tens of nats, exactly where the posterior is sharp and the differences between training images
-decide it. In float64 the same error is ~1e-8 nats. The cost: one call with the gradient is
-4 B N D flops (distances, then weighted sums; 1.3e11 for B = 64, N = 40,000, D = 12,288), and
-two reads of the training set (one per matmul and chunk); at sampling batch sizes it is
-bandwidth-bound on a GPU, where FP64 tensor cores (A100/H100) run float64 GEMMs at tens of
-TFLOP/s. Without the gradient (log_prob of a tensor that does not require grad) it is half.
+Numerics (docs/maths.md D8): a streaming log-sum-exp over class-sorted chunks of the training
+set, in float64, with logits (2 sqrt(abar) <x_t, x_i> - abar ||x_i||^2) / (2 (1 - abar)) (the
+||x_t||^2 term cancels in every softmax).
 """
 
 from __future__ import annotations

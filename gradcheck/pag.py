@@ -30,7 +30,7 @@ from gradcheck import CLASS_NAMES
 from gradcheck.attacks import pgd
 from gradcheck.config import PagConfig, config_to_dict
 from gradcheck.data.sportballs import ball_masks, load_factors, load_split
-from gradcheck.guidance import log_prob_gradient, unscale
+from gradcheck.guidance import log_prob_gradient
 from gradcheck.models import (
     CLASSIFIER_KINDS,
     check_image_size,
@@ -86,15 +86,17 @@ def gradient_maps(
     batch_size: int = 64,
 ) -> torch.Tensor:
     """Gradients (len(timesteps), N, 3, H, W) on the true class y (N,) at x_t = sqrt(abar_t) x0
-    + sqrt(1 - abar_t) noise, x0 and noise (N, 3, H, W); returned float64 on the CPU."""
+    + sqrt(1 - abar_t) noise, x0 and noise (N, 3, H, W); float64 on the CPU, each image's up to
+    a power of two (guidance.log_prob_gradient's direction): D9 and the min-max maps are
+    scale-free, and a confident source's gradient itself underflows (the oracle's at small t)."""
     out = []
     for t in timesteps:
         abar = float(alphas_cumprod[t])
         x_t = math.sqrt(abar) * x0 + math.sqrt(1 - abar) * noise
-        pieces = (log_prob_gradient(source, x_t[i:i + batch_size], y[i:i + batch_size], t)
-                  for i in range(0, x0.shape[0], batch_size))
-        grads = [unscale(direction, log2_scale).cpu() for direction, log2_scale, _ in pieces]
-        out.append(torch.cat(grads))
+        out.append(torch.cat([
+            log_prob_gradient(source, x_t[i:i + batch_size], y[i:i + batch_size], t)[0].cpu()
+            for i in range(0, x0.shape[0], batch_size)
+        ]))
     return torch.stack(out)
 
 

@@ -1,17 +1,9 @@
-"""How much reduced precision changes the guidance gradients, measured on any machine.
+"""How much reduced precision changes the guidance gradients, measured on any machine
+(``gradcheck precision``; README, "Precision").
 
-TF32 (10-bit mantissa, float32 range and accumulation) runs only on NVIDIA tensor cores, but its
-effect on a result can be measured on a CPU: :func:`emulate_tf32` makes every convolution and
-linear layer of the given modules round its input, weight and incoming gradient to TF32 whenever
-PyTorch's TF32 flags for that operation are on (``torch.backends.cudnn.conv.fp32_precision`` for
-convolutions, ``torch.backends.cuda.matmul.fp32_precision`` for linear layers). So the same code
-that switches TF32 on a GPU (:meth:`gradcheck.numerics.NetworkCalls.numerics`, including the
-per-call switches of ``precision="auto"``) switches the emulation on a CPU. Not emulated: the two
-matmuls inside ``scaled_dot_product_attention`` (a few percent of the UNet's FLOPs).
-
-:func:`gradient_agreement` is the measurement behind ``gradcheck precision`` and the table in
-:class:`~gradcheck.numerics.NetworkCalls`: the cosine between each precision's guidance gradient
-and the float32 one, per t, on noised test images.
+:func:`emulate_tf32` makes convolutions and linear layers round their operands to TF32 whenever
+PyTorch's TF32 flags for them are on, so the switches of
+:meth:`gradcheck.numerics.NetworkCalls.numerics` act on a CPU too (attention's matmuls excepted).
 """
 
 from __future__ import annotations
@@ -37,6 +29,7 @@ from gradcheck.utils import (
     check_choice,
     check_positive,
     check_seed,
+    from_uint8,
     randn_per_sample,
     sample_generators,
 )
@@ -49,13 +42,8 @@ MODES = ("fp64", "tf32", "bf16", "fp16", "auto", "cpu-auto")
 
 
 def round_tf32(x: torch.Tensor) -> torch.Tensor:
-    """float32 -> the nearest TF32 value (ties to even), still stored as float32; same shape.
-
-    Inf and NaN pass through; values beyond the largest TF32 number round to inf. Round to
-    nearest even is the assumption here: how a GPU converts float32 operands for its tensor
-    cores is the library's choice (``scripts/reference.sh precision`` compares with the real
-    thing).
-    """
+    """float32 -> the nearest TF32 value (ties to even, assumed to be the GPU's), still float32;
+    same shape. Inf and NaN pass through; values beyond the largest TF32 number round to inf."""
     if x.dtype != torch.float32:
         raise GradcheckError(f"round_tf32 takes float32 tensors, got {x.dtype}")
     bits = x.view(torch.int32)
@@ -79,8 +67,7 @@ class _RoundGradTF32(torch.autograd.Function):
 
 
 def _ste_round(x: torch.Tensor) -> torch.Tensor:
-    """round_tf32 in the forward pass, identity gradient (the rounding is the GEMM's, not the
-    model's: autograd's own backward GEMM gets the rounded gradient from _RoundGradTF32)."""
+    """round_tf32 in the forward pass, identity gradient (the rounding is the GEMM's)."""
     return x + (round_tf32(x.detach()) - x).detach()
 
 
@@ -92,8 +79,7 @@ def _tf32_on(kind: str) -> bool:
 
 
 def _tf32_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-    """Forward hook: recompute a float32 conv / linear layer from TF32-rounded operands when
-    TF32 is on for it; the recomputed output carries the gradient rounding."""
+    """Forward hook: recompute a float32 conv / linear layer in TF32 when TF32 is on for it."""
     (x,) = args
     kind = "conv" if isinstance(module, nn.Conv2d) else "matmul"
     if output.dtype != torch.float32 or not _tf32_on(kind):
@@ -109,8 +95,7 @@ def _tf32_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Te
 @contextmanager
 def emulate_tf32(*modules: nn.Module) -> Iterator[None]:
     """Within the block, the convolutions and linear layers of ``modules`` compute as TF32 would
-    whenever PyTorch's TF32 flags are on for them (see the module docstring). Costs a second
-    evaluation of each emulated layer; weights are never modified."""
+    whenever PyTorch's TF32 flags are on for them (a second evaluation; weights unchanged)."""
     handles = [m.register_forward_hook(_tf32_hook) for module in modules
                for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     try:
@@ -128,8 +113,7 @@ def _check_modes(modes: Sequence[str]) -> None:
 
 
 def _check_timesteps(timesteps: Sequence[int], num_train_timesteps: int | None = None) -> None:
-    """Raise unless ``timesteps`` are given, distinct, and inside 0..num_train_timesteps - 1
-    (only >= 0 while the schedule is not loaded yet)."""
+    """Raise unless ``timesteps`` are given, distinct and in 0..num_train_timesteps - 1."""
     if not timesteps:
         raise GradcheckError("name at least one timestep")
     if len(set(timesteps)) != len(timesteps):
@@ -142,8 +126,7 @@ def _check_timesteps(timesteps: Sequence[int], num_train_timesteps: int | None =
 
 
 def _noised(images: torch.Tensor, abar: float, seed: int, t: int) -> torch.Tensor:
-    """x_t = sqrt(abar) x_0 + sqrt(1 - abar) noise (the forward process), float32. Image i's
-    noise depends only on (seed, t, i): not on the other timesteps or the number of images."""
+    """x_t = sqrt(abar) x_0 + sqrt(1 - abar) noise, float32; noise depends on (seed, t, i)."""
     gens = sample_generators(seed * 1000 + t, range(images.shape[0]))
     noise = randn_per_sample(tuple(images.shape[1:]), gens, images.device)
     return math.sqrt(abar) * images + math.sqrt(1 - abar) * noise
@@ -175,25 +158,14 @@ def _gradient(mode: str, unet: nn.Module, clf: nn.Module, x_t: torch.Tensor, t: 
 
 
 def gradient_agreement(
-    unet: nn.Module,
-    classifiers: dict[str, nn.Module],
-    alphas_cumprod: torch.Tensor,
-    images: torch.Tensor,
-    target: int,
-    timesteps: Sequence[int],
-    modes: Sequence[str] = MODES,
-    x0_estimate: bool = True,
-    seed: int = 0,
-    progress: bool = False,
+    unet: nn.Module, classifiers: dict[str, nn.Module], alphas_cumprod: torch.Tensor,
+    images: torch.Tensor, target: int, timesteps: Sequence[int], modes: Sequence[str] = MODES,
+    x0_estimate: bool = True, seed: int = 0, progress: bool = False,
 ) -> pd.DataFrame:
-    """Each mode's guidance gradient against float32's, on noised ``images`` (N, 3, H, W).
-
-    Per (classifier, t, mode): the minimum and mean over images of the cosine to the float32
-    gradient, and of ||g_mode - g_fp32|| / ||g_fp32||. TF32 is emulated on a CPU and real on a
-    GPU; ``auto`` is :meth:`NetworkCalls.for_precision("auto") <NetworkCalls.for_precision>` on a
-    GPU, ``cpu-auto`` the same on a CPU.
-    fp64 runs the whole computation in float64 (the check that float32 itself is accurate).
-    """
+    """Each mode's guidance gradient against float32's, on noised ``images`` (N, 3, H, W): per
+    (classifier, t, mode) the min and mean over images of the cosine to it and of
+    ||g_mode - g_fp32|| / ||g_fp32||. ``auto`` is the GPU's, ``cpu-auto`` the CPU's; fp64 runs
+    everything in float64 (the check on float32 itself)."""
     _check_modes(modes)
     _check_timesteps(timesteps, len(alphas_cumprod))
     y = torch.full((images.shape[0],), target, dtype=torch.long, device=images.device)
@@ -225,21 +197,13 @@ def gradient_agreement(
 
 
 def measure_precision(
-    ddpm: str | None = None,
-    classifiers: Sequence[str] = ("nonrobust", "robust"),
-    data_root: str | None = None,
-    timesteps: Sequence[int] = (999, 900, 800, 700, 500, 100),
-    num_samples: int = 4,
-    target: str | int = "baseball",
-    modes: Sequence[str] = MODES,
-    x0_estimate: bool = True,
-    device: str = "auto",
-    seed: int = 0,
-    progress: bool = False,
+    ddpm: str | None = None, classifiers: Sequence[str] = ("nonrobust", "robust"),
+    data_root: str | None = None, timesteps: Sequence[int] = (999, 900, 800, 700, 500, 100),
+    num_samples: int = 4, target: str | int = "baseball", modes: Sequence[str] = MODES,
+    x0_estimate: bool = True, device: str = "auto", seed: int = 0, progress: bool = False,
 ) -> pd.DataFrame:
-    """:func:`gradient_agreement` on a DDPM and guiding classifiers given as in ``gradcheck run``
-    (shipped names or folders), with the first ``num_samples`` test images of ``data_root``
-    (default: :func:`paths.default_data_root`)."""
+    """:func:`gradient_agreement` on models given as in ``gradcheck run`` and the first
+    ``num_samples`` test images of ``data_root``."""
     from gradcheck.config import RunConfig
     from gradcheck.data.sportballs import load_split
     from gradcheck.paths import default_ddpm
@@ -274,7 +238,7 @@ def measure_precision(
     if images.shape[1] != size:
         raise GradcheckError(f"the test images of {data_root} are {images.shape[1]}x"
                              f"{images.shape[2]} but the DDPM makes {size}x{size}")
-    x0 = torch.from_numpy(np.array(images[:num_samples])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x0 = from_uint8(torch.from_numpy(np.array(images[:num_samples])).permute(0, 3, 1, 2))
     return gradient_agreement(_frozen(unet.to(dev)), models, scheduler.alphas_cumprod,
                               x0.to(dev), y, timesteps, modes, x0_estimate, seed, progress)
 
@@ -286,6 +250,5 @@ def format_agreement(table: pd.DataFrame) -> str:
                              values="cos_min", aggfunc="min", sort=False)
     wide = wide[[m for m in MODES if m in wide.columns]].sort_index(
         level=["classifier", "t"], ascending=[True, False])
-    lines = ["minimum cosine to the float32 gradient (1 = identical direction)",
-             wide.to_string(float_format=lambda v: f"{v:.4f}")]
-    return "\n".join(lines)
+    return ("minimum cosine to the float32 gradient (1 = identical direction)\n"
+            + wide.to_string(float_format=lambda v: f"{v:.4f}"))

@@ -71,14 +71,9 @@ def vector_selection(
 
 
 def vector_dtype(record_vectors: str, key: str) -> torch.dtype:
-    """How a kept vector is stored: the raw gradient g_t in float64, the applied gtilde_t in
-    float32, the x0-estimate in float32 (float16 in the subset).
-
-    A classifier sure of its class has raw gradients below float32's range (norms of 1e-50 at a
-    margin of 120), which float32 would store as zeros, so g_t keeps the sampler's float64
-    (guidance.unscale). gtilde_t has the score's norm (D5). The x0-estimate is an image (values
-    up to a few hundred at t = 999), well within float16.
-    """
+    """How a kept vector is stored: g_t in float64 (a sure classifier's is below float32's
+    range: guidance.unscale), gtilde_t in float32, the x0-estimate in float32 (float16 in the
+    subset: values up to a few hundred at t = 999)."""
     check_choice("record_vectors", record_vectors, RECORD_VECTORS)
     if key == col.VEC_GRAD_RAW:
         return torch.float64
@@ -107,12 +102,8 @@ FLOAT_COLUMNS = (
 
 class StepRecorder:
     """Observer collecting steps.parquet rows (every sample, every step) and selected vectors.
-
-    Nothing it does per step waits for the device: the per-step quantities are computed where
-    the sample lives and kept there (80 bytes a sample and step), the selected vectors are
-    copied asynchronously into pinned host memory, and both reach the host once, when the
-    table or the vectors are asked for.
-    """
+    Nothing per step waits for the device: quantities stay where the sample lives, vectors are
+    copied asynchronously into pinned memory, and both reach the host once, when asked for."""
 
     def __init__(
         self, run_id: str, num_samples: int, num_steps: int, record_vectors: str = "subset",

@@ -1,9 +1,5 @@
-"""`gradcheck run`: resolve a RunConfig, load the models, sample, and write the run folder.
-
-The run folder (docs/formats.md) is written into a temporary sibling and renamed when complete, so
-an error or Ctrl-C leaves nothing behind: config.json, samples.png, samples.npy, steps.parquet,
-vectors.safetensors, metrics.json and metrics.parquet.
-"""
+"""`gradcheck run`: resolve a RunConfig, load the models, sample, and write the run folder
+(docs/formats.md) atomically: an error or Ctrl-C leaves nothing behind."""
 
 from __future__ import annotations
 
@@ -57,6 +53,7 @@ from gradcheck.utils import (
     check_choice,
     check_folder_name,
     check_seed,
+    from_uint8,
     resolve_device,
     run_metadata,
     sample_generators,
@@ -104,10 +101,8 @@ def parse_target(value: str | int) -> int:
         return CLASS_NAMES.index(text)
     if text.isdigit() and int(text) < len(CLASS_NAMES):
         return int(text)
-    raise GradcheckError(
-        f"unknown target {value!r}; choose one of: {', '.join(CLASS_NAMES)} "
-        f"or 0-{len(CLASS_NAMES) - 1}"
-    )
+    raise GradcheckError(f"unknown target {value!r}; choose one of: {', '.join(CLASS_NAMES)} "
+                         f"or 0-{len(CLASS_NAMES) - 1}")
 
 
 def validate_config(cfg: RunConfig) -> None:
@@ -141,21 +136,14 @@ def validate_config(cfg: RunConfig) -> None:
                                       or not isinstance(cfg.net_batch, int) or cfg.net_batch < 1):
         raise GradcheckError(f"net_batch must be an integer >= 1, got {cfg.net_batch!r}")
     if cfg.classifier == "oracle" and cfg.x0_estimate:
-        raise GradcheckError(
-            "--x0-estimate does not apply to --classifier oracle: the oracle's gradient is exact "
-            "on x_t itself (D8)"
-        )
+        raise GradcheckError("--x0-estimate does not apply to --classifier oracle: the oracle's "
+                             "gradient is exact on x_t itself (D8)")
 
 
 def resolve_config(cfg: RunConfig) -> RunConfig:
-    """The config a run actually uses: sizes, precision and net batch filled in.
-
-    ``paper`` forces 64 samples x 1000 steps and ``reduced`` 8 x 50. ``auto`` keeps the sizes
-    given and fills the others: 64 x 1000 on a GPU, 8 x 1000 without one (:data:`CPU_SIZE`: the
-    paper's full chain, so the design card's command finishes in minutes on a laptop with the
-    CPU-scale checkpoints). A class name as ``target`` (``RunConfig(target="soccer")``, as the
-    CLI takes it) becomes its index.
-    """
+    """The config a run actually uses: sizes (``paper`` 64 x 1000, ``reduced`` 8 x 50, ``auto``
+    the sizes given, else 64 x 1000 on a GPU and :data:`CPU_SIZE` without), precision and net
+    batch filled in, a class name as ``target`` turned into its index."""
     validate_config(cfg)
     if isinstance(cfg.target, str):
         cfg = dataclasses.replace(cfg, target=parse_target(cfg.target))
@@ -170,8 +158,7 @@ def resolve_config(cfg: RunConfig) -> RunConfig:
     precision = cfg.precision or ("fp32" if gpu else "auto")
     if precision == "tf32" and not gpu:
         raise GradcheckError("precision tf32 needs a CUDA device; use fp32, bf16, fp16 or auto")
-    # 64 rows per call: a GPU's sweet spot, and the CPU's (1.5x the images/s of 16 through the
-    # x0-estimate, numerics.NetworkCalls); fewer samples on a CPU are not padded up to it.
+    # 64 rows per call suit GPU and CPU (numerics.NetworkCalls); a CPU pads no further than N.
     net_batch = cfg.net_batch or (64 if gpu else min(64, sizes[0]))
     return dataclasses.replace(cfg, num_samples=sizes[0], steps=sizes[1], precision=precision,
                                net_batch=net_batch)
@@ -204,8 +191,7 @@ def _hash_view(cfg: RunConfig) -> dict[str, Any]:
 
 
 def default_run_id(cfg: RunConfig) -> str:
-    """A readable, deterministic run id of the resolved config, e.g.
-    ``nonrobust-x0-adam-s1-t0-n64-k1000-seed0-1a2b3c4d`` (8 hex digits of the config's hash)."""
+    """A readable, deterministic run id: ``nonrobust-x0-adam-s1-t0-n64-k1000-seed0-<hash8>``."""
     cfg = resolve_config(cfg)
     if cfg.classifier in CLASSIFIER_CHOICES:
         clf = cfg.classifier
@@ -236,15 +222,13 @@ def _classifier_folder(classifier: str) -> Path | None:
     folder = Path(classifier)
     if folder.is_dir():
         return folder
-    raise GradcheckError(
-        f"unknown classifier {classifier!r}; choose one of: {', '.join(CLASSIFIER_CHOICES)}, "
-        "or pass a classifier folder (config.json + model.safetensors)"
-    )
+    raise GradcheckError(f"unknown classifier {classifier!r}; choose one of: "
+                         f"{', '.join(CLASSIFIER_CHOICES)}, or pass a classifier folder "
+                         "(config.json + model.safetensors)")
 
 
 def _check_not_the_judge(cfg: RunConfig, config: dict[str, Any]) -> None:
-    """docs/metrics.md: the judge grades samples and never guides; a run guided by it (its loaded
-    ``config`` says kind 'judge', or it is the run's own judge folder) would grade itself."""
+    """Refuse guidance by a judge (kind 'judge', or the run's own judge folder; docs/metrics.md)."""
     folder = _classifier_folder(cfg.classifier)
     if config.get("kind") == "judge":
         raise GradcheckError(f"classifier {str(folder)!r} is a judge (kind 'judge'), which grades "
@@ -260,8 +244,7 @@ def _check_ddpm_folder(folder: str) -> None:
         raise GradcheckError(
             f"the shipped reference DDPM is missing at {folder}; it comes with the repository's "
             "checkpoints (set GRADCHECK_CHECKPOINTS if they live elsewhere), or train one with "
-            "`gradcheck train-ddpm` and pass --ddpm FOLDER"
-        )
+            "`gradcheck train-ddpm` and pass --ddpm FOLDER")
 
 
 def _ddpm_configs(folder: str) -> tuple[dict[str, Any], DDPMScheduler]:
@@ -289,8 +272,7 @@ def _load_classifier(cfg: RunConfig, device: torch.device) -> tuple[nn.Module, d
             f"the shipped {cfg.classifier} classifier is missing at {folder}; it comes with the "
             "repository's checkpoints (set GRADCHECK_CHECKPOINTS if they live elsewhere), or train "
             f"one with `gradcheck train-classifier --kind {cfg.classifier}` and pass its folder "
-            "as --classifier"
-        )
+            "as --classifier")
     return load_classifier(folder, device)
 
 
@@ -315,7 +297,7 @@ def data_second_moment(data_root: str, n: int = 4096) -> float | None:
     if not _dataset_exists(data_root):
         return None
     images, _ = load_split(data_root, "train")
-    x = torch.from_numpy(np.array(images[:n])).float() / 127.5 - 1
+    x = from_uint8(torch.from_numpy(np.array(images[:n])))
     return float(x.square().mean())
 
 
@@ -327,8 +309,7 @@ def _frozen(model: nn.Module) -> nn.Module:
 
 
 def _check_metrics(cfg: RunConfig, image_size: int) -> bool:
-    """Whether metrics will be computed; fails now, not after sampling, if their inputs are
-    missing or do not fit (the judge, the data set)."""
+    """Whether metrics will be computed; fails now if the judge or the data set is unfit."""
     if not cfg.metrics:
         return False
     from gradcheck.metrics import load_judge, reference_images
@@ -345,12 +326,8 @@ def _check_metrics(cfg: RunConfig, image_size: int) -> bool:
 
 
 def run(
-    cfg: RunConfig,
-    out: Path = Path("runs"),
-    name: str | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-    observers: Sequence[Observer] = (),
+    cfg: RunConfig, out: Path = Path("runs"), name: str | None = None, overwrite: bool = False,
+    progress: bool = True, observers: Sequence[Observer] = (),
 ) -> Path:
     """Sample with guidance as ``cfg`` says and write the run folder ``out/<run id>``; return it.
 
@@ -361,22 +338,13 @@ def run(
 
 
 def run_many(
-    cfgs: Sequence[RunConfig],
-    out: Path = Path("runs"),
-    names: Sequence[str | None] | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-    observers: Sequence[Observer] = (),
+    cfgs: Sequence[RunConfig], out: Path = Path("runs"), names: Sequence[str | None] | None = None,
+    overwrite: bool = False, progress: bool = True, observers: Sequence[Observer] = (),
 ) -> list[Path]:
-    """Several runs sampled together, one run folder each (what the sweep does per seed).
-
-    The configurations must share :data:`SHARED_FIELDS` (seed, sizes, checkpoints, device,
-    precision): they become lanes of one :func:`~gradcheck.sampler.sample_configs` call, which
-    shares x_T, the noise and the UNet calls without gradient, and loads each model once.
-    Every run folder is identical to what :func:`run` writes for its config alone, but for the
-    wall times: ``wall_time_s`` is the run's share of the ``batched_wall_time_s`` that
-    ``batched_runs`` runs shared. Folders are written atomically; an error leaves none of them.
-    """
+    """Several runs that share :data:`SHARED_FIELDS`, sampled together as lanes of one
+    :func:`~gradcheck.sampler.sample_configs` call (shared x_T, noise and unguided UNet calls).
+    Each run folder equals what :func:`run` writes alone but for ``wall_time_s``, the run's share
+    of ``batched_wall_time_s``; folders are written atomically."""
     if not cfgs:
         raise GradcheckError("run_many needs at least one run config")
     names = list(names) if names is not None else [None] * len(cfgs)
@@ -407,8 +375,7 @@ def run_many(
     for final in finals:
         if final.exists() and not overwrite:
             raise GradcheckError(f"{final} already exists; pass --overwrite to replace it")
-    # Fail now, not after minutes of sampling, if the folders cannot be written; create nothing
-    # yet (the run folders appear, with their parents, when complete).
+    # Fail now, not after sampling, if the folders cannot be written; create nothing yet.
     existing = Path(out)
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -417,8 +384,7 @@ def run_many(
     if not os.access(existing, os.W_OK | os.X_OK):
         raise GradcheckError(f"cannot write to {out}: {existing} is not writable")
 
-    # Everything that can be checked without the DDPM's weights is checked before loading
-    # them: its configs (steps <= T, image size), the classifiers, the judge, the data set.
+    # Check all that needs no DDPM weights first: configs, classifiers, judge, data set.
     unet_config, scheduler = _ddpm_configs(base.ddpm)
     for c in cfgs:
         check_sampling_args(scheduler, c.steps, c.scale, c.target)
@@ -457,8 +423,7 @@ def run_many(
     for c in cfgs:
         wanted = {True: "all", False: None}.get(c.cos_oracle)
         if c.cos_oracle is None and _dataset_exists(c.data_root):
-            # The oracle reads the whole training set for each gradient: cheap
-            # on a GPU; on a CPU, a run's every sample and step would take hours.
+            # The oracle reads the training set per gradient: hours on a CPU at every step.
             wanted = "all" if device.type == "cuda" else "subset"
             if wanted == "subset":
                 log.info("cos_oracle at the vector subset's samples and steps (every sample and "
@@ -473,7 +438,6 @@ def run_many(
     size = sum(expected_vector_bytes(c.record_vectors, c.num_samples, c.steps, image_shape)
                for c in cfgs)
     if size:
-        # The recorder holds the selected vectors in RAM until the run ends.
         (log.warning if size > 1e9 else log.info)(
             "vectors.safetensors: %.1f MB expected in all (held in memory until written)",
             size / 1e6)
@@ -511,8 +475,7 @@ def run_many(
     finally:
         bar.close()
     wall_time = time.perf_counter() - start
-    # Each folder is written to a temporary sibling and renamed when complete, one by one: an
-    # error in one run's metrics keeps the runs before it and leaves no part of it.
+    # One by one: an error in one run's metrics keeps the runs before it.
     for i, c in enumerate(cfgs):
         with atomic_output_dir(finals[i], overwrite=overwrite) as tmp:
             _write_run(tmp, c, configs[i], meta, recorders[i], torch.cat(images[i]).numpy(),
@@ -544,11 +507,9 @@ def _write_run(
         "run_id": config["run_id"],
         **{k: config[k] for k in ("classifier", "x0_estimate", "stabilizer", "normalize",
                                   "normalize_to", "diffusion_time", "log_prob", "scale", "target",
-                                  "seed",
-                                  "steps", "num_samples")},
+                                  "seed", "steps", "num_samples")},
         # Runs sampled together share one wall time: each records its share, so sums add up.
-        "wall_time_s": wall_time / batched_runs,
-        "batched_runs": batched_runs,
+        "wall_time_s": wall_time / batched_runs, "batched_runs": batched_runs,
         "batched_wall_time_s": wall_time,
         "image_size": int(samples.shape[1]),  # the report marks sizes other than the paper's
         "hardware": meta["hardware"],

@@ -1,17 +1,11 @@
-"""The guided DDPM loop (docs/maths.md D1-D7). It emits one read-only GuidanceStep per step.
+"""The guided DDPM loop (docs/maths.md D1-D7).
 
-:func:`sample_reference` is the loop to read: one configuration, D1-D7 of docs/maths.md top to
-bottom in one page. :func:`sample_guided` computes the same samples bit for bit (tested) in the
-loop of :func:`_sample_configs`, numbered by the same equations, with what a study needs on top.
-Observers (the recorder, a progress bar) receive a frozen :class:`GuidanceStep` of detached
-copies, so they can never change a sample.
-
-Several guidance configurations ("lanes") can share one loop (:func:`sample_configs`, used by the
-sweep): same seeds, same x_T and noise, one UNet pass for the lanes that need no gradient
-through it. Networks run in fixed row pieces (:class:`~gradcheck.numerics.NetworkCalls`), so a
-sample is bit-identical whatever its batch size or lane company. Nothing in the loop waits for
-the GPU: timesteps and abar_t stay on the host as kernel scalars, noise comes from pinned memory
-asynchronously, and observers get device tensors.
+:func:`sample_reference` is the loop to read: one configuration, D1-D7 top to bottom in one
+page. :func:`sample_guided` computes the same samples bit for bit (tested) with what a study
+needs on top: configurations ("lanes") sharing seeds, noise and UNet calls
+(:func:`sample_configs`), fixed row pieces so that no batch size changes a sample
+(:class:`~gradcheck.numerics.NetworkCalls`), no wait for the GPU, and observers that receive a
+frozen :class:`GuidanceStep` of detached copies each step, so they cannot change a sample.
 """
 
 from __future__ import annotations
@@ -131,12 +125,8 @@ def check_sampling_args(
 
 @dataclass(frozen=True)
 class GuidanceConfig:
-    """One guidance configuration of a sampling call: what a ``gradcheck run`` varies.
-
-    Several configurations ("lanes") sample the same seeds side by side (the sweep's batches):
-    they share x_T and every step's noise, so they stay paired exactly as separate runs with
-    the same seed would be, and share the UNet calls that need no gradient.
-    """
+    """One guidance configuration of a sampling call: what a ``gradcheck run`` varies. Lanes
+    sampled together share x_T and every step's noise: paired as separate runs of a seed."""
 
     guidance: GuidanceSource | None = None  # None: unguided (g = 0)
     target: int = 0
@@ -181,14 +171,8 @@ def sample_reference(
     scheduler: DDPMScheduler,
     guidance: GuidanceSource | None,
     generators: Sequence[torch.Generator],
-    *,
-    target: int = 0,
-    scale: float = 1.0,
-    normalize: bool = True,
-    normalize_to: str = "score",
-    stabilizer: str = "none",
-    diffusion_time: bool = True,
-    steps: int = 1000,
+    *, target: int = 0, scale: float = 1.0, normalize: bool = True, normalize_to: str = "score",
+    stabilizer: str = "none", diffusion_time: bool = True, steps: int = 1000,
     callback: Callable[[dict], None] | None = None,
 ) -> torch.Tensor:
     """The guided loop to read: one configuration, the whole batch, D1-D7 of docs/maths.md top
@@ -252,17 +236,10 @@ def sample_guided(
     scheduler: DDPMScheduler,
     guidance: GuidanceSource | None,
     generators: Sequence[torch.Generator],
-    *,
-    target: int = 0,
-    scale: float = 1.0,
-    normalize: bool = True,
-    stabilizer: str | Callable[[], Stabilizer] = "none",
-    steps: int = 1000,
-    sample_indices: Sequence[int] | None = None,
-    observers: Sequence[Observer] = (),
-    net: NetworkCalls = NetworkCalls(),
-    diffusion_time: bool = True,
-    normalize_to: str = "score",
+    *, target: int = 0, scale: float = 1.0, normalize: bool = True,
+    stabilizer: str | Callable[[], Stabilizer] = "none", steps: int = 1000,
+    sample_indices: Sequence[int] | None = None, observers: Sequence[Observer] = (),
+    net: NetworkCalls = NetworkCalls(), diffusion_time: bool = True, normalize_to: str = "score",
     data_second_moment: float | None = None,
 ) -> torch.Tensor:
     """Classifier-guided DDPM sampling of one batch -> x_0 (B, 3, H, W), unclamped.
@@ -286,11 +263,8 @@ def sample_configs(
     scheduler: DDPMScheduler,
     lanes: Sequence[GuidanceConfig],
     generators: Sequence[torch.Generator],
-    *,
-    steps: int = 1000,
-    sample_indices: Sequence[int] | None = None,
-    net: NetworkCalls = NetworkCalls(),
-    data_second_moment: float | None = None,
+    *, steps: int = 1000, sample_indices: Sequence[int] | None = None,
+    net: NetworkCalls = NetworkCalls(), data_second_moment: float | None = None,
 ) -> list[torch.Tensor]:
     """:func:`sample_guided` for several lanes over the same samples -> one x_0 per lane.
 
@@ -308,14 +282,9 @@ def sample_configs(
 
 
 def _sample_configs(
-    unet: UNet2DModel,
-    scheduler: DDPMScheduler,
-    lanes: Sequence[GuidanceConfig],
-    generators: Sequence[torch.Generator],
-    steps: int,
-    sample_indices: Sequence[int] | None,
-    net: NetworkCalls,
-    data_second_moment: float | None,
+    unet: UNet2DModel, scheduler: DDPMScheduler, lanes: Sequence[GuidanceConfig],
+    generators: Sequence[torch.Generator], steps: int, sample_indices: Sequence[int] | None,
+    net: NetworkCalls, data_second_moment: float | None,
 ) -> list[torch.Tensor]:
     """:func:`sample_configs` under its numerics settings: the loop, numbered by D1-D7."""
     for lane in lanes:

@@ -74,9 +74,8 @@ def load_run(path: str | Path) -> tuple[str, dict[str, Any], np.ndarray]:
     except (ValueError, OSError) as e:
         raise GradcheckError(f"cannot read {npy}: {e}") from None
     if samples.dtype != np.uint8 or samples.ndim != 4 or samples.shape[-1] != 3:
-        raise GradcheckError(
-            f"{npy} holds {samples.dtype} {tuple(samples.shape)}; expected uint8 (N, H, W, 3)"
-        )
+        raise GradcheckError(f"{npy} holds {samples.dtype} {tuple(samples.shape)}; expected "
+                             "uint8 (N, H, W, 3)")
     return str(config.get("run_id") or path.name), config, samples
 
 
@@ -91,22 +90,16 @@ def check_paired(path_a: str | Path, config_a: dict[str, Any], samples_a: np.nda
         if missing:
             raise GradcheckError(f"run {name} ({path}) config.json lacks {', '.join(missing)}")
         if config["num_samples"] != len(samples):
-            raise GradcheckError(
-                f"run {name} ({path}) has num_samples={config['num_samples']} but samples.npy "
-                f"holds {len(samples)} images"
-            )
+            raise GradcheckError(f"run {name} ({path}) has num_samples={config['num_samples']} "
+                                 f"but samples.npy holds {len(samples)} images")
     for field in PAIRING_FIELDS:
         if config_a[field] != config_b[field]:
-            raise GradcheckError(
-                f"runs are not paired: {field} differs (A: {config_a[field]!r}, "
-                f"B: {config_b[field]!r}); a survey pairs samples with the same seed, index "
-                "and target class"
-            )
+            raise GradcheckError(f"runs are not paired: {field} differs (A: {config_a[field]!r}, "
+                                 f"B: {config_b[field]!r}); a survey pairs samples with the same "
+                                 "seed, index and target class")
     if samples_a.shape[1:] != samples_b.shape[1:]:
-        raise GradcheckError(
-            f"runs are not paired: image shape differs (A: {tuple(samples_a.shape[1:])}, "
-            f"B: {tuple(samples_b.shape[1:])})"
-        )
+        raise GradcheckError(f"runs are not paired: image shape differs (A: "
+                             f"{tuple(samples_a.shape[1:])}, B: {tuple(samples_b.shape[1:])})")
     class_name(config_a["target"])
 
 
@@ -116,10 +109,8 @@ def class_name(target: Any) -> str:
         return target
     if isinstance(target, int) and not isinstance(target, bool) and 0 <= target < len(CLASS_NAMES):
         return CLASS_NAMES[target]
-    raise GradcheckError(
-        f"target {target!r} is not a class; the survey needs one of 0..{len(CLASS_NAMES) - 1} "
-        f"or {', '.join(CLASS_NAMES)}"
-    )
+    raise GradcheckError(f"target {target!r} is not a class; the survey needs one of "
+                         f"0..{len(CLASS_NAMES) - 1} or {', '.join(CLASS_NAMES)}")
 
 
 def png_data_uri(image: np.ndarray) -> str:
@@ -157,12 +148,9 @@ def _mulberry32(seed: int):
 
 
 def rater_order(survey_id: str, rater_id: str, n_pairs: int) -> list[tuple[int, str]]:
-    """The (pair_id, side shown left "A"|"B") sequence the page shows rater ``rater_id``.
-
+    """The (pair_id, side shown left "A"|"B") sequence the page shows rater ``rater_id``:
     Fisher-Yates shuffle of the pair ids, then one left/right draw per shown pair, all from
-    mulberry32 seeded with FNV-1a(survey_id + "\\n" + rater_id): the same rater id always sees the
-    same survey, different raters see different orders.
-    """
+    mulberry32 seeded with FNV-1a(survey_id + "\\n" + rater_id)."""
     rng = _mulberry32(_fnv1a32(f"{survey_id}\n{rater_id}"))
     order = list(range(n_pairs))
     for i in range(n_pairs - 1, 0, -1):
@@ -178,11 +166,9 @@ def build_survey(run_a: str | Path, run_b: str | Path, out: str | Path = "survey
                  pairs: int | None = None, seed: int = 0, overwrite: bool = False
                  ) -> dict[str, Any]:
     """Write ``out/survey.html`` (self-contained) and ``out/survey.json``; return the manifest.
-
-    ``pairs`` sample indices (all when None) are drawn without replacement with ``seed``; pair
-    ids 0..pairs-1 follow increasing sample index. The survey id hashes the run ids, the pairing
-    and the paired images, so votes can never be matched to a different survey.
-    """
+    ``pairs`` sample indices (all when None) are drawn without replacement with ``seed``; pair ids
+    0..pairs-1 follow increasing sample index. The survey id hashes the run ids, the pairing and the
+    paired images."""
     check_seed(seed)
     id_a, config_a, samples_a = load_run(run_a)
     id_b, config_b, samples_b = load_run(run_b)
@@ -207,25 +193,17 @@ def build_survey(run_a: str | Path, run_b: str | Path, out: str | Path = "survey
         return {k: config[k] for k in METHOD_FIELDS if k in config}
 
     manifest = {
-        "format": SURVEY_FORMAT,
-        "survey_id": survey_id,
-        "question": QUESTION,
-        "target": config_a["target"],
-        "class_name": class_name(config_a["target"]),
-        "seed": config_a["seed"],
-        "num_samples": n,
-        "pair_seed": seed,
+        "format": SURVEY_FORMAT, "survey_id": survey_id, "question": QUESTION,
+        "target": config_a["target"], "class_name": class_name(config_a["target"]),
+        "seed": config_a["seed"], "num_samples": n, "pair_seed": seed,
         "run_a": {"run_id": id_a, "path": str(run_a), "method": method(config_a)},
         "run_b": {"run_id": id_b, "path": str(run_b), "method": method(config_b)},
         "pairs": [{"pair_id": p, "sample": i} for p, i in enumerate(samples)],
         "gradcheck": gradcheck.__version__,
     }
     page_data = {
-        "survey_id": survey_id,
-        "run_a": id_a,
-        "run_b": id_b,
-        "class_name": manifest["class_name"],
-        "question": QUESTION,
+        "survey_id": survey_id, "run_a": id_a, "run_b": id_b,
+        "class_name": manifest["class_name"], "question": QUESTION,
         "pairs": [{"pair_id": p, "a": png_data_uri(samples_a[i]), "b": png_data_uri(samples_b[i])}
                   for p, i in enumerate(samples)],
     }
@@ -283,9 +261,8 @@ def _parse_vote_file(path: Path, manifest: dict[str, Any]) -> tuple[str, list[di
     if not isinstance(data, dict) or data.get("format") != VOTES_FORMAT:
         raise GradcheckError(f"not a gradcheck vote file ({VOTES_FORMAT})")
     if data.get("survey_id") != manifest["survey_id"]:
-        raise GradcheckError(
-            f"votes for survey {data.get('survey_id')!r}, not {manifest['survey_id']!r}"
-        )
+        raise GradcheckError(f"votes for survey {data.get('survey_id')!r}, not "
+                             f"{manifest['survey_id']!r}")
     runs = (manifest["run_a"]["run_id"], manifest["run_b"]["run_id"])
     if (data.get("run_a"), data.get("run_b")) != runs:
         raise GradcheckError(f"votes name runs {data.get('run_a')!r}, {data.get('run_b')!r}, "
@@ -303,9 +280,8 @@ def _parse_vote_file(path: Path, manifest: dict[str, Any]) -> tuple[str, list[di
             raise GradcheckError(f"vote {k} is not an object")
         pid, left, answer = v.get("pair_id"), v.get("left"), v.get("answer")
         if not isinstance(pid, int) or isinstance(pid, bool) or pid not in pair_ids:
-            raise GradcheckError(
-                f"vote {k}: unknown pair_id {pid!r} (this survey has 0..{len(pair_ids) - 1})"
-            )
+            raise GradcheckError(f"vote {k}: unknown pair_id {pid!r} (this survey has "
+                                 f"0..{len(pair_ids) - 1})")
         if pid in seen:
             raise GradcheckError(f"pair {pid} answered twice in this file")
         seen.add(pid)
@@ -327,11 +303,8 @@ def _parse_vote_file(path: Path, manifest: dict[str, Any]) -> tuple[str, list[di
 
 
 def binomial_test_two_sided(k: int, n: int) -> float:
-    """Exact two-sided p-value of k successes in n fair trials (p = 1/2).
-
-    Sums the probabilities of all outcomes no more likely than k; by symmetry of Binomial(n, 1/2)
-    that is 2 * P(X <= min(k, n - k)), capped at 1 (equals scipy's ``binomtest``).
-    """
+    """Exact two-sided p-value of k successes in n fair trials (p = 1/2): by symmetry
+    2 * P(X <= min(k, n - k)), capped at 1 (equals scipy's ``binomtest``)."""
     if not 0 <= k <= n:
         raise GradcheckError(f"binomial test needs 0 <= k <= n, got k={k}, n={n}")
     if n == 0:
@@ -341,15 +314,10 @@ def binomial_test_two_sided(k: int, n: int) -> float:
 
 
 def preference_table(pairs: pd.DataFrame, thresholds: Sequence[int] = THRESHOLDS) -> pd.DataFrame:
-    """Kawar et al. Table 2 from per-pair counts ``n_a``, ``n_b`` (one row per threshold).
-
-    Definition (Kawar et al. 2023, §5.2): "we consider an image to be preferred over its
-    counterpart if it is selected by more than a certain percentage (threshold) of users who
-    selected a side". So on a pair, A is preferred at threshold T% when n_a / (n_a + n_b) > T/100
-    (strictly; "Same" answers count for neither side and are not in the denominator), B likewise,
-    and otherwise there is no preference (also when every rater answered "Same"). The shares are
-    over the pairs with at least one vote; for T >= 50 the three shares sum to 1.
-    """
+    """Kawar et al. Table 2 from per-pair counts ``n_a``, ``n_b`` (one row per threshold). As in
+    Kawar et al. 2023, §5.2: A is preferred on a pair at threshold T% when n_a / (n_a + n_b) > T/100
+    (strictly; "Same" counts for neither side), B likewise, otherwise no preference. Shares are over
+    the pairs with at least one vote and sum to 1."""
     rated = pairs[pairs["n_votes"] > 0]
     n_a, n_b = rated["n_a"].to_numpy(), rated["n_b"].to_numpy()
     rows = []
@@ -397,10 +365,9 @@ def analyze_votes(votes: Sequence[str | Path], survey: str | Path | dict[str, An
             rater, file_votes = _parse_vote_file(path, manifest)
             clash = [v["pair_id"] for v in file_votes if (rater, v["pair_id"]) in counted]
             if clash:
-                raise GradcheckError(
-                    f"rater {rater!r} already counted for pair {clash[0]} from "
-                    f"{Path(counted[(rater, clash[0])]).name} ({len(clash)} overlapping)"
-                )
+                first = Path(counted[(rater, clash[0])]).name
+                raise GradcheckError(f"rater {rater!r} already counted for pair {clash[0]} from "
+                                     f"{first} ({len(clash)} overlapping)")
         except GradcheckError as e:
             file_rows.append({"file": str(path), "rater_id": None, "status": "skipped",
                               "n_votes": 0, "reason": str(e)})
@@ -433,14 +400,10 @@ def analyze_votes(votes: Sequence[str | Path], survey: str | Path | dict[str, An
     n_same, n_votes = int(pair_df["n_same"].sum()), len(vote_df)
     per_pair = pair_df.loc[pair_df["n_votes"] > 0, "n_votes"]
     split = pd.DataFrame([{
-        "survey_id": manifest["survey_id"],
-        "run_a": manifest["run_a"]["run_id"],
-        "run_b": manifest["run_b"]["run_id"],
-        "class_name": manifest["class_name"],
-        "n_raters": vote_df["rater_id"].nunique(),
-        "n_pairs": len(pair_df),
-        "n_pairs_rated": len(per_pair),
-        "n_votes": n_votes,
+        "survey_id": manifest["survey_id"], "run_a": manifest["run_a"]["run_id"],
+        "run_b": manifest["run_b"]["run_id"], "class_name": manifest["class_name"],
+        "n_raters": vote_df["rater_id"].nunique(), "n_pairs": len(pair_df),
+        "n_pairs_rated": len(per_pair), "n_votes": n_votes,
         "n_a": n_a, "n_b": n_b, "n_same": n_same,
         **{f"share_{k}": v / n_votes if n_votes else float("nan")
            for k, v in (("a", n_a), ("b", n_b), ("same", n_same))},
@@ -509,10 +472,8 @@ def survey_table_markdown(results: dict[str, pd.DataFrame]) -> str:
 def analyze_survey(votes: Sequence[str | Path], survey: str | Path = "survey/survey.json",
                    out: str | Path | None = None, overwrite: bool = False
                    ) -> dict[str, pd.DataFrame]:
-    """Run :func:`analyze_votes` and write ``survey_table.md`` and ``survey_<key>.parquet``.
-
-    ``out`` defaults to ``analysis/`` beside survey.json. Raises when no vote file is usable.
-    """
+    """Run :func:`analyze_votes` and write ``survey_table.md`` and ``survey_<key>.parquet``
+    (``out`` defaults to ``analysis/`` beside survey.json). Raises when no vote file is usable."""
     manifest = load_survey(survey)
     results = analyze_votes(votes, manifest)
     if results["votes"].empty:

@@ -1,21 +1,10 @@
-"""``gradcheck sweep``: the paper's grids over seeds as many ``gradcheck run``s, resumable and
-shardable.
+"""``gradcheck sweep``: the paper's grids over seeds as many ``gradcheck run``s.
 
-A sweep is an ordered list of run configs (:func:`grid_configs`): seeds outermost, so a partial
-sweep already holds every configuration of the first seeds. Each run's folder name is
-``runner.default_run_id(cfg)``, a function of the config alone; the runner writes a run folder
-atomically, so a folder that exists is a finished run and is skipped. A killed sweep therefore
-resumes by running the same command again, and never sees half a run. With ``records``, each
-finished run also leaves a compact record (``report.write_records``) and a recorded run is
-skipped, so the committed records alone let a sweep resume on another machine.
-
-Shards split the ordered list round-robin: shard i of n (0-based, ``--shard i/n``) takes units
-i, i + n, i + 2n, ... A unit is a group of runs sampled together (with ``batch_configs``, the
-default: one seed's configurations, e.g. Table 1's eight), so a shard never splits a group and
-loses its shared UNet calls; ``--seeds 5 --shard k/5`` runs seed k. With fewer groups than
-shards (8 GPUs, 3 seeds), or ``--no-batch-configs``, a unit is a single run, so that no shard
-sits idle. Without ``--shard``, a process takes its launcher's shard (:func:`shard_from_env`:
-torchrun / ``accelerate launch``, a SLURM array, or both).
+Runs are ordered seeds outermost (:func:`grid_configs`) and named by ``runner.default_run_id``;
+run folders (and ``records``) appear only when complete, so an existing one is skipped and a
+killed sweep resumes by running the same command again. Shard i of n takes units i, i + n, ...
+of that order; a unit is one seed's group of runs sampled together, or a single run when there
+are fewer groups than shards (README, "Commands").
 """
 
 from __future__ import annotations
@@ -44,19 +33,8 @@ SCALE_CLASSIFIERS = GUIDING_KINDS
 SCALE_X0_CLASSIFIERS = ("nonrobust", "robust")
 """Table 1's classifiers: the scale of its best configuration (x0-estimate + ADAM) justified too."""
 
-GRIDS: dict[str, str] = {
-    "table1": "GradCheck Table 1: classifier {robust, nonrobust} x x0_estimate {no, yes} x "
-              "stabilizer {none, adam}",
-    "scales": f"scale {{{', '.join(f'{s:g}' for s in SCALES)}}} x classifier "
-              f"{{{', '.join(SCALE_CLASSIFIERS)}}}, plain guidance (no x0-estimate, no stabiliser)",
-    "scales-x0": f"scale {{{', '.join(f'{s:g}' for s in SCALES)}}} x classifier "
-                 f"{{{', '.join(SCALE_X0_CLASSIFIERS)}}}, x0-estimate + ADAM",
-    "d5-norm": f"D5 reference norm {{score, eps}} x scale {{{', '.join(f'{s:g}' for s in SCALES)}}}"
-               ", non-robust plain guidance (the score runs are the scales grid's)",
-    "stabilizers": "every registered stabiliser, non-robust classifier with the x0-estimate",
-    "classifiers": "classifier {nonrobust, robust, adversarial, oracle}, plain guidance",
-}
-"""Grid name -> what it varies; fields a grid does not name come from the base config."""
+GRIDS = ("table1", "scales", "scales-x0", "d5-norm", "stabilizers", "classifiers")
+"""Grid names (what each varies: :func:`_grid_points`, `gradcheck sweep --help`)."""
 
 SCALE_GRIDS = ("scales", "scales-x0", "d5-norm")
 """Grids that set the scale themselves."""
@@ -66,7 +44,7 @@ def _grid_points(grid: str) -> list[dict[str, Any]]:
     """The config fields each run of one seed of ``grid`` sets, in run order."""
     from gradcheck.stabilizers import STABILIZERS
 
-    check_choice("grid", grid, list(GRIDS))
+    check_choice("grid", grid, GRIDS)
     plain = dict(x0_estimate=False, stabilizer="none")
     if grid == "table1":
         return [dict(classifier=c, x0_estimate=x, stabilizer=s)
@@ -85,12 +63,8 @@ def _grid_points(grid: str) -> list[dict[str, Any]]:
 
 
 def grid_configs(grid: str, seeds: int | Sequence[int], base: RunConfig) -> list[RunConfig]:
-    """The ordered run configs of ``grid``: seeds ``0..seeds-1`` (or the given seeds), outermost.
-
-    Fields the grid does not vary (sizes, scale where fixed, device, checkpoints) come from
-    ``base``. A sweep measures, so sizes ``base`` leaves open are the paper's 64 x 1,000 on
-    every device (a single ``run`` takes 8 samples on a CPU).
-    """
+    """The ordered run configs of ``grid``: seeds ``0..seeds-1`` (or the given seeds), outermost;
+    other fields come from ``base``, with open sizes the paper's 64 x 1,000 on every device."""
     seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     if not seed_list:
         raise GradcheckError(f"seeds must be >= 1, got {seeds}")
@@ -129,9 +103,7 @@ def _env_int(env: Mapping[str, str], name: str) -> int | None:
 
 
 def shard_from_env(env: Mapping[str, str] | None = None) -> tuple[int, int]:
-    """This process's (i, n) from the launcher: torchrun/accelerate ``RANK`` and ``WORLD_SIZE``
-    (or ``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE``), a SLURM array's ``SLURM_ARRAY_TASK_ID`` minus
-    ``SLURM_ARRAY_TASK_MIN`` over ``SLURM_ARRAY_TASK_COUNT``, both combined; (0, 1) otherwise."""
+    """This process's (i, n) from torchrun/accelerate ranks and/or a SLURM array; (0, 1) else."""
     env = os.environ if env is None else env
     rank, world = _env_int(env, "RANK"), _env_int(env, "WORLD_SIZE")
     if rank is None or world is None:
@@ -158,9 +130,7 @@ def shard(configs: Sequence[T], i: int, n: int) -> list[T]:
 
 
 def group_configs(configs: Sequence[RunConfig]) -> list[list[RunConfig]]:
-    """The configs grouped as :func:`runner.run_many` can sample them together (equal
-    :func:`runner.shared_key`: for a grid, one seed's configurations); groups in order of their
-    first config, members in the order of ``configs``."""
+    """The configs grouped by :func:`runner.shared_key` (sampled together), order kept."""
     from gradcheck import runner
 
     groups: dict[tuple, list[RunConfig]] = {}
@@ -185,8 +155,7 @@ class SweepResult:
 
 
 def _use_local_gpu(env: Mapping[str, str]) -> None:
-    """Under a multi-process launcher, put each process on its own GPU (``device="auto"`` and
-    ``"cuda"`` mean the current device), so the run configs, and their ids, stay the same."""
+    """Put each launched process on its own GPU, so run configs (and ids) stay the same."""
     import torch
 
     local = _env_int(env, "LOCAL_RANK")
@@ -197,13 +166,8 @@ def _use_local_gpu(env: Mapping[str, str]) -> None:
 def run_sweep(
     cfg: SweepConfig, base: RunConfig, out: str | Path = "runs", progress: bool = True,
 ) -> SweepResult:
-    """Run this process's shard of a sweep into ``out``, skipping finished runs.
-
-    The shard is ``cfg.shard`` ('i/n'), else the launcher's (:func:`shard_from_env`); with
-    ``cfg.batch_configs`` and at least n groups (:func:`group_configs`) it takes whole groups,
-    else single runs. A failing run stops the sweep; finished runs stay, and the same command
-    resumes after the fix.
-    """
+    """Run this process's shard (``cfg.shard`` 'i/n', else :func:`shard_from_env`) of a sweep
+    into ``out``, skipping finished runs; a failing run stops it, finished runs stay."""
     from gradcheck import runner
     from gradcheck.report import write_records
 

@@ -66,9 +66,7 @@ NOISY_KINDS = ("robust", "adversarial")
 EVAL_TIMESTEPS = tuple(range(0, 1000, 50))  # issue 4: t in {0, 50, ..., 950}
 BN_IMAGES = 4096  # training inputs per BatchNorm re-estimate before each validation
 MAX_SHIFT = 4  # judge augmentation: translations of up to 4 px (1/16 of a 64 px image)
-ACCURACY_COLUMNS = (
-    "kind", "input", "t", "attack", "eps", "n", "accuracy", "prob_target", "loss",
-)
+ACCURACY_COLUMNS = ("kind", "input", "t", "attack", "eps", "n", "accuracy", "prob_target", "loss")
 
 
 def arch_for(kind: str) -> str:
@@ -88,10 +86,8 @@ def _check_config(cfg: TrainClassifierConfig) -> None:
     check_seed(cfg.seed)
     check_folder_name("checkpoint set name", cfg.name)
     if cfg.time_conditioned and cfg.kind not in NOISY_KINDS:
-        raise GradcheckError(
-            f"--time-conditioned needs noisy training (kind robust or adversarial), "
-            f"not kind {cfg.kind!r}"
-        )
+        raise GradcheckError("--time-conditioned needs noisy training (kind robust or "
+                             f"adversarial), not kind {cfg.kind!r}")
     check_fields(cfg, "epochs", "batch_size", "lr", "patience", "eval_samples")
     check_fields(cfg, "weight_decay", "attack_eps", "attack_step_size", "attack_steps",
                  "eval_pgd_steps", allow_zero=True)
@@ -111,23 +107,17 @@ def _autocast(device: torch.device, amp: bool):
 
 def load_noise_schedule(ddpm: str | Path | None, kind: str) -> tuple[DDPMScheduler, str]:
     """(scheduler, source): the DDPM folder's scheduler config; docs/maths.md for clean kinds.
-
-    Only ``scheduler/scheduler_config.json`` is read, so a robust classifier can be trained
-    while its DDPM (same schedule) is still training.
-    """
+    Only ``scheduler/scheduler_config.json`` is read: the DDPM may still be training."""
     if ddpm is None:
         if kind in NOISY_KINDS:
-            raise GradcheckError(
-                f"kind {kind!r} trains on the DDPM's noisy latents and needs --ddpm FOLDER "
-                "(a DDPM folder with scheduler/scheduler_config.json)"
-            )
+            raise GradcheckError(f"kind {kind!r} trains on the DDPM's noisy latents and needs "
+                                 "--ddpm FOLDER (a DDPM folder with scheduler/"
+                                 "scheduler_config.json)")
         return make_scheduler(), "docs/maths.md (gradcheck.models.make_scheduler)"
     config = Path(ddpm) / "scheduler" / "scheduler_config.json"
     if not config.is_file():
-        raise GradcheckError(
-            f"--ddpm {ddpm} has no scheduler/scheduler_config.json; pass a DDPM folder "
-            "(`gradcheck train-ddpm` writes one)"
-        )
+        raise GradcheckError(f"--ddpm {ddpm} has no scheduler/scheduler_config.json; pass a DDPM "
+                             "folder (`gradcheck train-ddpm` writes one)")
     try:
         scheduler = DDPMScheduler.from_pretrained(ddpm, subfolder="scheduler")
     except (OSError, ValueError) as e:
@@ -148,9 +138,7 @@ def x0_estimate(
     unet: UNet2DModel, scheduler: DDPMScheduler, x_t: torch.Tensor, t: int, amp: bool = True
 ) -> torch.Tensor:
     """D2: x0_hat = (x_t - sqrt(1 - abar_t) eps_theta(x_t, t)) / sqrt(abar_t); x_t (B, 3, H, W).
-
-    The UNet runs under bf16 autocast on CUDA when ``amp``.
-    """
+    The UNet runs under bf16 autocast on CUDA when ``amp``."""
     abar = scheduler.alphas_cumprod[t].item()
     with _autocast(x_t.device, amp):
         eps = unet(x_t, t).sample.float()
@@ -180,11 +168,9 @@ def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 def training_input(
     kind: str, x0: torch.Tensor, generator: torch.Generator, scheduler: DDPMScheduler
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A kind's training input before any attack: x0 (B, 3, H, W) -> (x, t (B,) or None).
-
-    Judge: augmented clean images. Robust and adversarial: x_t = sqrt(abar_t) x0 +
-    sqrt(1 - abar_t) eps with t uniform over the schedule. Nonrobust: x0 itself.
-    """
+    """A kind's training input before any attack: x0 (B, 3, H, W) -> (x, t (B,) or None). Judge:
+    augmented clean images. Robust and adversarial: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
+    with t uniform over the schedule. Nonrobust: x0 itself."""
     if kind == "judge":
         return augment(x0, generator), None
     if kind in NOISY_KINDS:
@@ -201,11 +187,8 @@ def recalibrate_batchnorm(
     model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor | None]], amp: bool = True
 ) -> None:
     """Precise BatchNorm statistics: re-estimate running mean and variance as plain averages
-    over ``batches`` of (x (B, C, H, W), t or None) with the current weights.
-
-    torchvision's MobileNetV3 uses momentum 0.01, so its running statistics lag hundreds of
-    steps behind the weights and eval-mode validation sees a stale, often near-constant model.
-    """
+    over ``batches`` of (x (B, C, H, W), t or None) with the current weights (MobileNetV3's
+    momentum 0.01 leaves them hundreds of steps behind the weights)."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms or not batches:
         return
@@ -238,9 +221,7 @@ def predict(
     batch_size: int = 512, amp: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(correct (N,) bool, prob_target (N,), loss (N,)) of a classifier in eval mode on x (N, ...).
-
-    ``t`` (scalar or (N,)) reaches time-conditioned classifiers only.
-    """
+    ``t`` (scalar or (N,)) reaches time-conditioned classifiers only."""
     was_training = model.training
     model.eval()
     out = []
@@ -259,19 +240,10 @@ def predict(
 
 
 def evaluate(
-    model: nn.Module,
-    x_val: torch.Tensor,
-    y_val: torch.Tensor,
-    scheduler: DDPMScheduler,
-    unet: UNet2DModel | None = None,
-    kind: str = "",
-    eval_samples: int = 1000,
-    eval_pgd_eps: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0),
-    eval_pgd_steps: int = 20,
-    batch_size: int = 256,
-    seed: int = 0,
-    amp: bool = True,
-    progress: bool = True,
+    model: nn.Module, x_val: torch.Tensor, y_val: torch.Tensor, scheduler: DDPMScheduler,
+    unet: UNet2DModel | None = None, kind: str = "", eval_samples: int = 1000,
+    eval_pgd_eps: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0), eval_pgd_steps: int = 20,
+    batch_size: int = 256, seed: int = 0, amp: bool = True, progress: bool = True,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Per-timestep accuracy table and summary numbers of a classifier on x_val (N, 3, H, W).
 
@@ -355,20 +327,16 @@ def _lr_factor(step: int, total: int) -> float:
 
 def train_classifier(cfg: TrainClassifierConfig | None = None, **overrides: Any) -> Path:
     """Train one classifier kind and write its folder; returns ``out/name/classifiers/kind``.
-
-    Keyword overrides equal the fields of :class:`TrainClassifierConfig` (and the CLI options).
-    The weights of the best validation epoch are kept: clean accuracy for nonrobust and judge,
-    accuracy on the fixed noisy validation set (t uniform) for robust and adversarial.
-    """
+    Keyword overrides equal the fields of :class:`TrainClassifierConfig` (and the CLI options). The
+    weights of the best validation epoch are kept: clean accuracy for nonrobust and judge, accuracy
+    on the fixed noisy validation set (t uniform) for robust and adversarial."""
     from gradcheck.data.sportballs import load_tensors
 
     cfg = dataclasses.replace(cfg or TrainClassifierConfig(), **overrides)
     _check_config(cfg)
     device = resolve_device(cfg.device)
     scheduler, schedule_source = load_noise_schedule(cfg.ddpm, cfg.kind)
-    unet = None
-    if ddpm_unet_available(cfg.ddpm):
-        unet = load_ddpm(cfg.ddpm)[0].to(device)
+    unet = load_ddpm(cfg.ddpm)[0].to(device) if ddpm_unet_available(cfg.ddpm) else None
     final = Path(cfg.out) / cfg.name / "classifiers" / cfg.kind
     arch = arch_for(cfg.kind)
     noisy = cfg.kind in NOISY_KINDS
@@ -450,8 +418,8 @@ def train_classifier(cfg: TrainClassifierConfig | None = None, **overrides: Any)
             clean_acc, noisy_acc = clean_acc.float().mean().item(), noisy_acc.float().mean().item()
             val_acc = noisy_acc if noisy else clean_acc
             log.append(dict(
-                epoch=epoch, steps=global_step,
-                lr=sched.get_last_lr()[0], train_loss=(loss_sum / max(seen, 1)).item(),
+                epoch=epoch, steps=global_step, lr=sched.get_last_lr()[0],
+                train_loss=(loss_sum / max(seen, 1)).item(),
                 train_accuracy=(correct / max(seen, 1)).item(), val_accuracy=val_acc,
                 val_clean_accuracy=clean_acc, val_noisy_accuracy=noisy_acc,
                 images_per_s=seen / max(train_s, 1e-9), wall_s=time.monotonic() - start,
@@ -479,23 +447,16 @@ def train_classifier(cfg: TrainClassifierConfig | None = None, **overrides: Any)
             batch_size=cfg.batch_size, seed=cfg.seed, amp=cfg.amp, progress=cfg.progress,
         )
         config = classifier_config(
-            cfg.kind, arch, cfg.time_conditioned,
-            image_size=int(x_train.shape[-1]),
-            train_images=n_train,
-            noise_schedule_source=schedule_source,
+            cfg.kind, arch, cfg.time_conditioned, image_size=int(x_train.shape[-1]),
+            train_images=n_train, noise_schedule_source=schedule_source,
             noise_schedule=dict(scheduler.config),
             attack=(dict(norm="l2", eps=cfg.attack_eps, step_size=cfg.attack_step_size,
                          steps=cfg.attack_steps, early_stop=True, clamp=None)
                     if cfg.kind == "adversarial" else None),
-            best_epoch=best_epoch,
-            epochs_trained=len(log),
-            best_val_accuracy=best_acc,
+            best_epoch=best_epoch, epochs_trained=len(log), best_val_accuracy=best_acc,
             early_stopping_metric="val_noisy_accuracy" if noisy else "val_clean_accuracy",
-            train_wall_s=train_wall,
-            weights_dtype="float16" if cfg.fp16 else "float32",
-            **summary,
-            train_config=config_to_dict(cfg),
-            **run_metadata(device),
+            train_wall_s=train_wall, weights_dtype="float16" if cfg.fp16 else "float32",
+            **summary, train_config=config_to_dict(cfg), **run_metadata(device),
         )
         save_classifier(model, tmp, config, dtype=save_dtype)
         pd.DataFrame(log).to_parquet(tmp / "train_log.parquet", index=False)
@@ -504,24 +465,15 @@ def train_classifier(cfg: TrainClassifierConfig | None = None, **overrides: Any)
 
 
 def evaluate_classifier(
-    folder: str | Path,
-    data_root: str | Path | None = None,
-    ddpm: str | Path | None = None,
-    eval_samples: int = 1000,
-    eval_pgd_eps: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0),
-    eval_pgd_steps: int = 20,
-    batch_size: int = 256,
-    seed: int = 0,
-    device: str = "auto",
-    amp: bool = True,
-    progress: bool = True,
+    folder: str | Path, data_root: str | Path | None = None, ddpm: str | Path | None = None,
+    eval_samples: int = 1000, eval_pgd_eps: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0),
+    eval_pgd_steps: int = 20, batch_size: int = 256, seed: int = 0, device: str = "auto",
+    amp: bool = True, progress: bool = True,
 ) -> pd.DataFrame:
     """Re-evaluate a classifier folder (e.g. once its DDPM exists, for the x0_hat rows) on the
-    validation split of ``data_root`` (default: :func:`paths.default_data_root`).
-
-    Rewrites ``accuracy_by_t.parquet`` and the summary numbers in ``config.json``; the noise
-    schedule comes from ``ddpm`` when given, else from the one recorded in config.json.
-    """
+    validation split of ``data_root`` (default: :func:`paths.default_data_root`). Rewrites
+    ``accuracy_by_t.parquet`` and the summary numbers in ``config.json``; the noise schedule comes
+    from ``ddpm`` when given, else from the one recorded in config.json."""
     from gradcheck.data.sportballs import load_tensors
 
     check_positive("eval_samples", eval_samples)

@@ -8,9 +8,8 @@ Layout for ``--out OUT --name NAME``::
                                             model/ema/optimizer/rng .safetensors, train_log.parquet
     OUT/NAME/train_state/ddpm/samples/      a grid of EMA samples every --sample-every steps
 
-The recipe (EMA with warm-up, multiscale loss, Min-SNR-gamma, batch 256) and why: docs/scales.md,
-"The recipe". The hot loop keeps the whole data set on the device as uint8 and draws batches by
-index: no DataLoader, no per-image Python.
+The recipe and why: docs/scales.md, "The recipe". The hot loop keeps the whole data set on the
+device as uint8 and draws batches by index (no DataLoader).
 """
 
 from __future__ import annotations
@@ -110,9 +109,8 @@ class WeightAverage:
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
         """ema <- decay * ema + (1 - decay) * model, in one fused pass over all tensors."""
-        torch._foreach_lerp_(
-            self._params, [p.detach() for p in model.parameters()], 1 - self.decay_at(step)
-        )
+        torch._foreach_lerp_(self._params, [p.detach() for p in model.parameters()],
+                             1 - self.decay_at(step))
 
 
 # ---- Data and the hot loop ----------------------------------------------------------------------
@@ -124,10 +122,8 @@ def load_train_images(
     """The training split as uint8 (N, 3, H, W) on the CPU, checked against the preset's size."""
     root = Path(data_root)
     if not root.is_dir():
-        raise GradcheckError(
-            f"data set {root} not found; create it with `gradcheck make-dataset` or pass "
-            "--data-root"
-        )
+        raise GradcheckError(f"data set {root} not found; create it with `gradcheck make-dataset` "
+                             "or pass --data-root")
     from gradcheck.data.sportballs import load_split
 
     images, _ = load_split(root, "train")
@@ -136,10 +132,9 @@ def load_train_images(
     size = UNET_PRESETS[preset]["sample_size"]
     if images.shape[1:3] != (size, size):
         sizes = ", ".join(f"{k}: {v['sample_size']}" for k, v in UNET_PRESETS.items())
-        raise GradcheckError(
-            f"data set {root} has {images.shape[1]}x{images.shape[2]} images but UNet preset "
-            f"{preset!r} expects {size}x{size}; pick a matching --preset ({sizes}) or data set"
-        )
+        raise GradcheckError(f"data set {root} has {images.shape[1]}x{images.shape[2]} images but "
+                             f"UNet preset {preset!r} expects {size}x{size}; pick a matching "
+                             f"--preset ({sizes}) or data set")
     return torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).contiguous()  # a copy
 
 
@@ -165,32 +160,19 @@ def make_optimizer(
     model: nn.Module, cfg: TrainDDPMConfig, device: torch.device
 ) -> torch.optim.AdamW:
     """AdamW; the fused CUDA kernel updates all 432 tensors of the paper UNet in one launch."""
-    return torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-        weight_decay=cfg.weight_decay, fused=device.type == "cuda",
-    )
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                             weight_decay=cfg.weight_decay, fused=device.type == "cuda")
 
 
 class TrainStep:
-    """One optimiser step on the (weighted) epsilon-prediction loss of docs/maths.md.
-
-    All randomness (batch indices, flips, timesteps, noise) comes from one generator on the
-    device, so a run is reproducible from its seed and resumable from the generator's state.
-    """
+    """One optimiser step on the (weighted) epsilon-prediction loss of docs/maths.md. All randomness
+    (batch indices, flips, timesteps, noise) comes from one generator on the device, so a run is
+    reproducible from its seed and resumable from the generator's state."""
 
     def __init__(
-        self,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        images: torch.Tensor,
-        alphas_cumprod: torch.Tensor,
-        loss_weights: torch.Tensor,
-        multiscale_weight: float,
-        generator: torch.Generator,
-        batch_size: int,
-        hflip: bool,
-        grad_clip: float,
-        bf16: bool,
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+        alphas_cumprod: torch.Tensor, loss_weights: torch.Tensor, multiscale_weight: float,
+        generator: torch.Generator, batch_size: int, hflip: bool, grad_clip: float, bf16: bool,
         channels_last: bool,
     ) -> None:
         self.device = generator.device
@@ -223,8 +205,7 @@ class TrainStep:
         abar = self.abar[t].view(-1, 1, 1, 1)
         # q(x_t | x_0) of DDPM: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (docs/maths.md).
         x_t = (abar.sqrt() * x0 + (1 - abar).sqrt() * noise).contiguous(
-            memory_format=self.memory_format
-        )
+            memory_format=self.memory_format)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.bf16):
             eps = self.model(x_t, t).sample
         err = eps.float() - noise
@@ -248,11 +229,8 @@ class TrainStep:
 
 
 def export_ddpm(
-    unet: UNet2DModel,
-    folder: str | Path,
-    fp16: bool = True,
-    max_shard_size: int = EXPORT_SHARD_BYTES,
-    overwrite: bool = False,
+    unet: UNet2DModel, folder: str | Path, fp16: bool = True,
+    max_shard_size: int = EXPORT_SHARD_BYTES, overwrite: bool = False,
     extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write a diffusers pipeline folder (``unet`` + the docs/maths.md scheduler) that plain
@@ -265,8 +243,7 @@ def export_ddpm(
         out = out.half()
     with atomic_output_dir(folder, overwrite) as tmp:
         DDPMPipeline(unet=out, scheduler=make_scheduler()).save_pretrained(
-            tmp, safe_serialization=True, max_shard_size=max_shard_size
-        )
+            tmp, safe_serialization=True, max_shard_size=max_shard_size)
         if extra is not None:
             extra(tmp)
     return Path(folder)
@@ -293,18 +270,14 @@ def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: Path
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise GradcheckError(
-            f"{source} does not match the UNet preset: {str(e).splitlines()[0]}"
-        ) from None
+        msg = str(e).splitlines()[0]
+        raise GradcheckError(f"{source} does not match the UNet preset: {msg}") from None
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     """AdamW state as flat tensors ``{param_index}.{name}`` (exp_avg, exp_avg_sq, step)."""
-    return {
-        f"{i}.{name}": v.detach().cpu().contiguous()
-        for i, s in optimizer.state_dict()["state"].items()
-        for name, v in s.items()
-    }
+    return {f"{i}.{name}": v.detach().cpu().contiguous()
+            for i, s in optimizer.state_dict()["state"].items() for name, v in s.items()}
 
 
 def _load_optimizer(
@@ -317,8 +290,7 @@ def _load_optimizer(
         state.setdefault(int(i), {})[name] = v
     params = [p for g in optimizer.param_groups for p in g["params"]]
     if sorted(state) != list(range(len(params))) or any(
-        state[i]["exp_avg"].shape != p.shape for i, p in enumerate(params)
-    ):
+            state[i]["exp_avg"].shape != p.shape for i, p in enumerate(params)):
         raise GradcheckError(f"{source} does not match the UNet preset's parameters")
     groups = optimizer.state_dict()["param_groups"]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
@@ -376,14 +348,10 @@ def _load_checkpoint(folder: Path) -> dict[str, Any]:
     if state.get("format") != STATE_FORMAT:
         raise GradcheckError(f"{folder / 'state.json'} has format {state.get('format')!r}; this "
                              f"gradcheck reads format {STATE_FORMAT}")
-    return {
-        "state": state,
-        "model": _load_safetensors(folder / "model.safetensors"),
-        "ema": _load_safetensors(folder / "ema.safetensors"),
-        "optimizer": _load_safetensors(folder / "optimizer.safetensors"),
-        "rng": _load_safetensors(folder / "rng.safetensors"),
-        "log": _read_log(folder / "train_log.parquet", state["step"]),
-    }
+    return {"state": state,
+            **{k: _load_safetensors(folder / f"{k}.safetensors")
+               for k in ("model", "ema", "optimizer", "rng")},
+            "log": _read_log(folder / "train_log.parquet", state["step"])}
 
 
 def _load_init(folder: str | Path, preset: str) -> dict[str, Any]:
@@ -394,24 +362,17 @@ def _load_init(folder: str | Path, preset: str) -> dict[str, Any]:
     for key, want in UNET_PRESETS[preset].items():
         have = unet.config.get(key)
         if (list(have) if isinstance(have, (list, tuple)) else have) != (
-            list(want) if isinstance(want, tuple) else want
-        ):
-            raise GradcheckError(
-                f"--init-from {folder}: its UNet has {key}={have!r} but preset {preset!r} has "
-                f"{want!r}; pass the matching --preset"
-            )
+                list(want) if isinstance(want, tuple) else want):
+            raise GradcheckError(f"--init-from {folder}: its UNet has {key}={have!r} but preset "
+                                 f"{preset!r} has {want!r}; pass the matching --preset")
     info = load_json(folder / "train_config.json") if (folder / "train_config.json").is_file() \
         else {}
     step = int(info.get("step", 0))
     log_path = folder / "train_log.parquet"
-    return {
-        "model": _cpu_state(unet),
-        "step": step,
-        "sittings": info.get("sittings", []),
-        "train_seconds": float(info.get("train_seconds", 0.0)),
-        "images_seen": int(info.get("images_seen", 0)),
-        "log": _read_log(log_path, step) if log_path.is_file() else None,
-    }
+    return {"model": _cpu_state(unet), "step": step, "sittings": info.get("sittings", []),
+            "train_seconds": float(info.get("train_seconds", 0.0)),
+            "images_seen": int(info.get("images_seen", 0)),
+            "log": _read_log(log_path, step) if log_path.is_file() else None}
 
 
 # ---- The training command -----------------------------------------------------------------------
@@ -440,11 +401,7 @@ def _check_config(cfg: TrainDDPMConfig) -> None:
 
 def _accelerator(device: str) -> Any:
     """An accelerate Accelerator: the device, and DDP when started by ``accelerate launch``.
-
-    Mixed precision is an explicit bf16 autocast in :class:`TrainStep` (bf16 needs no grad
-    scaler), so accelerate's process-wide mixed-precision state is left at "no" and several
-    runs with different settings can share one Python process (tests, notebooks, benchmarks).
-    """
+    Its mixed precision stays "no" (process-wide state): :class:`TrainStep` autocasts itself."""
     from accelerate import Accelerator
 
     dev = resolve_device(device)
@@ -460,13 +417,10 @@ def choose_autocast(
     mixed_precision: str, device: torch.device, preset: str, batch_size: int,
     channels_last: bool, say: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Resolve ``--mixed-precision`` to bf16 autocast or float32 -> {"autocast": ..., ...}.
-
-    ``auto`` is bf16 on a GPU. On a CPU it times a few real training steps of the preset both
-    ways (interleaved, on random images, the run's own state untouched) and takes bf16 only
-    where it is :data:`CPU_BF16_MIN_SPEEDUP` times faster: AVX-512/AMX CPUs run it 2-3x faster,
-    others emulate it slower than float32.
-    """
+    """Resolve ``--mixed-precision`` to bf16 autocast or float32 -> {"autocast": ..., ...}. ``auto``
+    is bf16 on a GPU. On a CPU it times a few real training steps of the preset both ways (on random
+    images, the run's state untouched) and takes bf16 only where it is :data:`CPU_BF16_MIN_SPEEDUP`
+    times faster (CPUs without native bf16 emulate it slowly)."""
     if mixed_precision != "auto" or device.type != "cpu":
         autocast = "float32" if mixed_precision == "no" else "bf16"
         return {"autocast": autocast, "reason": f"--mixed-precision {mixed_precision}"}
@@ -553,10 +507,9 @@ def train_ddpm(config: TrainDDPMConfig | None = None, **overrides: Any) -> dict[
                                        if k.startswith(prefix)}, ckpt["state"]["rng"][rank])
         except (KeyError, IndexError, RuntimeError, ValueError, TypeError):
             written = ckpt["state"]["sittings"][-1]["metadata"]["device"]
-            raise GradcheckError(
-                f"the RNG state in {ckpt_dir} (written on {written}) does not fit {device}; "
-                "resume on the same kind of device, or start with --init-from the export"
-            ) from None
+            raise GradcheckError(f"the RNG state in {ckpt_dir} (written on {written}) does not fit "
+                                 f"{device}; resume on the same kind of device, or start with "
+                                 "--init-from the export") from None
     if not cfg.resume and cfg.overwrite and main:
         shutil.rmtree(state_dir, ignore_errors=True)  # a new run: no stale grids or state
 
@@ -638,8 +591,7 @@ def train_ddpm(config: TrainDDPMConfig | None = None, **overrides: Any) -> dict[
     def out_of_time() -> bool:
         # The final grid + save must fit too: keep back what the last periodic one took.
         late = cfg.max_minutes is not None and (
-            time.monotonic() - call_start + save_seconds >= cfg.max_minutes * 60
-        )
+            time.monotonic() - call_start + save_seconds >= cfg.max_minutes * 60)
         if world == 1:
             return late
         from accelerate.utils import broadcast  # one decision for all processes
@@ -706,16 +658,11 @@ def train_ddpm(config: TrainDDPMConfig | None = None, **overrides: Any) -> dict[
             save_samples()
         save_checkpoint()
     return {
-        "step": step,
-        "steps_this_call": step - start_step,
-        "images_seen": images_seen(),
+        "step": step, "steps_this_call": step - start_step, "images_seen": images_seen(),
         "loss": float(np.mean([r["loss"] for r in rows[-cfg.log_every:]])) if rows else math.nan,
         "images_per_s": (step - start_step) * cfg.batch_size / (train_seconds - prior_seconds)
         if rows else math.nan,
-        "minutes": (time.monotonic() - call_start) / 60,
-        "export": str(export_dir),
-        "train_state": str(state_dir),
-        "device": str(device),
-        "num_processes": world,
+        "minutes": (time.monotonic() - call_start) / 60, "export": str(export_dir),
+        "train_state": str(state_dir), "device": str(device), "num_processes": world,
         "main_process": main,
     }

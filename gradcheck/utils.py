@@ -24,23 +24,18 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 
 
 class GradcheckError(ValueError):
-    """A user error. Its message is one line naming the bad value and what is allowed.
-
-    The command line prints it as ``error: <message>`` and exits with code 2.
-    """
+    """A user error: one line naming the bad value and what is allowed (the CLI exits 2)."""
 
 
 def check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
     """Raise a GradcheckError unless ``value`` is one of ``allowed``."""
     if value not in allowed:
-        raise GradcheckError(
-            f"unknown {name} {value!r}; choose one of: {', '.join(map(str, allowed))}"
-        )
+        raise GradcheckError(f"unknown {name} {value!r}; choose one of: "
+                             f"{', '.join(map(str, allowed))}")
 
 
 def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
-    """Raise a GradcheckError unless ``value`` is a finite number > 0 (or >= 0 with
-    ``allow_zero``): NaN compares False with everything, so it is refused by name."""
+    """Raise a GradcheckError unless ``value`` is finite and > 0 (>= 0 with ``allow_zero``)."""
     if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise GradcheckError(f"{name} must be {bound}, got {value}")
@@ -54,15 +49,13 @@ def check_fields(cfg: Any, *names: str, allow_zero: bool = False) -> None:
 
 
 def check_folder_name(what: str, name: str) -> None:
-    """Raise unless ``name`` is one plain folder name: not empty, no path separator, no leading
-    dot (so it cannot escape its parent or hide as a temporary folder)."""
+    """Raise unless ``name`` is one plain folder name: not empty, no separator, no leading dot."""
     if not name or name.startswith(".") or "/" in name or "\\" in name:
         raise GradcheckError(f"{what} {name!r} must be a plain folder name (no '/', not '.x')")
 
 
 MAX_SEED = 2**32 - 1
-"""Seeds are 32-bit: numpy and torch take them, and mixed with sample indices or process ranks
-(seed * 1,000,003 + i) they stay inside torch's 64-bit seeds."""
+"""Seeds are 32-bit: mixed with sample indices (seed * 1,000,003 + i) they fit torch's 64 bits."""
 
 
 def check_seed(seed: int, name: str = "seed") -> None:
@@ -75,15 +68,13 @@ def refuse_pickle(path: str | Path) -> None:
     """Refuse pickle-based checkpoint files: loading them can run arbitrary code."""
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise GradcheckError(
-            f"refusing pickle file {path} ({path.suffix}); gradcheck loads only .safetensors"
-        )
+        raise GradcheckError(f"refusing pickle file {path} ({path.suffix}); gradcheck loads only "
+                             ".safetensors")
 
 
 @contextlib.contextmanager
 def torch_flags_restored() -> Iterator[None]:
-    """Put PyTorch's global TF32 and cuDNN autotuning flags back afterwards, so that a benchmark
-    or a training run inside a longer program leaves them as it found them."""
+    """Put PyTorch's global TF32 and cuDNN autotuning flags back afterwards."""
     benchmark = torch.backends.cudnn.benchmark
     try:
         tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
@@ -98,8 +89,7 @@ def torch_flags_restored() -> Iterator[None]:
 
 
 def _owner_tag() -> str:
-    """Who may judge whether a temporary's process lives: this host (its full name), this boot
-    and this PID namespace (containers sharing a host name and a folder count as others)."""
+    """Who may judge whether a temporary's process lives: this host, boot and PID namespace."""
     parts = [socket.gethostname()]
     for path in ("/proc/sys/kernel/random/boot_id", "/proc/self/ns/pid"):
         with contextlib.suppress(OSError):
@@ -114,10 +104,8 @@ def _temporary_name(final: Path, kind: str) -> Path:
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
-    """Remove the temporary folders that killed processes (kill -9, power loss) left in
-    ``folder`` -> the removed paths. Only those of this host, boot and PID namespace whose
-    process is gone: never one that a live process, another machine or another container
-    sharing the folder is writing."""
+    """Remove the temporaries in ``folder`` whose process (of this host, boot and PID namespace,
+    :func:`_owner_tag`) is gone -> the removed paths."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
@@ -146,12 +134,8 @@ def _process_alive(pid: int) -> bool:
 
 @contextlib.contextmanager
 def atomic_output_dir(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling folder that replaces ``final`` only when the block succeeds.
-
-    An existing ``final`` is an error unless ``overwrite``. On any exception, Ctrl-C included,
-    the temporary folder is removed and nothing at ``final`` changes. Temporary folders that
-    killed processes left beside it are removed first (:func:`remove_stale_temporaries`).
-    """
+    """Yield a temporary sibling folder (stale ones removed first) that replaces ``final`` (an
+    error unless ``overwrite``) only on success; on any exception, Ctrl-C included, it is gone."""
     final = check_output(final, overwrite, folder=True)
     created = [p for p in (final.parent, *final.parent.parents) if not p.exists()]
     try:
@@ -182,9 +166,8 @@ def atomic_output_dir(final: str | Path, overwrite: bool = False) -> Iterator[Pa
 
 
 def check_output(final: str | Path, overwrite: bool = False, folder: bool = False) -> Path:
-    """``final`` (a file, or a ``folder``) as a Path, after checking it can be written (before
-    minutes of work): a file is not a folder, its parent not a file, and ``final`` does not exist
-    unless ``overwrite``."""
+    """``final`` (a file, or a ``folder``) as a Path, checked writable before any work: a file is
+    no folder, its parent no file, and it does not exist unless ``overwrite``."""
     final = Path(final)
     if final.is_dir() and not folder:
         raise GradcheckError(f"{final} is a folder; give a file path")
@@ -229,15 +212,10 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 def sample_generators(
     seed: int, indices: Sequence[int], device: str | torch.device = "cpu"
 ) -> list[torch.Generator]:
-    """One generator per sample (EDM's StackedRandomGenerator idea): sample i depends only on
-    (seed, i), never on the batch it lands in."""
-    gens = []
-    for i in indices:
-        g = torch.Generator(device=device)
-        # Mix seed and index so that (seed, i) and (seed + 1, i - 1) do not collide.
-        g.manual_seed((int(seed) * 1_000_003 + int(i)) % (2**63 - 1))
-        gens.append(g)
-    return gens
+    """One generator per sample: sample i depends only on (seed, i), never on its batch."""
+    # Mix seed and index so that (seed, i) and (seed + 1, i - 1) do not collide.
+    seeds = [(int(seed) * 1_000_003 + int(i)) % (2**63 - 1) for i in indices]
+    return [torch.Generator(device=device).manual_seed(s) for s in seeds]
 
 
 def randn_per_sample(
@@ -273,7 +251,6 @@ def device_name(device: torch.device) -> str:
 def run_metadata(device: torch.device) -> dict[str, Any]:
     """Versions, git commit and hardware, stored beside every output."""
     import diffusers
-    import numpy
 
     import gradcheck
     from gradcheck.paths import checkpoint_set_name
@@ -281,13 +258,9 @@ def run_metadata(device: torch.device) -> dict[str, Any]:
     return {
         "gradcheck": gradcheck.__version__,
         "checkpoints": checkpoint_set_name(),  # the reference set that the defaults came from
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "numpy": numpy.__version__,
-        "python": platform.python_version(),
-        "git_commit": git_commit(),
-        "device": str(device),
-        "hardware": device_name(device),
+        "torch": torch.__version__, "diffusers": diffusers.__version__,
+        "numpy": np.__version__, "python": platform.python_version(),
+        "git_commit": git_commit(), "device": str(device), "hardware": device_name(device),
     }
 
 
@@ -305,8 +278,7 @@ def _json_safe(obj: Any) -> Any:
 
 
 def strict_json(obj: Any) -> str:
-    """Indented, standard JSON: NaN and infinities become null ("undefined" or "not
-    computed"), so strict readers (jq, JavaScript) accept every file gradcheck writes."""
+    """Indented, standard JSON: NaN and infinities become null, so strict readers accept it."""
     return json.dumps(_json_safe(obj), indent=2, default=str, allow_nan=False) + "\n"
 
 
@@ -338,8 +310,7 @@ def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int | None = N
 
 
 def read_image_grid(path: str | Path, n: int, size: int, nrow: int) -> np.ndarray:
-    """The first ``n`` images (n, size, size, 3) uint8 of a :func:`save_image_grid` PNG of
-    ``size``-pixel images, ``nrow`` per row: the exact pixels (PNG is lossless)."""
+    """The first ``n`` images (n, size, size, 3) uint8 of a :func:`save_image_grid` PNG."""
     from PIL import Image
 
     grid = np.asarray(Image.open(path).convert("RGB"))
@@ -359,8 +330,7 @@ def from_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 def write_parquet(table: Any, path: str | Path, metadata: Any, key: str = "gradcheck") -> None:
-    """Write a DataFrame as parquet with ``metadata`` as strict JSON under ``key`` in the schema
-    metadata, through a temporary sibling and a rename: a crash never leaves half a file."""
+    """Write a DataFrame as parquet atomically, ``metadata`` as strict JSON under schema ``key``."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 

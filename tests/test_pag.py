@@ -13,7 +13,7 @@ from PIL import Image
 
 from gradcheck import CLASS_NAMES
 from gradcheck.cli import main
-from gradcheck.guidance import log_prob_gradient
+from gradcheck.guidance import flat_norm, log_prob_gradient
 from gradcheck.models import classifier_config, make_classifier, make_scheduler, save_classifier
 from gradcheck.oracle import EmpiricalOracle
 from gradcheck.pag import (
@@ -121,15 +121,22 @@ def test_gradients_reach_t_and_ignore_batch_size(classifier_dirs):
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
 
 
-def test_oracle_maps_are_its_exact_gradient(tiny_data):
+def test_oracle_maps_are_its_exact_gradient(tiny_data, val_masks):
     from gradcheck.data.sportballs import load_tensors
 
     oracle = EmpiricalOracle.from_data_root(tiny_data, ABAR, device="cpu")
     x0, y = load_tensors(tiny_data, "val")
     noise = torch.randn(x0[:4].shape, generator=torch.Generator().manual_seed(0))
-    maps = gradient_maps(oracle, x0[:4], y[:4], noise, (250,), ABAR)
+    maps = gradient_maps(oracle, x0[:4], y[:4], noise, (250, 0), ABAR)
     x_t = ABAR[250].sqrt() * x0[:4] + (1 - ABAR[250]).sqrt() * noise
-    torch.testing.assert_close(maps[0], oracle.grad_log_prob(x_t, 250, y[:4]).double())
+    exact = oracle.grad_log_prob(x_t, 250, y[:4]).double()
+    # Each image's gradient up to a power of two: the same map and D9 score.
+    power = (flat_norm(maps[0]) / flat_norm(exact)).log2()
+    torch.testing.assert_close(power, power.round(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(maps[0] / power.round().exp2().view(-1, 1, 1, 1), exact)
+    # At t = 0 the oracle is certain: its gradient is below float64's range, its map is not.
+    assert (flat_norm(oracle.grad_log_prob(x0[:4], 0, y[:4], torch.float64)) == 0).any()
+    assert np.isfinite(pag_scores(maps[1], val_masks[:4])).all()
 
 
 def test_pag_command_writes_tables_and_figures(tiny_data, classifier_dirs, tmp_path):

@@ -1,16 +1,11 @@
 """SportBalls: four procedurally drawn sport balls on a white canvas (docs/formats.md).
 
 Classes, in label order: baseball (white, two red stitched seams), basketball (orange, black
-seam lines), soccer (white, black pentagons), volleyball (yellow, blue and white curved panels).
-Each ball has a thin dark outline and lies on a pure white (255) canvas.
-
-Factors (per image, each drawn from its own seeded stream, independent of the class and of each
-other; ``d = image_size``):
-
-- ``diameter`` ~ U[0.375 d, 0.625 d] pixels (24 to 40 at 64x64);
-- ``center_x``, ``center_y`` ~ U[D/2 + 1, d - D/2 - 1] with D the largest diameter (21 to 43 at
-  64x64), so every ball, anti-aliased rim included, lies inside the canvas whatever its size;
-- ``rotation_deg`` ~ U[0, 360), counter-clockwise on screen.
+seam lines), soccer (white, black pentagons), volleyball (yellow, blue and white curved panels),
+each with a thin dark outline on a pure white (255) canvas. Factors, uniform over
+:func:`factor_ranges`, each from its own seeded stream, independent of the class and of each
+other: ``diameter``; ``center_x``, ``center_y`` (every ball, anti-aliased rim included, inside
+the canvas); ``rotation_deg``, counter-clockwise on screen.
 
 Rendering. Each class is drawn once per integer texture diameter T by evaluating its pattern
 analytically at 8x8 samples per texel (supersampling), averaged in integer arithmetic; outside
@@ -79,10 +74,8 @@ _COS_COEF = [(-1) ** k / math.factorial(2 * k) for k in range(14)]
 
 
 def cos_sin_deg(deg: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin of angles in degrees from a fixed Taylor polynomial (error < 1e-15).
-
-    libm and SIMD sin/cos differ in the last bit across CPUs; +, * and remainder do not.
-    """
+    """cos and sin of angles in degrees from a fixed Taylor polynomial (error < 1e-15). libm and
+    SIMD sin/cos differ in the last bit across CPUs; +, * and remainder do not."""
     x = np.asarray(deg, dtype=np.float64) % 360.0 * (math.pi / 180.0) - math.pi  # [-pi, pi)
     x2 = x * x
     s = np.zeros_like(x)
@@ -102,9 +95,8 @@ PALETTES: dict[str, np.ndarray] = {
     "baseball": np.array([OUTLINE, (246, 243, 235), (205, 30, 40)], np.uint8),
     "basketball": np.array([OUTLINE, (236, 118, 36), (40, 25, 20)], np.uint8),
     "soccer": np.array([OUTLINE, (246, 246, 246), (25, 25, 25), (150, 150, 150)], np.uint8),
-    "volleyball": np.array(
-        [OUTLINE, (250, 208, 40), (30, 85, 190), (246, 246, 246), (70, 70, 80)], np.uint8
-    ),
+    "volleyball": np.array([OUTLINE, (250, 208, 40), (30, 85, 190), (246, 246, 246),
+                            (70, 70, 80)], np.uint8),
 }
 OUTLINE_WIDTH = 0.07  # of the radius: about 1 pixel at 64x64
 LINE_WIDTH = 0.1  # seam lines, of the radius
@@ -140,14 +132,8 @@ def _icosahedron() -> tuple[np.ndarray, np.ndarray]:
     c72, s72 = cos_sin_deg(np.arange(5) * 72.0)
     c36, s36 = cos_sin_deg(np.arange(5) * 72.0 + 36.0)
     r, h = 2.0 / math.sqrt(5.0), 1.0 / math.sqrt(5.0)
-    verts = np.concatenate(
-        [
-            [[0.0, 0.0, 1.0]],
-            np.stack([r * c72, r * s72, np.full(5, h)], 1),
-            np.stack([r * c36, r * s36, np.full(5, -h)], 1),
-            [[0.0, 0.0, -1.0]],
-        ]
-    )
+    verts = np.concatenate([[[0.0, 0.0, 1.0]], np.stack([r * c72, r * s72, np.full(5, h)], 1),
+                            np.stack([r * c36, r * s36, np.full(5, -h)], 1), [[0.0, 0.0, -1.0]]])
     faces = []
     for i in range(12):
         for j in range(i + 1, 12):
@@ -165,10 +151,8 @@ def _dot3(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _soccer(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
-    """Truncated icosahedron: black pentagons, white hexagons, grey seams, one pentagon central.
-
-    A ray from the centre meets first the face plane with the largest (p . n) / distance.
-    """
+    """Truncated icosahedron: black pentagons, white hexagons, grey seams, one pentagon central. A
+    ray from the centre meets first the face plane with the largest (p . n) / distance."""
     verts, faces = _icosahedron()
     # Plane distances of the truncated icosahedron (cut at a third of each edge): pentagons
     # 2/3 + 1/(3 sqrt 5), hexagons that of (2a + b) / 3 along the face normal.
@@ -213,12 +197,8 @@ def _volleyball(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
     return out
 
 
-PATTERNS = {
-    "baseball": _baseball,
-    "basketball": _basketball,
-    "soccer": _soccer,
-    "volleyball": _volleyball,
-}
+PATTERNS = {"baseball": _baseball, "basketball": _basketball, "soccer": _soccer,
+            "volleyball": _volleyball}
 
 
 def _draw_ball(name: str, t: int) -> np.ndarray:
@@ -248,10 +228,8 @@ def _pack(rgb: np.ndarray) -> np.ndarray:
 
 @functools.cache
 def _texture_level(t: int) -> tuple[int, tuple[np.ndarray, ...]]:
-    """Texture width tw and the four bilinear taps of all classes at diameter t, each (4*tw*tw,).
-
-    tw covers the bounding box of a ball of diameter D in (t-1, t] at any rotation.
-    """
+    """Texture width tw and the four bilinear taps of all classes at diameter t, each (4*tw*tw,). tw
+    covers the bounding box of a ball of diameter D in (t-1, t] at any rotation."""
     reach = math.sqrt(2.0) * (t / 2 + 2.25) * t / (t - 1)
     tw = 2 * math.ceil(reach + 1.5) + t % 2
     m = t + 2
@@ -259,10 +237,8 @@ def _texture_level(t: int) -> tuple[int, tuple[np.ndarray, ...]]:
     tex = np.full((len(CLASS_NAMES), tw + 1, tw + 1), _pack(np.array(OUTLINE)), np.int64)
     for c, name in enumerate(CLASS_NAMES):
         tex[c, o : o + m, o : o + m] = _pack(_draw_ball(name, t))
-    taps = tuple(
-        np.ascontiguousarray(tex[:, dy : dy + tw, dx : dx + tw]).ravel()
-        for dy, dx in ((0, 0), (0, 1), (1, 0), (1, 1))
-    )
+    taps = tuple(np.ascontiguousarray(tex[:, dy : dy + tw, dx : dx + tw]).ravel()
+                 for dy, dx in ((0, 0), (0, 1), (1, 0), (1, 1)))
     return tw, taps
 
 
@@ -271,31 +247,21 @@ def factor_ranges(image_size: int) -> dict[str, tuple[float, float]]:
     """Documented factor ranges in pixels and degrees for one image size."""
     d_lo, d_hi = DIAMETER_RANGE[0] * image_size, DIAMETER_RANGE[1] * image_size
     c_lo = d_hi / 2 + CENTER_MARGIN
-    return {
-        "diameter": (d_lo, d_hi),
-        "center_x": (c_lo, image_size - c_lo),
-        "center_y": (c_lo, image_size - c_lo),
-        "rotation_deg": (0.0, 360.0),
-    }
+    return {"diameter": (d_lo, d_hi), "center_x": (c_lo, image_size - c_lo),
+            "center_y": (c_lo, image_size - c_lo), "rotation_deg": (0.0, 360.0)}
 
 
 def render_images(
-    labels: Sequence[int] | np.ndarray,
-    center_x: Sequence[float] | np.ndarray,
-    center_y: Sequence[float] | np.ndarray,
-    diameter: Sequence[float] | np.ndarray,
-    rotation_deg: Sequence[float] | np.ndarray,
-    image_size: int = 64,
+    labels: Sequence[int] | np.ndarray, center_x: Sequence[float] | np.ndarray,
+    center_y: Sequence[float] | np.ndarray, diameter: Sequence[float] | np.ndarray,
+    rotation_deg: Sequence[float] | np.ndarray, image_size: int = 64,
 ) -> np.ndarray:
-    """Draw balls from labels and factors: uint8 (N, image_size, image_size, 3).
-
-    Pixel (i, j) covers [j, j+1] x [i, i+1]; centres are in pixels from the top-left corner.
-    Each image depends only on its own row, never on the batch.
-    """
+    """Draw balls from labels and factors: uint8 (N, image_size, image_size, 3). Pixel (i, j) covers
+    [j, j+1] x [i, i+1]; centres are in pixels from the top-left corner. Each image depends only on
+    its own row, never on the batch."""
     labels = np.asarray(labels, np.int64)
-    cx, cy, dia, rot = (
-        np.asarray(a, np.float64) for a in (center_x, center_y, diameter, rotation_deg)
-    )
+    cx, cy, dia, rot = (np.asarray(a, np.float64)
+                        for a in (center_x, center_y, diameter, rotation_deg))
     n = labels.shape[0]
     if any(a.shape != (n,) for a in (cx, cy, dia, rot)):
         raise GradcheckError(f"labels and factors must be 1-d of the same length {n}")
@@ -359,10 +325,8 @@ def render_images(
 
 def ball_masks(factors: pd.DataFrame, image_size: int) -> np.ndarray:
     """Pixels whose centre lies closer than diameter/2 + RIM to the ball centre: bool (N, H, W).
-
     This is the ball with its anti-aliased edge: render_images leaves every other pixel exactly
-    white, since the disc coverage there is 0.
-    """
+    white, since the disc coverage there is 0."""
     cx = factors["center_x"].to_numpy(np.float64)[:, None, None]
     cy = factors["center_y"].to_numpy(np.float64)[:, None, None]
     r = factors["diameter"].to_numpy(np.float64)[:, None, None] / 2 + RIM
@@ -404,23 +368,16 @@ def _render_chunk(
 
 
 def _render_unique(
-    labels: np.ndarray,
-    factors: dict[str, np.ndarray],
-    redraw: Sequence[np.random.Generator],
-    image_size: int,
-    sink: Callable[[np.ndarray], object],
-    seen: set[bytes],
+    labels: np.ndarray, factors: dict[str, np.ndarray], redraw: Sequence[np.random.Generator],
+    image_size: int, sink: Callable[[np.ndarray], object], seen: set[bytes],
     bar: tqdm | None = None,
 ) -> int:
-    """Render in chunks, re-drawing the factors of any image equal to one already ``seen``;
-    pass each finished chunk, uint8 (B, H, W, 3) in index order, to ``sink``.
-
-    Updates ``factors`` and ``seen`` in place and returns the number of re-draws. Splits are
-    rendered in order against one ``seen`` set, so no image appears twice in the data set.
-    Chunks render in threads (numpy and hashlib release the GIL); every image depends only on
-    its own factors and duplicates are resolved here in index order, so the bytes do not
-    depend on the number of threads.
-    """
+    """Render in chunks, re-drawing the factors of any image equal to one already ``seen``; pass
+    each finished chunk, uint8 (B, H, W, 3) in index order, to ``sink``. Updates ``factors`` and
+    ``seen`` in place and returns the number of re-draws. Splits are rendered in order against one
+    ``seen`` set, so no image appears twice in the data set. Chunks render in threads (numpy and
+    hashlib release the GIL); every image depends only on its own factors and duplicates are
+    resolved here in index order, so the bytes do not depend on the number of threads."""
     n_redrawn = 0
     starts = iter(range(0, labels.shape[0], CHUNK))
     pending: collections.deque[tuple[int, concurrent.futures.Future]] = collections.deque()
@@ -465,11 +422,9 @@ class _NpyWriter:
     def __init__(self, file: BinaryIO, shape: tuple[int, ...], dtype: type | np.dtype) -> None:
         self.dtype, self.rows = np.dtype(dtype), shape[0]
         header = io.BytesIO()
-        np.lib.format.write_array_header_1_0(
-            header,
-            {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
-             "shape": shape},
-        )
+        np.lib.format.write_array_header_1_0(header, {
+            "descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+            "shape": shape})
         self.file = file
         self.hash = hashlib.sha256()
         self._write(header.getvalue())
@@ -522,21 +477,12 @@ def _check_disk(root: Path, nbytes: int) -> None:
 
 
 def generate_dataset(
-    root: str | Path,
-    n_train: int = 40000,
-    n_val: int = 5000,
-    n_test: int = 5000,
-    seed: int = 0,
-    image_size: int = 64,
-    png: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
+    root: str | Path, n_train: int = 40000, n_val: int = 5000, n_test: int = 5000, seed: int = 0,
+    image_size: int = 64, png: bool = False, overwrite: bool = False, progress: bool = True,
 ) -> dict[str, Any]:
-    """Generate SportBalls into ``root`` (docs/formats.md); return a summary.
-
-    The summary has ``root``, ``counts`` (split -> class -> images), ``seconds``,
-    ``images_per_s``, ``redrawn`` and ``sha256`` (split -> file -> hex digest).
-    """
+    """Generate SportBalls into ``root`` (docs/formats.md); return a summary. The summary has
+    ``root``, ``counts`` (split -> class -> images), ``seconds``, ``images_per_s``, ``redrawn`` and
+    ``sha256`` (split -> file -> hex digest)."""
     from gradcheck.config import DatasetConfig, config_to_dict
 
     sizes = dict(n_train=n_train, n_val=n_val, n_test=n_test, seed=seed, image_size=image_size)
@@ -568,70 +514,42 @@ def generate_dataset(
             label_seq, redraw_seq, *factor_seqs = split_seq.spawn(2 + len(FACTOR_NAMES))
             n = n_split[split]
             labels = _balanced_labels(np.random.default_rng(label_seq), n)
-            factors = _draw_factors(
-                [np.random.default_rng(s) for s in factor_seqs], n, cfg.image_size
-            )
+            factors = _draw_factors([np.random.default_rng(s) for s in factor_seqs], n,
+                                    cfg.image_size)
             redraw = [np.random.default_rng(s) for s in redraw_seq.spawn(len(FACTOR_NAMES))]
             with open(tmp / f"{split}_images.npy", "wb") as f:
                 writer = _NpyWriter(f, (n, cfg.image_size, cfg.image_size, 3), np.uint8)
-                redrawn += _render_unique(
-                    labels, factors, redraw, cfg.image_size, writer.write, seen, bar
-                )
+                redrawn += _render_unique(labels, factors, redraw, cfg.image_size, writer.write,
+                                          seen, bar)
                 images_sha = writer.finish()
             np.save(tmp / f"{split}_labels.npy", labels.astype("<i8"))
-            tables.append(
-                pd.DataFrame(
-                    {
-                        "split": split,
-                        "index": np.arange(n, dtype=np.int64),
-                        "label": labels,
-                        "class_name": np.array(CLASS_NAMES)[labels],
-                        "center_x": factors["center_x"],
-                        "center_y": factors["center_y"],
-                        "diameter": factors["diameter"],
-                        "rotation_deg": factors["rotation_deg"],
-                    }
-                )
-            )
+            tables.append(pd.DataFrame({
+                "split": split, "index": np.arange(n, dtype=np.int64), "label": labels,
+                "class_name": np.array(CLASS_NAMES)[labels],
+                **{k: factors[k] for k in _RENDER_ORDER}}))
             info[split] = {
                 "n": n,
                 "counts": {c: int((labels == i).sum()) for i, c in enumerate(CLASS_NAMES)},
-                "sha256": {
-                    f"{split}_images.npy": images_sha,
-                    f"{split}_labels.npy": _sha256(tmp / f"{split}_labels.npy"),
-                },
+                "sha256": {f"{split}_images.npy": images_sha,
+                           f"{split}_labels.npy": _sha256(tmp / f"{split}_labels.npy")},
             }
         bar.close()
         factors_df = pd.concat(tables, ignore_index=True)
         factors_df.to_parquet(tmp / "factors.parquet", index=False)
         params = config_to_dict(cfg)
         del params["root"]  # the same seed must give the same bytes wherever it is written
-        save_json(
-            tmp / "dataset.json",
-            {
-                "name": "SportBalls",
-                "generator_version": GENERATOR_VERSION,
-                "parameters": params,
-                "class_names": list(CLASS_NAMES),
-                "factor_ranges": {k: list(v) for k, v in factor_ranges(cfg.image_size).items()},
-                "rim_px": RIM,
-                "supersample": SUPERSAMPLE,
-                "redrawn": redrawn,
-                "splits": info,
-            },
-        )
+        save_json(tmp / "dataset.json", {
+            "name": "SportBalls", "generator_version": GENERATOR_VERSION, "parameters": params,
+            "class_names": list(CLASS_NAMES),
+            "factor_ranges": {k: list(v) for k, v in factor_ranges(cfg.image_size).items()},
+            "rim_px": RIM, "supersample": SUPERSAMPLE, "redrawn": redrawn, "splits": info})
         _write_preview(tmp, factors_df)
         if cfg.png:
             _write_png_tree(tmp, factors_df, progress)
     seconds = time.perf_counter() - start
-    return {
-        "root": str(root),
-        "counts": {s: info[s]["counts"] for s in SPLITS},
-        "seconds": seconds,
-        "images_per_s": total / seconds,
-        "redrawn": redrawn,
-        "sha256": {s: info[s]["sha256"] for s in SPLITS},
-    }
+    return {"root": str(root), "counts": {s: info[s]["counts"] for s in SPLITS},
+            "seconds": seconds, "images_per_s": total / seconds, "redrawn": redrawn,
+            "sha256": {s: info[s]["sha256"] for s in SPLITS}}
 
 
 PREVIEW_COLUMNS = 10
@@ -647,9 +565,8 @@ def _write_preview(folder: Path, factors: pd.DataFrame) -> None:
     cell = size * zoom
     gap, label_w = 4, 110
     rows = len(CLASS_NAMES)
-    sheet = Image.new(
-        "RGB", (label_w + PREVIEW_COLUMNS * (cell + gap), rows * (cell + gap) + gap), "white"
-    )
+    sheet = Image.new("RGB", (label_w + PREVIEW_COLUMNS * (cell + gap), rows * (cell + gap) + gap),
+                      "white")
     draw = ImageDraw.Draw(sheet)
     try:
         font = ImageFont.load_default(size=16)
@@ -681,9 +598,8 @@ def _write_png_tree(folder: Path, factors: pd.DataFrame, progress: bool) -> None
         images = np.load(folder / f"{split}_images.npy", mmap_mode="r")
         rows = factors[factors["split"] == split]
         for i, name in zip(rows["index"].tolist(), rows["class_name"].tolist(), strict=True):
-            Image.fromarray(np.asarray(images[i])).save(
-                folder / "png" / split / name / f"{i:05d}.png"
-            )
+            Image.fromarray(np.asarray(images[i])).save(folder / "png" / split / name
+                                                        / f"{i:05d}.png")
             bar.update(1)
     bar.close()
 
@@ -692,10 +608,8 @@ def _write_png_tree(folder: Path, factors: pd.DataFrame, progress: bool) -> None
 def _require(root: str | Path, name: str) -> Path:
     path = Path(root) / name
     if not path.is_file():
-        raise GradcheckError(
-            f"no SportBalls file {path}; create the data set with: gradcheck make-dataset "
-            f"--root {root}"
-        )
+        raise GradcheckError(f"no SportBalls file {path}; create the data set with: gradcheck "
+                             f"make-dataset --root {root}")
     return path
 
 
@@ -727,11 +641,9 @@ def load_factors(root: str | Path) -> pd.DataFrame:
 
 class SportBalls(torch.utils.data.Dataset):
     """One split as a torch Dataset of (x float32 (3, H, W) in [-1, 1], label int).
-
-    ``in_memory=True`` reads the split into RAM as a uint8 tensor (fast path for training
-    loops); otherwise images are read from the memory-mapped array on access.
-    ``factors`` holds this split's rows of the factor table, in index order.
-    """
+    ``in_memory=True`` reads the split into RAM as a uint8 tensor (fast path for training loops);
+    otherwise images are read from the memory-mapped array on access. ``factors`` holds this split's
+    rows of the factor table, in index order."""
 
     def __init__(self, root: str | Path, split: str, in_memory: bool = False) -> None:
         images, labels = load_split(root, split)
@@ -739,9 +651,8 @@ class SportBalls(torch.utils.data.Dataset):
         self.labels = labels
         self.class_names = CLASS_NAMES
         factors = load_factors(root)
-        self.factors = (
-            factors[factors["split"] == split].sort_values("index").reset_index(drop=True)
-        )
+        factors = factors[factors["split"] == split]
+        self.factors = factors.sort_values("index").reset_index(drop=True)
         self.images = np.array(images) if in_memory else images
         self._tensor = torch.from_numpy(self.images) if in_memory else None  # shares memory
 

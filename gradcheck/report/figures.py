@@ -1,9 +1,5 @@
-"""Report figures: pure functions from DataFrames (and sample arrays) to matplotlib Figures.
-
-Figures are built on ``matplotlib.figure.Figure`` directly (no pyplot state, rendered by Agg when
-saved); nothing here writes a file. Every figure carries a footer naming N, seeds, extractor,
-hardware and wall time (:func:`gradcheck.report.tables.provenance`).
-"""
+"""Report figures: pure functions from DataFrames and sample arrays to matplotlib Figures (no
+pyplot state, nothing written), each with a provenance footer (:func:`tables.provenance`)."""
 
 from __future__ import annotations
 
@@ -38,8 +34,7 @@ def _figure(n_panels: int, title: str, footer: str, width: float = 5.2,
     fig = Figure(figsize=(width * cols, height * rows + 0.6), layout="constrained")
     axes = [fig.add_subplot(rows, cols, i + 1) for i in range(n_panels)]
     fig.suptitle(title, fontsize=11)
-    # supxlabel is placed by the constrained layout, so the provenance never overlaps a panel.
-    # Wrapped to the figure's width (a 7 pt character is about 1/17 inch wide), never clipped.
+    # supxlabel never overlaps a panel; wrapped at the width (a 7 pt character is ~1/17 inch).
     chars = max(40, int(width * cols * 17))
     fig.supxlabel("\n".join(textwrap.wrap(footer, chars)), fontsize=7, color="0.3")
     return fig, axes
@@ -55,8 +50,7 @@ def _colors(labels: Sequence[str]) -> dict[str, tuple]:
 def _over_t(ax: Axes, pooled: pd.DataFrame, quantity: str, band: bool = True,
             log: bool = False, dashes: bool = False, legend: bool = True,
             colors: dict[str, tuple] | None = None) -> None:
-    """Mean (and +-std band) of one step quantity over t, one line per ``label`` (seaborn's
-    lineplot on the pooled means; the bands are the pooled spread over samples)."""
+    """Mean (and +-std band) of one step quantity over t, one line per ``label``."""
     import seaborn as sns
 
     data = pooled[pooled["quantity"] == quantity].sort_values("t", ascending=False)
@@ -84,10 +78,8 @@ def _over_t(ax: Axes, pooled: pd.DataFrame, quantity: str, band: bool = True,
 
 
 def cos_prev_figure(pooled: pd.DataFrame, title: str, footer: str) -> Figure:
-    """cos_prev over t per configuration, mean +- std over samples (paper Figures 1-3 and 6).
-
-    ``pooled``: columns label, t, quantity, mean, std (pooled over seeds).
-    """
+    """cos_prev over t per configuration, mean +- std over samples (paper Figures 1-3 and 6);
+    ``pooled``: columns label, t, quantity, mean, std (pooled over seeds)."""
     fig, (left, right) = _figure(2, title, footer)
     colors = _colors(sorted(pooled["label"].unique()))  # one colour per configuration
     _over_t(left, pooled, "cos_prev_applied", colors=colors)
@@ -163,10 +155,8 @@ def _errorbars(ax: Axes, d: pd.DataFrame, metric: str, color: tuple, label: str,
 
 
 def scale_figure(curves: pd.DataFrame, title: str, footer: str) -> Figure:
-    """FID and accuracy vs guidance scale s per configuration (GradCheck App. C.1, Kawar Table 5).
-
-    ``curves``: :func:`gradcheck.report.tables.scale_curves`; bars are 95% intervals over seeds.
-    """
+    """FID and accuracy vs guidance scale s per configuration (GradCheck App. C.1, Kawar Table 5)
+    from :func:`tables.scale_curves`; bars are 95% intervals over seeds."""
     fig, (left, right) = _figure(2, title, footer)
     names = sorted(curves["curve"].unique())
     colors = _colors(names)
@@ -189,8 +179,7 @@ def scale_figure(curves: pd.DataFrame, title: str, footer: str) -> Figure:
 
 def _curves_over_t(d: pd.DataFrame, curve: str, y: str, title: str, footer: str, level: float,
                    xlabel: str, ylabel: str, scale: float = 1.0) -> tuple[Figure, Axes]:
-    """One line of ``scale`` x ``y`` over t per value of ``curve`` (the mean of rows sharing a
-    t), and a dotted reference ``level``."""
+    """One line of ``scale`` x mean ``y`` over t per ``curve`` and a dotted ``level``."""
     fig, (ax,) = _figure(1, title, footer, width=7.5)
     names = sorted(d[curve].astype(str).unique())
     colors = _colors(names)
@@ -218,8 +207,7 @@ def accuracy_by_t_figure(acc: pd.DataFrame, title: str, footer: str) -> Figure:
 
 
 def pag_figure(pag: pd.DataFrame, title: str, footer: str) -> Figure:
-    """PAG score (D9) vs t per classifier: pag.parquet rows (classifier, class_name, t,
-    pag_score_mean, n_images), averaged over classes weighted by their images."""
+    """PAG score (D9) vs t per classifier from pag.parquet rows (:func:`pag_by_t`)."""
     return _curves_over_t(pag_by_t(pag), "classifier", "pag_score", title, footer, 1, "t",
                           "PAG score (inside / outside the ball)")[0]
 
@@ -237,9 +225,7 @@ def pag_by_t(pag: pd.DataFrame) -> pd.DataFrame:
 
 
 def minmax_normalize(g: np.ndarray) -> np.ndarray:
-    """Per map min-max normalisation to [0, 1] (Kawar Figure 3): (..., 3, H, W) -> same shape.
-
-    A constant map becomes 0.5 (mid grey)."""
+    """Per map min-max normalisation to [0, 1], a constant map 0.5: (..., 3, H, W) -> same shape."""
     a = np.asarray(g, dtype=np.float64)
     lo = a.min(axis=(-3, -2, -1), keepdims=True)
     span = a.max(axis=(-3, -2, -1), keepdims=True) - lo
@@ -254,8 +240,7 @@ def _to_rgb(x: np.ndarray) -> np.ndarray:
 def _image_grid(n_rows: int, n_cols: int, size: tuple[float, float], hspace: float,
                 bottom: float, top: float) -> tuple[Figure, np.ndarray]:
     """A figure of ``size`` inches with (n_rows, n_cols) tickless image axes, 0.6 inch on the
-    left for row labels and ``bottom`` / ``top`` inches of margin. A fixed grid: constrained
-    layout costs seconds for ~100 image axes and gains nothing here."""
+    left for row labels and ``bottom`` / ``top`` inches of margin."""
     width, height = size
     fig = Figure(figsize=size)
     axes = fig.subplots(n_rows, n_cols, squeeze=False,
@@ -267,12 +252,8 @@ def _image_grid(n_rows: int, n_cols: int, size: tuple[float, float], hspace: flo
     return fig, axes
 
 
-def gradient_map_figure(
-    images: np.ndarray,
-    maps: dict[str, np.ndarray],
-    timesteps: tuple[int, ...],
-    row_labels: list[str],
-) -> Figure:
+def gradient_map_figure(images: np.ndarray, maps: dict[str, np.ndarray],
+                        timesteps: tuple[int, ...], row_labels: list[str]) -> Figure:
     """Kawar Figure 3: images (R, 3, H, W) in [-1, 1] and per source gradients (T, R, 3, H, W),
     min-max normalised per map; one column per (source, t)."""
     n_rows, n_t = images.shape[0], len(timesteps)
@@ -301,18 +282,12 @@ def gradient_map_figure(
 
 
 def pgd_figure(
-    images: np.ndarray,
-    adversarial: dict[str, np.ndarray],
-    probs: dict[str, np.ndarray],
-    row_labels: list[str],
-    eps: float,
-    steps: int,
-    step_size: float,
+    images: np.ndarray, adversarial: dict[str, np.ndarray], probs: dict[str, np.ndarray],
+    row_labels: list[str], eps: float, steps: int, step_size: float,
     class_names: tuple[str, ...] = CLASS_NAMES,
 ) -> Figure:
-    """Kawar Figure 4: sources (S, 3, H, W) and per source model targeted PGD results
-    (S, C, 3, H, W) with target probabilities (S, C); one row per source image, one block of C
-    target columns per model."""
+    """Kawar Figure 4: sources (S, 3, H, W) and per model targeted PGD results (S, C, 3, H, W)
+    with target probabilities (S, C)."""
     s, c = images.shape[0], len(class_names)
     n_cols = 1 + c * len(adversarial)
     fig, axes = _image_grid(s, n_cols, (0.95 * n_cols + 0.6, 1.1 * s + 1.2), hspace=0.3,
@@ -335,8 +310,7 @@ def pgd_figure(
         f"targeted L2 PGD at t=0 towards each class: eps = {eps:.1f} (per-pixel RMS {rms:.3f}; "
         f"Kawar et al.: eps = 100 at 3x128x128, RMS {KAWAR_RMS:.3f}), "
         f"{steps} steps of {step_size:.2f}, no early stop\n"
-        "p = the model's probability of the target class", fontsize=8,
-    )
+        "p = the model's probability of the target class", fontsize=8)
     return fig
 
 

@@ -1,9 +1,6 @@
-"""``gradcheck report``: read run folders (and PAG, survey, classifier outputs), build the tables
-and figures with the pure functions of tables.py and figures.py, and write the report.
-
-This module is the only one of the report that touches files. Output folder (written through
-``atomic_output_dir``): ``report.md``, a self-contained ``report.html`` (figures as base64 data
-URIs, no external reference), ``figures/*.png|pdf`` and ``tables/*.csv``.
+"""``gradcheck report``: read run folders (and PAG, survey, classifier outputs), build tables and
+figures (tables.py, figures.py) and write the report atomically (the only module here that
+touches files): report.md, a self-contained report.html, figures/ and tables/ (docs/formats.md).
 """
 
 from __future__ import annotations
@@ -39,12 +36,9 @@ RECORD_SAMPLES = "samples_head.npy"  # first samples of records written before s
 _REPO_ROOT = str(Path(__file__).resolve().parents[2])
 """The checkout the package runs from: records name paths inside it relative to it."""
 
-STAGES = "stages.csv"
-"""A study's log of its stages (scripts/study32.sh): stage, command, started_utc, wall_s, cpu,
-cores, result; the report lists it."""
+STAGES = "stages.csv"  # a study's log of its stages (scripts/study32.sh); the report lists it
 
-SEARCH_DEPTH = 3
-"""How deep ``find_inputs`` looks below each given folder."""
+SEARCH_DEPTH = 3  # how deep find_inputs looks below each given folder
 
 
 # ---- Finding and reading inputs -----------------------------------------------------------------
@@ -68,10 +62,7 @@ def is_run(folder: Path) -> bool:
 
 
 def find_inputs(paths: Sequence[str | Path]) -> Inputs:
-    """Run folders, PAG tables, survey analyses and accuracy tables at or below ``paths``.
-
-    Hidden folders (a run's temporary ``.<id>.tmp-*`` while it is written) are skipped.
-    """
+    """Run folders, PAG tables, survey analyses and accuracy tables at or below ``paths``."""
     found = Inputs()
 
     def visit(p: Path, depth: int) -> None:
@@ -123,10 +114,8 @@ def _steps(folder: Path) -> pd.DataFrame:
 
 
 def write_records(runs: Sequence[Path], out: str | Path, overwrite: bool = False) -> list[Path]:
-    """A compact record of each run folder under ``out/<run id>/``: config.json, metrics.json,
-    samples.png (the samples, lossless) and the per-step summaries of steps.parquet
-    (``step_stats.parquet``, float32): a few hundred kilobytes instead of megabytes, enough to
-    render the report again (`gradcheck report` reads records and run folders alike)."""
+    """A compact record of each run folder under ``out/<run id>/``, enough to render the report
+    again: config.json, metrics.json, samples.png and :data:`RECORD_STEPS` (float32)."""
     written = []
     for folder in runs:
         folder = Path(folder)
@@ -348,8 +337,7 @@ def _findings(d: _Data) -> Section:
 
 
 def _stability(d: _Data) -> Section:
-    """cos_prev over t: plain guidance of every classifier (paper Figure 1), then every
-    configuration of each classifier (Figures 2, 3 and 6)."""
+    """cos_prev over t: plain guidance per classifier, then each one's configurations."""
     sec = Section("Gradient stability: cos_prev over t (D7)")
     pr = d.proto_runs
     plain = pr[~pr["x0_estimate"] & (pr["stabilizer"] == "none")]
@@ -571,9 +559,7 @@ def _shown(df: pd.DataFrame) -> pd.DataFrame:
 
 PNG_DPI = 80
 PNG_COLOURS = 256
-"""Figure PNGs are 256-colour previews at 80 dpi, so that report.html, which embeds them, stays
-under 2 MB (a seed of Table 1, the D5-norm grid and PAG: 1.3 MB, against 3.0 MB in full RGBA);
-the PDFs beside them are exact and vector, and each run's samples.png is exact."""
+"""Figure PNGs are 256-colour previews, so that report.html stays small; the PDFs are exact."""
 
 
 def _png_bytes(fig: Figure) -> bytes:
@@ -666,13 +652,11 @@ def write_report(sections: Sequence[Section], folder: Path) -> None:
 
 
 REPORT_ENTRIES = ("report.md", "report.html", "figures", "tables", "inputs.json")
-"""What the report writes into ``out``; anything else there (e.g. `gradcheck pag`'s default
-report/pag/) is carried over when the report replaces the folder."""
+"""What the report writes into ``out``; anything else there is carried over."""
 
 
 def default_extras(out: str | Path) -> list[Path]:
-    """Outputs of other stages at their default places, read when present: `gradcheck pag`
-    (``<out>/pag``) and `gradcheck survey analyze` (``survey/analysis``)."""
+    """The default outputs of `gradcheck pag` and `survey analyze` that exist."""
     return [p for p in (Path(out) / "pag", Path("survey") / "analysis") if p.is_dir()]
 
 
@@ -680,11 +664,7 @@ def render_report(
     runs: Sequence[str | Path] = ("runs",), out: str | Path = "report", overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Build the report of the run folders at or below ``runs`` and write it to ``out``.
-
-    PAG tables, survey analyses and classifier accuracy tables found below ``runs`` or at their
-    default places (:func:`default_extras`) add their sections; missing ones leave a note.
-    """
+    """Build the report of the runs (and extras) at or below ``runs`` and write it to ``out``."""
     from gradcheck.utils import check_output
 
     out = check_output(out, overwrite, folder=True)

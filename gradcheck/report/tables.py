@@ -1,9 +1,5 @@
-"""Report tables: pure functions from run DataFrames to table DataFrames (nothing here writes).
-
-Inputs are the run table (one row per run: config fields, metrics, provenance; see
-``RUN_COLUMNS``) and step statistics (one row per run, step and logged quantity; see
-:func:`step_stats`). Intervals are over seeds (docs/metrics.md).
-"""
+"""Report tables: pure functions from the run table (``RUN_COLUMNS``) and step statistics
+(:func:`step_stats`) to table DataFrames; intervals are over seeds (docs/metrics.md)."""
 
 from __future__ import annotations
 
@@ -33,8 +29,7 @@ VARIANT_DEFAULTS = {"normalize_to": "score", "diffusion_time": True, "log_prob":
 
 RUN_INTERVALS = {"accuracy_guiding": "accuracy_guiding_ci", "accuracy_judge": "accuracy_judge_ci",
                  "kid_mean": "kid_ci"}
-"""Metrics whose single run carries its own 95% interval in metrics.json (exact binomial for the
-accuracies, bootstrap for KID): the interval shown where a configuration has one seed."""
+"""Metrics whose single run carries its own 95% interval (shown for one seed)."""
 
 METRIC_COLUMNS = (
     "fid", "kid_mean", "kid_std", "precision", "recall", "accuracy_guiding", "accuracy_judge",
@@ -70,9 +65,8 @@ PROPORTIONS = ("accuracy_guiding", "accuracy_judge")
 
 
 def interval(values: Iterable[float], proportion: bool = False) -> tuple[float, float, float]:
-    """(mean, low, high): the 95% t-interval over seeds of the finite values (a run without a
-    metric, e.g. --no-metrics, does not void the others); all NaN when none is finite. A
-    ``proportion``'s interval is clipped to [0, 1], where the share lives."""
+    """(mean, low, high): the 95% t-interval over seeds of the finite values (all NaN when none
+    is), clipped to [0, 1] for a ``proportion``."""
     x = [float(v) for v in values if v is not None and np.isfinite(v)]
     mean, low, high = seed_interval(x) if x else (math.nan, math.nan, math.nan)
     if proportion and np.isfinite(low):
@@ -81,8 +75,7 @@ def interval(values: Iterable[float], proportion: bool = False) -> tuple[float, 
 
 
 def metric_interval(runs: pd.DataFrame, metric: str) -> tuple[float, float, float]:
-    """(mean, low, high) of ``metric`` over the seeds of one configuration: the t-interval over
-    seeds (:func:`interval`), or for a single run its own interval (:data:`RUN_INTERVALS`)."""
+    """(mean, low, high) of ``metric`` over one configuration's seeds (:data:`RUN_INTERVALS`)."""
     have = runs[runs[metric].notna()] if metric in runs else runs.iloc[:0]
     own = RUN_INTERVALS.get(metric)
     if len(have) == 1 and own and f"{own}_low" in have:
@@ -92,11 +85,8 @@ def metric_interval(runs: pd.DataFrame, metric: str) -> tuple[float, float, floa
 
 
 def step_stats(steps: pd.DataFrame) -> pd.DataFrame:
-    """steps.parquet rows (sample x step) -> per (step, t, quantity): n, mean, std over samples.
-
-    Standard deviations are population ones (ddof 0) so that :func:`pool_step_stats` can merge
-    runs exactly.
-    """
+    """steps.parquet rows (sample x step) -> per (step, t, quantity): n, mean, std over samples
+    (ddof 0, so that :func:`pool_step_stats` merges runs exactly)."""
     present = [q for q in STEP_QUANTITIES if q in steps.columns]
     long = steps.melt(id_vars=["step", "t"], value_vars=present, var_name="quantity").dropna(
         subset=["value"]
@@ -106,11 +96,7 @@ def step_stats(steps: pd.DataFrame) -> pd.DataFrame:
 
 
 def pool_step_stats(stats: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
-    """Merge per-run step statistics of several runs (e.g. seeds) into one mean and std per step.
-
-    ``stats`` has the columns of :func:`step_stats` plus ``by``; the pooled std is that of all
-    samples of all merged runs together.
-    """
+    """Merge the :func:`step_stats` of several runs (plus ``by`` columns) into one per step."""
     keys = [*by, "step", "t", "quantity"]
     s = stats.assign(_sum=stats["n"] * stats["mean"],
                      _sq=stats["n"] * (stats["std"] ** 2 + stats["mean"] ** 2))
@@ -137,8 +123,7 @@ def run_row(
     run_id: str, path: str | Path, config: dict[str, Any], metrics: dict[str, Any],
     steps_stats: pd.DataFrame,
 ) -> dict[str, Any]:
-    """One row of the run table from a run's config.json, metrics.json (may be empty) and the
-    :func:`step_stats` of its steps.parquet (fallback for the mean cosines)."""
+    """One run table row from config.json, metrics.json (may be empty) and step statistics."""
     row: dict[str, Any] = {"run_id": run_id, "path": str(path)}
     for k in ("seed", *CONFIG_KEYS):
         row[k] = metrics.get(k, lookup(config, k))
@@ -255,11 +240,8 @@ def _ranges(values: Sequence[int]) -> str:
 
 
 def table1_protocol(runs: pd.DataFrame) -> dict[str, Any]:
-    """The protocol (scale, normalize, target, steps, N) whose runs cover most Table 1 configs.
-
-    Ties go to the newest results version (runner.RESULTS_VERSION), D3's stable form, normalised
-    guidance, target 0 (the paper's), larger N, more steps, more runs.
-    """
+    """The protocol (:data:`PROTOCOL_KEYS`) whose runs cover most Table 1 configs; ties go to
+    the newest results version, stable D3, normalised, target 0, larger N, more steps, more runs."""
     if len(runs) == 0:
         return {}
     paper = set(PAPER_TABLE1[list(TABLE1_KEYS)].itertuples(index=False, name=None))
@@ -289,12 +271,8 @@ def at_protocol(runs: pd.DataFrame, protocol: dict[str, Any]) -> pd.DataFrame:
 
 
 def table1(runs: pd.DataFrame, protocol: dict[str, Any] | None = None) -> pd.DataFrame:
-    """GradCheck Table 1 from our runs beside the paper's values (docs/metrics.md).
-
-    One row per (classifier, x0_estimate, stabilizer) at ``protocol`` (default
-    :func:`table1_protocol`): the paper's eight rows first, then other configurations; for each
-    metric the mean and 95% t-interval over seeds; ``*_diff`` = ours - paper.
-    """
+    """GradCheck Table 1 at ``protocol`` beside the paper's: one row per (classifier, x0_estimate,
+    stabilizer), the paper's eight first; means and 95% t-intervals; ``*_diff`` = ours - paper."""
     protocol = table1_protocol(runs) if protocol is None else protocol
     sel = at_protocol(runs, protocol)
     rows = []
@@ -366,11 +344,8 @@ def _protocol_difference(runs: pd.DataFrame) -> str:
 
 
 def format_table1(t1: pd.DataFrame) -> pd.DataFrame:
-    """Table 1 as display strings: ours (mean [95% CI]) beside the paper and the difference.
-
-    A row measured under another protocol (steps, N, image size) is marked with a dagger and
-    says how; its differences to the paper carry the dagger too, never silently.
-    """
+    """Table 1 as display strings: ours (mean [95% CI]) beside the paper and the difference; a
+    row measured under another protocol and its differences carry a dagger."""
     def ci(r: pd.Series, m: str, percent: bool = False, digits: int = 2) -> str:
         return fmt_interval(r[m], r[f"{m}_ci_low"], r[f"{m}_ci_high"], percent, digits)
 
@@ -406,10 +381,8 @@ def _select(runs: pd.DataFrame, classifier: str, x0: bool, stabilizer: str) -> p
 
 
 def paired_difference(a: pd.DataFrame, b: pd.DataFrame, metric: str) -> dict[str, float]:
-    """b - a of ``metric`` over seeds both ran (runs sharing a seed share their noise, D6).
-
-    Returns mean_a, mean_b, diff (mean of paired differences), diff_low, diff_high, n.
-    """
+    """b - a of ``metric`` over seeds both ran (runs sharing a seed share their noise, D6):
+    mean_a, mean_b, diff (mean of paired differences), diff_low, diff_high, n."""
     va = a.dropna(subset=[metric]).groupby("seed")[metric].mean()
     vb = b.dropna(subset=[metric]).groupby("seed")[metric].mean()
     seeds = va.index.intersection(vb.index)
@@ -421,9 +394,7 @@ def paired_difference(a: pd.DataFrame, b: pd.DataFrame, metric: str) -> dict[str
 
 
 def _direction(p: dict[str, float], sign: int) -> str:
-    """The verdict (paper.VERDICTS) on 'b - a has the sign ``sign``' from a paired difference:
-    its 95% interval over seeds on the claimed side of 0, on the other side, or neither (one
-    seed has no interval: inconclusive, whatever its direction)."""
+    """The verdict on 'b - a has the sign ``sign``' from its 95% interval (docs/metrics.md)."""
     if p["n"] < 2 or pd.isna(p["diff_low"]):
         return "inconclusive"
     low, high = (p["diff_low"], p["diff_high"]) if sign > 0 else (-p["diff_high"], -p["diff_low"])
@@ -458,8 +429,7 @@ def _describe(name: str, p: dict[str, float], percent: bool = False) -> str:
 def _comparison(
     a: pd.DataFrame, b: pd.DataFrame, fid_sign: int, acc_sign: int
 ) -> tuple[str | None, list[str]]:
-    """The verdict on 'b differs from a in FID and accuracy in the expected directions', with
-    its numbers; None when no seed has both."""
+    """The verdict on b vs a in FID and accuracy, with its numbers; None without a common seed."""
     acc = _accuracy_metric(a, b)
     pf, pa = paired_difference(a, b, "fid"), paired_difference(a, b, acc)
     if pf["n"] == 0 or pa["n"] == 0:
@@ -474,9 +444,7 @@ def _comparison(
 
 def _level(mean: float, low: float, high: float, above: float | None = None,
            within: float | None = None) -> str:
-    """Verdict on a level: ``mean >= above`` or ``|mean| <= within``, decided by the 95%
-    interval over seeds (one seed: by its value, which for a mean over 64 samples x 1,000 steps
-    is tight against these bounds)."""
+    """Verdict on ``mean >= above`` or ``|mean| <= within`` by the 95% interval (or the value)."""
     if pd.isna(low):
         low = high = mean
     if above is not None:
@@ -488,10 +456,8 @@ def _level(mean: float, low: float, high: float, above: float | None = None,
 
 def findings(runs: pd.DataFrame, pooled: pd.DataFrame | None = None,
              protocol: dict[str, Any] | None = None) -> pd.DataFrame:
-    """Verdict on each finding of :data:`~gradcheck.report.paper.FINDINGS` with its numbers.
-
-    ``pooled`` is :func:`pool_step_stats` by ``config`` (for the steadiness of cos_prev over t).
-    """
+    """Verdict on each finding of :data:`~gradcheck.report.paper.FINDINGS` with its numbers;
+    ``pooled``: :func:`pool_step_stats` by ``config`` (cos_prev's steadiness over t)."""
     protocol = table1_protocol(runs) if protocol is None else protocol
     sel = at_protocol(runs, protocol)
     verdicts: dict[str, tuple[str, str]] = {}
@@ -629,10 +595,7 @@ def _kawar_scales(runs: pd.DataFrame, protocol: dict[str, Any]) -> tuple[str, st
 
 
 def scale_curves(runs: pd.DataFrame) -> pd.DataFrame:
-    """FID, KID and accuracies vs guidance scale, mean and 95% interval over seeds.
-
-    Only configurations run at two or more scales (otherwise equal) are kept.
-    """
+    """FID, KID and accuracies vs scale (mean, 95% interval) of configs run at >= 2 scales."""
     keys = [k for k in CONFIG_KEYS if k != "scale"]
     rows = []
     for key, g in runs.groupby(keys, dropna=False):
@@ -654,8 +617,7 @@ def scale_curves(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def accuracy_pivot(acc: pd.DataFrame) -> pd.DataFrame:
-    """accuracy_by_t rows (classifier, input, t, accuracy) -> one row per t, one column per
-    classifier and input."""
+    """accuracy_by_t rows -> one row per t, one column per (classifier, input)."""
     wide = acc.pivot_table(index="t", columns=["classifier", "input"], values="accuracy")
     wide.columns = [f"{c} ({i})" for c, i in wide.columns]
     return wide.reset_index()
