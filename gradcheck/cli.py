@@ -619,6 +619,9 @@ def report_cmd(
         None, help="Also write a compact record of every run folder found (config, metrics, "
         "per-step summaries, first samples) into this folder; the report renders from records "
         "as from run folders, so records are what to keep or commit."),
+    scale: float | None = typer.Option(
+        None, help="Table 1's guidance scale s (default: the protocol whose runs cover most "
+        "Table 1 configurations)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Table 1 beside the paper, the findings' verdicts and figures: report.md, report.html
@@ -629,7 +632,8 @@ def report_cmd(
         runs_found = [r for r in find_inputs(runs or ["runs"]).runs
                       if (r / "steps.parquet").is_file()]
         typer.echo(f"{len(write_records(runs_found, records, overwrite))} records in {records}")
-    folder = render_report(runs or ["runs"], out=out, overwrite=overwrite, progress=progress)
+    folder = render_report(runs or ["runs"], out=out, overwrite=overwrite, progress=progress,
+                           scale=scale)
     typer.echo(f"{folder / 'report.md'}\n{folder / 'report.html'}")
 # [survey: survey.py]
 survey_app = typer.Typer(

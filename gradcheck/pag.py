@@ -60,8 +60,8 @@ KAWAR_SHAPE = (3, 128, 128)  # ... on 128x128 ImageNet images in [-1, 1]
 KAWAR_RMS = KAWAR_EPS / math.sqrt(math.prod(KAWAR_SHAPE))  # per-pixel RMS of that radius: 0.451
 ORACLE = "oracle"
 PAG_COLUMNS = (
-    "classifier", "class_name", "label", "t", "pag_score_mean", "pag_score_std", "n_images",
-    "n_undefined",
+    "classifier", "class_name", "label", "t", "pag_score_mean", "pag_score_std",
+    "pag_score_median", "n_images", "n_undefined",
 )
 PGD_COLUMNS = ("classifier", "source_index", "source_label", "target", "prob_target", "l2")
 
@@ -177,6 +177,7 @@ def pag_table(
                 "t": int(t),
                 "pag_score_mean": float(ok.mean()) if ok.size else float("nan"),
                 "pag_score_std": float(ok.std(ddof=1)) if ok.size > 1 else float("nan"),
+                "pag_score_median": float(np.median(ok)) if ok.size else float("nan"),
                 "n_images": int(ok.size), "n_undefined": int(s.size - ok.size),
             })
     return pd.DataFrame(rows, columns=list(PAG_COLUMNS))

@@ -25,7 +25,7 @@ from gradcheck.pag import (
     pag_table,
     select_images,
 )
-from gradcheck.report.figures import minmax_normalize
+from gradcheck.report.figures import minmax_normalize, pag_by_t
 from gradcheck.utils import GradcheckError
 
 ABAR = make_scheduler().alphas_cumprod
@@ -86,8 +86,20 @@ def test_pag_table_summarises_per_class_and_t():
     row = table[(table["t"] == 0) & (table["class_name"] == "baseball")].iloc[0]
     assert row["pag_score_mean"] == pytest.approx(2.0)
     assert row["pag_score_std"] == pytest.approx(np.std([1.0, 3.0], ddof=1))
+    assert row["pag_score_median"] == pytest.approx(2.0)
     nan_row = table[(table["t"] == 0) & (table["label"] == 1)].iloc[0]
     assert (nan_row["n_images"], nan_row["n_undefined"]) == (1, 1)
+
+
+def test_pag_by_t_weights_classes_by_images_and_keeps_the_median_robust():
+    # One image with almost no energy off the ball (score 1e30) swamps its class's mean, not
+    # the median; classes are averaged weighted by their defined images.
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    scores = np.array([[1.0, 1.0, 1e30, 2.0, 2.0, np.nan]])
+    by_t = pag_by_t(pag_table("m", scores, labels, (0,))).iloc[0]
+    assert by_t["n_images"] == 5
+    assert by_t["pag_score_median"] == pytest.approx((3 * 1.0 + 2 * 2.0) / 5)
+    assert by_t["pag_score_mean"] == pytest.approx(1e30 / 5)
 
 
 def test_minmax_normalize_per_map():

@@ -79,13 +79,13 @@ def test_table1_puts_the_papers_values_beside_ours_with_differences() -> None:
 
 
 def test_rows_of_another_protocol_are_marked_beside_the_paper() -> None:
-    rows = [dict(r, steps=50, num_samples=8, image_size=32) for r in _paper_runs()]
+    rows = [dict(r, steps=50, num_samples=8, image_size=32, scale=0.5) for r in _paper_runs()]
     t1 = T.table1(T.runs_frame(rows))
     shown = T.format_table1(t1)
-    assert (t1.loc[t1["in_paper"], "protocol_vs_paper"] == "50 steps; N = 8; 32x32").all()
+    assert (t1.loc[t1["in_paper"], "protocol_vs_paper"] == "50 steps; N = 8; 32x32; s = 0.5").all()
     assert shown.loc[0, "configuration"].endswith("\u2020")
     assert shown.loc[0, "FID diff"].endswith("\u2020")
-    assert shown.loc[0, "protocol vs paper"] == "\u2020 50 steps; N = 8; 32x32"
+    assert shown.loc[0, "protocol vs paper"] == "\u2020 50 steps; N = 8; 32x32; s = 0.5"
 
 
 def test_accuracy_intervals_over_seeds_stay_within_zero_and_one() -> None:
@@ -200,6 +200,33 @@ def test_scale_curves_and_the_kawar_finding() -> None:
     assert _verdicts(rows)["K"] == "does not hold"
     fig = scale_figure(curves, "t", "N = 64")
     assert len(fig.axes) == 2 and fig.axes[0].get_xscale() == "log"
+
+
+def test_table1_takes_the_scale_asked_for_even_with_fewer_runs() -> None:
+    rows = _paper_runs(seeds=3) + [dict(r, scale=0.5) for r in _paper_runs(seeds=1)]
+    runs = T.runs_frame(rows)
+    assert T.table1_protocol(runs)["scale"] == 1.0  # more runs
+    protocol = T.table1_protocol(runs, scale=0.5)
+    t1 = T.table1(runs, protocol)
+    assert protocol["scale"] == 0.5 and set(t1.loc[t1["in_paper"], "n_seeds"]) == {1}
+    assert (t1.loc[t1["in_paper"], "protocol_vs_paper"] == "s = 0.5").all()
+    with pytest.raises(GradcheckError, match=r"no runs at scale 2; the runs' scales: 0.5, 1"):
+        T.table1_protocol(runs, scale=2.0)
+
+
+def test_best_scale_is_the_most_accurate_then_the_lowest_fid() -> None:
+    rows = [_row("robust", False, "none", 0, fid, acc, scale=s)
+            for s, fid, acc in ((0.5, 30.0, 1.0), (1.0, 600.0, 0.0), (2.0, 20.0, 1.0))]
+    rows += [_row("nonrobust", False, "none", 0, 500.0, acc, scale=s)
+             for s, acc in ((0.5, 0.3), (1.0, 0.5))]
+    rows[-1]["accuracy_judge"] = float("nan")  # no judge: the guiding classifier's 0.5 counts
+    curves = T.scale_curves(T.runs_frame(rows))
+    best = T.best_scales(curves).set_index("classifier")
+    assert best.loc["robust", "scale"] == 2.0  # tied at 100%: the lower FID
+    assert best.loc["nonrobust", "scale"] == 1.0
+    # Ranking scales: only curves run at every scale count (non-robust lacks s = 2).
+    rank = T.scale_ranking(curves)
+    assert rank["scale"].tolist() == [2.0, 0.5, 1.0] and set(rank["n_curves"]) == {1}
 
 
 def test_pooled_step_statistics_equal_those_of_all_samples_together() -> None:

@@ -207,18 +207,27 @@ def accuracy_by_t_figure(acc: pd.DataFrame, title: str, footer: str) -> Figure:
 
 
 def pag_figure(pag: pd.DataFrame, title: str, footer: str) -> Figure:
-    """PAG score (D9) vs t per classifier from pag.parquet rows (:func:`pag_by_t`)."""
-    return _curves_over_t(pag_by_t(pag), "classifier", "pag_score", title, footer, 1, "t",
-                          "PAG score (inside / outside the ball)")[0]
+    """PAG score (D9) vs t per classifier from pag.parquet rows (:func:`pag_by_t`), on a log
+    axis: the median where pag.parquet has it (a few images can dominate the mean), else the mean.
+    """
+    d = pag_by_t(pag)
+    y = "pag_score_median" if "pag_score_median" in d.columns else "pag_score_mean"
+    fig, ax = _curves_over_t(d, "classifier", y, title, footer, 1, "t",
+                             f"PAG score, {y.rsplit('_', 1)[1]} (inside / outside the ball)")
+    ax.set_yscale("log")
+    return fig
 
 
 def pag_by_t(pag: pd.DataFrame) -> pd.DataFrame:
-    """Per (classifier, t): PAG score averaged over classes, weighted by images; n_images."""
+    """Per (classifier, t): the per-class PAG mean (and median, where pag.parquet has it) averaged
+    over classes, weighted by images; n_images."""
+    stats = [c for c in ("pag_score_mean", "pag_score_median") if c in pag.columns]
     w = pag["n_images"].astype(float)
-    d = pag.assign(_w=w, _ws=w * pag["pag_score_mean"]).groupby(
-        ["classifier", "t"], as_index=False)[["_w", "_ws"]].sum()
-    d["pag_score"] = d["_ws"] / d["_w"].where(d["_w"] > 0)
-    return d.rename(columns={"_w": "n_images"}).drop(columns="_ws")
+    d = pag.assign(_w=w, **{c: w * pag[c] for c in stats}).groupby(
+        ["classifier", "t"], as_index=False)[["_w", *stats]].sum()
+    for c in stats:
+        d[c] = d[c] / d["_w"].where(d["_w"] > 0)
+    return d.rename(columns={"_w": "n_images"})
 
 
 # ---- PAG (gradcheck pag; docs/maths.md D9) ----------------------------------------------------

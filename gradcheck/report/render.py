@@ -321,7 +321,7 @@ def _table1(d: _Data) -> Section:
     differ = sorted({v for v in t1.loc[t1["in_paper"], "protocol_vs_paper"] if v})
     if differ:
         sec.note("\u2020 These rows were measured under another protocol than the paper's "
-                 f"(1,000 steps, N = 64, 64x64): {'; '.join(differ)}. Their differences to "
+                 f"(1,000 steps, N = 64, 64x64, s = 1): {'; '.join(differ)}. Their differences to "
                  "the paper's numbers are not like-for-like comparisons.")
     sec.add_table("table1", T.format_table1(t1), t1)
     return sec
@@ -409,6 +409,24 @@ def _scales(d: _Data) -> Section:
         shown[m] = [T.fmt_interval(a, lo, hi, pct, digits) for a, lo, hi in
                     curves[[m, f"{m}_ci_low", f"{m}_ci_high"]].itertuples(index=False, name=None)]
     sec.add_table("scale_sweep", shown, curves)
+    best = []
+    for r in T.best_scales(curves).to_dict("records"):
+        m = "accuracy_judge" if pd.notna(r["accuracy_judge"]) else "accuracy_guiding"
+        acc = T.fmt_interval(r[m], r[f"{m}_ci_low"], r[f"{m}_ci_high"], percent=True)
+        best.append(f"{r['curve']} s = {r['scale']:g} ({acc}, FID {r['fid']:.1f})")
+    same = {k: v for k, v in d.protocol.items() if k != "scale"}  # e.g. no --normalize-to eps
+    rank = T.scale_ranking(T.at_protocol(curves, same))
+    text = ("Best scale of each configuration by judge accuracy (ties: lower FID): "
+            f"{'; '.join(best)}.")
+    if len(rank):
+        text += (f" Mean judge accuracy over the {int(rank['n_curves'].iloc[0])} configurations "
+                 f"run at all {len(rank)} scales under Table 1's protocol: " + ", ".join(
+                     f"s = {r.scale:g}: {100 * r.accuracy:.1f}%"
+                     for r in rank.sort_values("scale").itertuples())
+                 + f"; highest at s = {rank['scale'].iloc[0]:g}.")
+    if d.protocol:
+        text += f" Table 1 here is at s = {d.protocol['scale']:g}."
+    sec.text(text)
     for name, r in in_curves.assign(curve=T.method_names(in_curves)).groupby("curve"):
         first = r.sort_values(["scale", "seed"]).groupby("scale").head(1)
         images = {f"s = {row.scale:g} (seed {row.seed})": _samples(row.path)
@@ -485,8 +503,10 @@ def _gradient_quality(d: _Data) -> Section:
               f"{', '.join(seeds)}; extractor: not applicable; {'; '.join(hardware)}; wall "
               "time not recorded by `gradcheck pag`")
     sec.add_figure("pag", F.pag_figure(pag, "PAG score vs t per classifier", footer),
-                   "Mean gradient energy inside the ball over outside (D9), mean over classes; "
-                   "1 = no preference for the object.")
+                   "Gradient energy inside the ball over outside (D9): the median over each "
+                   "class's images, averaged over classes (log axis; 1 = no preference for the "
+                   "object). The table gives the mean beside it: at small t a few images with "
+                   "almost no energy off the ball dominate the oracle's mean.")
     sec.add_table("pag", by_t, pag)
     return sec
 
@@ -528,13 +548,15 @@ SECTIONS = (_overview, _stages, _table1, _findings, _stability, _norms, _sample_
 """The report's sections in order; optional ones leave a one-line note when inputs are missing."""
 
 
-def build_report(inputs: Inputs, progress: bool = True) -> list[Section]:
-    """All sections of the report, tables and figures in memory (nothing is written)."""
+def build_report(inputs: Inputs, progress: bool = True,
+                 scale: float | None = None) -> list[Section]:
+    """All sections of the report, tables and figures in memory (nothing is written); ``scale``:
+    Table 1's guidance scale (default: :func:`~gradcheck.report.tables.table1_protocol`'s)."""
     if not inputs.runs:
         raise GradcheckError("no run folders found; a run folder holds config.json and "
                              "steps.parquet (make runs with `gradcheck run` or `gradcheck sweep`)")
     runs, stats = load_runs(inputs.runs, progress)
-    protocol = T.table1_protocol(runs)
+    protocol = T.table1_protocol(runs, scale)
     data = _Data(inputs, runs, T.pool_step_stats(stats, ["config", "label"]), protocol,
                  T.at_protocol(runs, protocol))
     return [make(data) for make in SECTIONS]
@@ -662,7 +684,7 @@ def default_extras(out: str | Path) -> list[Path]:
 
 def render_report(
     runs: Sequence[str | Path] = ("runs",), out: str | Path = "report", overwrite: bool = False,
-    progress: bool = True,
+    progress: bool = True, scale: float | None = None,
 ) -> Path:
     """Build the report of the runs (and extras) at or below ``runs`` and write it to ``out``."""
     from gradcheck.utils import check_output
@@ -674,7 +696,7 @@ def render_report(
                 r.resolve().relative_to(out.resolve()).parts[0] in REPORT_ENTRIES:
             raise GradcheckError(f"run {r} lies inside the output folder {out}'s report files; "
                                  "choose another --out")
-    sections = build_report(inputs, progress)
+    sections = build_report(inputs, progress, scale)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         if out.is_dir():
             for child in out.iterdir():

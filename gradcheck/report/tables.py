@@ -13,6 +13,7 @@ import pandas as pd
 
 from gradcheck.metrics import seed_interval
 from gradcheck.report.paper import FINDINGS, PAPER_TABLE1, TABLE1_KEYS
+from gradcheck.utils import GradcheckError
 
 CONFIG_KEYS = (
     "classifier", "x0_estimate", "stabilizer", "normalize", "scale", "target", "steps",
@@ -43,8 +44,9 @@ RUN_COLUMNS = (
     "run_id", "path", "seed", *CONFIG_KEYS, *METRIC_COLUMNS, "extractor", "n_samples",
     "n_reference", "reference_split", "hardware", "wall_time_s",
 )
-PAPER_PROTOCOL_SIZES = {"steps": 1000, "num_samples": 64, "image_size": 64}
-"""GradCheck's protocol: rows measured otherwise are marked wherever they meet its numbers."""
+PAPER_PROTOCOL_SIZES = {"steps": 1000, "num_samples": 64, "image_size": 64, "scale": 1.0}
+"""GradCheck's protocol (sizes and s): rows measured otherwise are marked wherever they meet its
+numbers."""
 
 STEP_QUANTITIES = (
     "cos_prev_raw", "cos_prev_applied", "cos_raw_applied", "cos_score", "cos_oracle",
@@ -239,9 +241,16 @@ def _ranges(values: Sequence[int]) -> str:
 # ---- Table 1 ------------------------------------------------------------------------------------
 
 
-def table1_protocol(runs: pd.DataFrame) -> dict[str, Any]:
+def table1_protocol(runs: pd.DataFrame, scale: float | None = None) -> dict[str, Any]:
     """The protocol (:data:`PROTOCOL_KEYS`) whose runs cover most Table 1 configs; ties go to
-    the newest results version, stable D3, normalised, target 0, larger N, more steps, more runs."""
+    the newest results version, stable D3, normalised, target 0, larger N, more steps, more runs.
+    ``scale``: only protocols at that guidance scale."""
+    if scale is not None and len(runs):
+        at = runs[np.isclose(runs["scale"].astype(float), scale)]
+        if len(at) == 0:
+            have = ", ".join(f"{s:g}" for s in sorted(set(runs["scale"].dropna())))
+            raise GradcheckError(f"no runs at scale {scale:g}; the runs' scales: {have}")
+        runs = at
     if len(runs) == 0:
         return {}
     paper = set(PAPER_TABLE1[list(TABLE1_KEYS)].itertuples(index=False, name=None))
@@ -333,13 +342,14 @@ def _fmt(v: float, percent: bool = False, signed: bool = False) -> str:
 
 def _protocol_difference(runs: pd.DataFrame) -> str:
     """How runs were measured otherwise than GradCheck's protocol ('' when not, or no runs)."""
+    shown = {"steps": "{} steps", "num_samples": "N = {}", "image_size": "{0}x{0}",
+             "scale": "s = {:g}"}
     parts = []
     for key, want in PAPER_PROTOCOL_SIZES.items():
-        have = sorted({int(v) for v in runs[key].dropna()}) if key in runs else []
+        have = sorted({float(v) for v in runs[key].dropna()}) if key in runs else []
         if have and have != [want]:
-            shown = ", ".join(f"{v}x{v}" if key == "image_size" else str(v) for v in have)
-            parts.append({"steps": f"{shown} steps", "num_samples": f"N = {shown}",
-                          "image_size": shown}[key])
+            parts.append(", ".join(shown[key].format(v if key == "scale" else int(v))
+                                   for v in have))
     return "; ".join(parts)
 
 
@@ -614,6 +624,27 @@ def scale_curves(runs: pd.DataFrame) -> pd.DataFrame:
         out["curve"] = method_names(out)
         out = out.sort_values(["curve", "scale"]).reset_index(drop=True)
     return out
+
+
+def best_scales(curves: pd.DataFrame) -> pd.DataFrame:
+    """Per curve of :func:`scale_curves`: the scale with the highest mean judge accuracy (the
+    guiding classifier's where no judge graded it), ties to the lower FID; one row per curve."""
+    acc = curves["accuracy_judge"].fillna(curves["accuracy_guiding"])
+    ranked = curves.assign(_acc=acc).sort_values(["curve", "_acc", "fid"],
+                                                 ascending=[True, False, True])
+    return ranked.groupby("curve", sort=False).head(1).drop(columns="_acc").reset_index(drop=True)
+
+
+def scale_ranking(curves: pd.DataFrame) -> pd.DataFrame:
+    """Per scale: the mean judge accuracy (guiding where no judge) and median FID over the curves
+    of :func:`scale_curves` run at every scale of the sweep, best first (ties: lower FID)."""
+    acc = curves.assign(_acc=curves["accuracy_judge"].fillna(curves["accuracy_guiding"]))
+    n_scales = acc["scale"].nunique()
+    full = acc.groupby("curve").filter(lambda g: g["scale"].nunique() == n_scales)
+    out = full.groupby("scale", as_index=False).agg(
+        n_curves=("curve", "nunique"), accuracy=("_acc", "mean"), median_fid=("fid", "median"))
+    return out.sort_values(["accuracy", "median_fid"], ascending=[False, True]).reset_index(
+        drop=True)
 
 
 def accuracy_pivot(acc: pd.DataFrame) -> pd.DataFrame:
