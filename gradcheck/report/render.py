@@ -427,8 +427,13 @@ def _scales(d: _Data) -> Section:
     if d.protocol:
         text += f" Table 1 here is at s = {d.protocol['scale']:g}."
     sec.text(text)
+    # Sample grids only for sweeps (3+ scales): a configuration at two scales (Table 1 at the
+    # study's scale and at the paper's) shows its Table 1 samples under "Samples per
+    # configuration"; every run's samples.png stays in its record.
     for name, r in in_curves.assign(curve=T.method_names(in_curves)).groupby("curve"):
         first = r.sort_values(["scale", "seed"]).groupby("scale").head(1)
+        if len(first) < 3:
+            continue
         images = {f"s = {row.scale:g} (seed {row.seed})": _samples(row.path)
                   for row in first.itertuples()}
         sec.add_figure(f"samples_scales_{_slug(name)}", F.samples_figure(
