@@ -6,8 +6,8 @@
 # from the committed records: run it again after an interruption (an unfinished group of runs
 # sampled together is lost, never half-written).
 #
-#   scripts/study32.sh table1 K        # Table 1 at SCALE, seed K of 5: 8 runs together (~60 min)
-#   scripts/study32.sh classifiers K   # + adversarial and oracle plain guidance at SCALE (~30 min)
+#   scripts/study32.sh table1 K        # Table 1 at SCALE, seed K of 5: 8 runs together (~75 min)
+#   scripts/study32.sh classifiers K   # + adversarial and oracle plain guidance at SCALE (~25 min)
 #   scripts/study32.sh scales K        # plain guidance, 6 scales x 3 classifiers, seed K (~70 min)
 #   scripts/study32.sh scales-x0 K     # x0-estimate + ADAM, 6 scales x 2 classifiers (~2 h)
 #   scripts/study32.sh d5-norm K       # D5 to eps vs to the score, 6 scales, non-robust (~45 min)
